@@ -1,1 +1,34 @@
-pub fn placeholder() {}
+//! Test harness shared by tokengate's integration tests, the Envoy end-to-end tests and the demo.
+//!
+//! Every test here runs real parts on loopback: a real Envoy binary, real sockets, real child
+//! processes. This crate keeps the plumbing out of the tests:
+//!
+//! - [`ports`]: free-port picking, so parallel tests never collide on a fixed port;
+//! - [`process`]: [`process::ChildGuard`], a child process that is always killed when the guard
+//!   drops (even when a test panics) and whose stdout/stderr land in files quoted in failures;
+//! - [`envoy`]: locating the Envoy binary, rendering a published config from `envoy/` with the
+//!   test's ports, validating configs, and running Envoy until its admin `/ready` says LIVE;
+//! - [`echo`]: an HTTP upstream that answers with every request header it received (duplicates
+//!   included), so a test can prove what Envoy forwarded;
+//! - [`http`]: a minimal HTTP/1.1 client over a fresh TCP connection, with repeated headers.
+//!
+//! Readiness is always awaited (admin endpoints, "ready" lines, accepted connections), never
+//! guessed with fixed sleeps.
+
+pub mod echo;
+pub mod envoy;
+pub mod http;
+pub mod ports;
+pub mod process;
+
+use std::path::PathBuf;
+
+/// The workspace root (the directory holding `envoy/`, `deploy/` and `.venv/`).
+pub fn workspace_root() -> PathBuf {
+    // tests/testkit -> tests -> workspace root
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .and_then(|p| p.parent())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
