@@ -171,7 +171,12 @@ impl Envoy {
             .arg(&config_path)
             // Hot restart uses shared memory keyed by base id; parallel tests would collide.
             .arg("--disable-hot-restart")
-            .args(["--log-level", "info", "--log-format", "[%Y-%m-%d %T.%e][%l][%n] %v"]);
+            .args([
+                "--log-level",
+                "info",
+                "--log-format",
+                "[%Y-%m-%d %T.%e][%l][%n] %v",
+            ]);
         let guard = ChildGuard::spawn("envoy", cmd)?;
         // The config file must outlive startup only; keep the dir alive until ready.
         let mut envoy = Envoy { guard, ports };
@@ -274,8 +279,11 @@ mod tests {
             authz: 3,
             upstream: 4,
         };
-        let err = render_str("port_value: 8080\nport_value: 9901\nport_value: 1234\n", &ports)
-            .unwrap_err();
+        let err = render_str(
+            "port_value: 8080\nport_value: 9901\nport_value: 1234\n",
+            &ports,
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("1234"), "{err}");
     }
 }

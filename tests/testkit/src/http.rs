@@ -47,9 +47,12 @@ pub async fn request(
     path: &str,
     headers: &[(&str, &str)],
 ) -> Result<Response> {
-    tokio::time::timeout(Duration::from_secs(10), request_inner(addr, method, path, headers))
-        .await
-        .map_err(|_| anyhow!("{method} {path} to {addr}: no response within 10s"))?
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        request_inner(addr, method, path, headers),
+    )
+    .await
+    .map_err(|_| anyhow!("{method} {path} to {addr}: no response within 10s"))?
 }
 
 /// `GET path` with `headers`; see [`request`].

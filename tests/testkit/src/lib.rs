@@ -10,7 +10,8 @@
 //!   test's ports, validating configs, and running Envoy until its admin `/ready` says LIVE;
 //! - [`echo`]: an HTTP upstream that answers with every request header it received (duplicates
 //!   included), so a test can prove what Envoy forwarded;
-//! - [`http`]: a minimal HTTP/1.1 client over a fresh TCP connection, with repeated headers.
+//! - [`http`]: a minimal HTTP/1.1 client over a fresh TCP connection, with repeated headers;
+//! - [`yaml`]: YAML (published configs, kustomize output) as `serde_json::Value` for structure checks.
 //!
 //! Readiness is always awaited (admin endpoints, "ready" lines, accepted connections), never
 //! guessed with fixed sleeps.
@@ -20,6 +21,7 @@ pub mod envoy;
 pub mod http;
 pub mod ports;
 pub mod process;
+pub mod yaml;
 
 use std::path::PathBuf;
 

@@ -72,13 +72,19 @@ impl ChildGuard {
 
     /// The exit status if the process has exited.
     pub fn try_wait(&mut self) -> Option<ExitStatus> {
-        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     /// Fails if the process has already exited, quoting its output.
     pub fn ensure_running(&mut self) -> Result<()> {
         if let Some(status) = self.try_wait() {
-            bail!("{} exited early ({status})\n{}", self.name, self.diagnostics());
+            bail!(
+                "{} exited early ({status})\n{}",
+                self.name,
+                self.diagnostics()
+            );
         }
         Ok(())
     }

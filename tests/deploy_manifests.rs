@@ -1,0 +1,703 @@
+//! The deployment artefacts in `deploy/`, checked the way a cluster would see them.
+//!
+//! Each kustomization is rendered with `kubectl kustomize` and every object is validated
+//! against the Kubernetes OpenAPI schemas with `kubernetes-validate --strict` (from the
+//! workspace venv). Istio's CRDs (AuthorizationPolicy, EnvoyFilter, IstioOperator) have no
+//! schema there, so their structure is checked here field by field. The security settings and
+//! probes of the tokengate Deployment, the Envoy sidecar copies and the compose demo are
+//! asserted directly, and every embedded tokengate config must pass `tokengate check-config`.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+use testkit::yaml::{at, load, parse, parse_all};
+
+const IDENTITY_HEADERS: [&str; 7] = [
+    "x-k8s-sa-user",
+    "x-k8s-sa-namespace",
+    "x-k8s-sa-name",
+    "x-k8s-sa-uid",
+    "x-k8s-sa-groups",
+    "x-k8s-pod-name",
+    "x-k8s-pod-uid",
+];
+
+fn root() -> PathBuf {
+    testkit::workspace_root()
+}
+
+/// `kubectl kustomize deploy/<dir>` as text.
+fn kustomize(dir: &str) -> String {
+    let out = Command::new("kubectl")
+        .arg("kustomize")
+        .arg(root().join("deploy").join(dir))
+        .output()
+        .expect("kubectl is required (it is on the machine image; see scripts/setup.sh)");
+    assert!(
+        out.status.success(),
+        "kubectl kustomize deploy/{dir} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn objects(dir: &str) -> Vec<Value> {
+    parse_all(&kustomize(dir)).unwrap()
+}
+
+fn find<'a>(objs: &'a [Value], kind: &str, name_prefix: &str) -> &'a Value {
+    objs.iter()
+        .find(|o| {
+            o["kind"] == kind
+                && o["metadata"]["name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with(name_prefix))
+        })
+        .unwrap_or_else(|| panic!("no {kind} named {name_prefix}*"))
+}
+
+/// Kinds kubernetes-validate has no schema for; checked by hand below.
+const ISTIO_KINDS: [&str; 2] = ["AuthorizationPolicy", "EnvoyFilter"];
+
+/// Runs kubernetes-validate --strict on `yaml`; returns (success, combined output).
+fn kubernetes_validate(yaml: &str) -> (bool, String) {
+    let bin = root().join(".venv/bin/kubernetes-validate");
+    assert!(
+        bin.is_file(),
+        "{} missing: run ./scripts/setup.sh (pip install kubernetes-validate)",
+        bin.display()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("objects.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    let out = Command::new(bin)
+        .arg("--strict")
+        .arg(&file)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// Validates every rendered object: core kinds must pass the schema; Istio kinds are the only
+/// ones allowed to lack one.
+fn validate_rendered(dir: &str) -> Vec<Value> {
+    let yaml = kustomize(dir);
+    let objs = parse_all(&yaml).unwrap();
+    let (ok, out) = kubernetes_validate(&yaml);
+    assert!(ok, "kubernetes-validate rejected deploy/{dir}:\n{out}");
+    for obj in &objs {
+        let kind = obj["kind"].as_str().unwrap();
+        let name = obj["metadata"]["name"].as_str().unwrap();
+        if ISTIO_KINDS.contains(&kind) {
+            assert!(
+                out.contains(&format!("Couldn't find schema for kind {kind}")),
+                "{out}"
+            );
+        } else {
+            let line = format!("passed for resource {}/{name}", kind.to_lowercase());
+            assert!(out.contains(&line), "deploy/{dir}: no `{line}` in:\n{out}");
+        }
+    }
+    objs
+}
+
+fn check_config_text(label: &str, text: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tokengate.yaml");
+    std::fs::write(&path, text).unwrap();
+    check_config(label, &path);
+}
+
+fn check_config(label: &str, path: &Path) {
+    let out = Command::new(env!("CARGO_BIN_EXE_tokengate"))
+        .arg("check-config")
+        .arg(path)
+        .output()
+        .expect("run tokengate check-config");
+    assert!(
+        out.status.success(),
+        "tokengate check-config rejected {label}:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn configmap_file<'a>(objs: &'a [Value], name_prefix: &str, key: &str) -> &'a str {
+    find(objs, "ConfigMap", name_prefix)["data"][key]
+        .as_str()
+        .unwrap_or_else(|| panic!("ConfigMap {name_prefix}* has no {key}"))
+}
+
+#[test]
+fn every_kustomization_renders_and_validates() {
+    for dir in ["base", "istio", "envoy-sidecar"] {
+        let objs = validate_rendered(dir);
+        assert!(!objs.is_empty(), "deploy/{dir} rendered nothing");
+    }
+}
+
+#[test]
+fn kubernetes_validate_catches_schema_errors() {
+    // Proves the validation above can fail: a Deployment with a string replica count and a
+    // misspelt field.
+    let yaml = kustomize("base")
+        .replace("replicas: 2", "replicas: two")
+        .replace("readOnlyRootFilesystem:", "readOnlyRootFileSystem:");
+    let (ok, out) = kubernetes_validate(&yaml);
+    assert!(
+        !ok,
+        "kubernetes-validate accepted a broken Deployment:\n{out}"
+    );
+}
+
+#[test]
+fn base_is_complete_and_hardened() {
+    let objs = objects("base");
+    let kinds: BTreeSet<&str> = objs.iter().filter_map(|o| o["kind"].as_str()).collect();
+    for kind in [
+        "Namespace",
+        "ServiceAccount",
+        "ClusterRoleBinding",
+        "ConfigMap",
+        "Deployment",
+        "Service",
+        "PodDisruptionBudget",
+    ] {
+        assert!(kinds.contains(kind), "deploy/base lacks a {kind}");
+    }
+
+    // RBAC: the pod's service account may create TokenReviews.
+    let crb = find(&objs, "ClusterRoleBinding", "tokengate");
+    assert_eq!(crb["roleRef"]["name"], "system:auth-delegator");
+    assert_eq!(crb["roleRef"]["kind"], "ClusterRole");
+    assert_eq!(crb["subjects"][0]["kind"], "ServiceAccount");
+    assert_eq!(crb["subjects"][0]["name"], "tokengate");
+    assert_eq!(crb["subjects"][0]["namespace"], "tokengate");
+    let sa = find(&objs, "ServiceAccount", "tokengate");
+    assert_eq!(sa["metadata"]["namespace"], "tokengate");
+
+    let deploy = find(&objs, "Deployment", "tokengate");
+    assert_eq!(deploy["metadata"]["namespace"], "tokengate");
+    assert_eq!(deploy["spec"]["replicas"], 2);
+    let pod = &deploy["spec"]["template"]["spec"];
+    assert_eq!(pod["serviceAccountName"], "tokengate");
+    assert_ne!(
+        pod["automountServiceAccountToken"], false,
+        "needs its token for TokenReview"
+    );
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(
+        pod["securityContext"]["seccompProfile"]["type"],
+        "RuntimeDefault"
+    );
+    let spread = pod["topologySpreadConstraints"]
+        .as_array()
+        .expect("topology spread");
+    assert!(spread
+        .iter()
+        .any(|c| c["topologyKey"] == "kubernetes.io/hostname"));
+    let pod_labels = &deploy["spec"]["template"]["metadata"]["labels"];
+    for c in spread {
+        for (k, v) in c["labelSelector"]["matchLabels"].as_object().unwrap() {
+            assert_eq!(&pod_labels[k], v, "topology spread selects other pods");
+        }
+    }
+
+    let containers = pod["containers"].as_array().unwrap();
+    assert_eq!(containers.len(), 1);
+    let c = &containers[0];
+    let sc = &c["securityContext"];
+    assert_eq!(sc["runAsNonRoot"], true);
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert_eq!(sc["capabilities"]["drop"], serde_json::json!(["ALL"]));
+    assert!(sc["capabilities"]["add"].is_null());
+    assert!(sc["privileged"].is_null() || sc["privileged"] == false);
+    for r in ["cpu", "memory"] {
+        assert!(c["resources"]["requests"][r].is_string(), "no {r} request");
+    }
+    assert!(
+        c["resources"]["limits"]["memory"].is_string(),
+        "no memory limit"
+    );
+
+    // Probes on the admin port's health endpoints.
+    let ports: Vec<(&str, u64)> = c["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap(),
+                p["containerPort"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert!(
+        ports.contains(&("grpc", 9001)) && ports.contains(&("admin", 9090)),
+        "{ports:?}"
+    );
+    assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(c["livenessProbe"]["httpGet"]["port"], "admin");
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(c["readinessProbe"]["httpGet"]["port"], "admin");
+
+    // The config: mounted from the generated ConfigMap, read where the args say.
+    let cm = find(&objs, "ConfigMap", "tokengate-config");
+    let cm_name = cm["metadata"]["name"].as_str().unwrap();
+    assert_ne!(
+        cm_name, "tokengate-config",
+        "configMapGenerator adds a content hash"
+    );
+    let volume = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["configMap"]["name"] == cm_name)
+        .expect("the generated ConfigMap is mounted");
+    let mount = c["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == volume["name"])
+        .expect("config volume mount");
+    assert_eq!(mount["readOnly"], true);
+    let args: Vec<&str> = c["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|a| a.as_str())
+        .collect();
+    let config_path = format!("{}/tokengate.yaml", mount["mountPath"].as_str().unwrap());
+    assert!(
+        args.contains(&config_path.as_str()),
+        "args {args:?} do not read {config_path}"
+    );
+    let listen = parse(cm["data"]["tokengate.yaml"].as_str().unwrap()).unwrap();
+    assert_eq!(listen["listen"]["grpc"], "0.0.0.0:9001");
+    assert_eq!(listen["listen"]["admin"], "0.0.0.0:9090");
+
+    // Service: gRPC port for Envoy, selecting the Deployment's pods.
+    let svc = find(&objs, "Service", "tokengate");
+    let grpc = svc["spec"]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "grpc")
+        .expect("grpc port");
+    assert_eq!(grpc["port"], 9001);
+    assert_eq!(grpc["appProtocol"], "grpc");
+    assert!(svc["spec"]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["port"] == 9090));
+    for (k, v) in svc["spec"]["selector"].as_object().unwrap() {
+        assert_eq!(&pod_labels[k], v, "Service selects other pods");
+    }
+
+    let pdb = find(&objs, "PodDisruptionBudget", "tokengate");
+    assert_eq!(pdb["spec"]["minAvailable"], 1);
+    assert_eq!(
+        pdb["spec"]["selector"]["matchLabels"],
+        deploy["spec"]["selector"]["matchLabels"]
+    );
+}
+
+#[test]
+fn configmap_configs_pass_check_config_and_match_the_tested_ones() {
+    let base = objects("base");
+    let base_cfg = configmap_file(&base, "tokengate-config", "tokengate.yaml");
+    check_config_text("deploy/base ConfigMap", base_cfg);
+    let istio = objects("istio");
+    let istio_cfg = configmap_file(&istio, "tokengate-config", "tokengate.yaml");
+    check_config_text("deploy/istio ConfigMap", istio_cfg);
+    assert_eq!(
+        istio.iter().filter(|o| o["kind"] == "ConfigMap").count(),
+        1,
+        "the Istio overlay replaces the base config, it does not add one"
+    );
+
+    // The routes deployed are the routes the Envoy end-to-end tests exercise.
+    let sidecar = load("envoy/tokengate-sidecar.yaml").unwrap();
+    let istio_tested = load("envoy/tokengate-istio.yaml").unwrap();
+    assert_eq!(parse(base_cfg).unwrap()["routes"], sidecar["routes"]);
+    assert_eq!(parse(istio_cfg).unwrap()["routes"], istio_tested["routes"]);
+    assert_eq!(
+        parse(base_cfg).unwrap()["token_sources"],
+        sidecar["token_sources"]
+    );
+}
+
+#[test]
+fn istio_objects_are_well_formed() {
+    let objs = validate_rendered("istio");
+    let mesh = load("deploy/istio/mesh-config.yaml").unwrap();
+    assert_eq!(mesh["apiVersion"], "install.istio.io/v1alpha1");
+    assert_eq!(mesh["kind"], "IstioOperator");
+    let providers = at(&mesh, "spec.meshConfig.extensionProviders")
+        .as_array()
+        .expect("extensionProviders");
+    assert_eq!(providers.len(), 1);
+    let provider = &providers[0];
+    let grpc = &provider["envoyExtAuthzGrpc"];
+    assert!(grpc.is_object(), "a gRPC provider: {provider}");
+    // The provider points at the base Service's gRPC port.
+    let svc = find(&objs, "Service", "tokengate");
+    assert_eq!(
+        grpc["service"],
+        format!(
+            "{}.{}.svc.cluster.local",
+            svc["metadata"]["name"].as_str().unwrap(),
+            svc["metadata"]["namespace"].as_str().unwrap()
+        )
+    );
+    assert_eq!(grpc["port"], 9001);
+    assert_eq!(grpc["failOpen"], false);
+    assert_eq!(grpc["statusOnError"], "503");
+    // envoy/istio.yaml reproduces these settings; the tests run that file.
+    let envoy = load("envoy/istio.yaml").unwrap();
+    let filters = at(
+        &envoy,
+        "static_resources.listeners.0.filter_chains.0.filters.0.typed_config.http_filters",
+    )
+    .as_array()
+    .unwrap()
+    .clone();
+    let authz = filters
+        .iter()
+        .find(|f| f["name"] == "envoy.filters.http.ext_authz")
+        .unwrap();
+    assert_eq!(
+        authz["typed_config"]["grpc_service"]["timeout"],
+        grpc["timeout"]
+    );
+    assert_eq!(
+        authz["typed_config"]["status_on_error"]["code"].to_string(),
+        grpc["statusOnError"].as_str().unwrap()
+    );
+
+    // AuthorizationPolicy: CUSTOM with the provider above, on the data-store workload.
+    let ap = find(&objs, "AuthorizationPolicy", "tokengate");
+    assert_eq!(ap["apiVersion"], "security.istio.io/v1");
+    assert_eq!(ap["metadata"]["namespace"], "data-store");
+    assert_eq!(ap["spec"]["action"], "CUSTOM");
+    assert_eq!(ap["spec"]["provider"]["name"], provider["name"]);
+    assert_eq!(ap["spec"]["selector"]["matchLabels"]["app"], "data-store");
+    let rules = ap["spec"]["rules"].as_array().unwrap();
+    assert_eq!(rules.len(), 1);
+    assert_eq!(
+        rules[0]["to"][0]["operation"]["notPaths"],
+        serde_json::json!(["/healthz"]),
+        "envoy/istio.yaml's shadow RBAC rule mirrors this"
+    );
+    let known: BTreeSet<&str> = ["selector", "action", "provider", "rules"].into();
+    for key in ap["spec"].as_object().unwrap().keys() {
+        assert!(
+            known.contains(key.as_str()),
+            "unknown AuthorizationPolicy field {key}"
+        );
+    }
+
+    // EnvoyFilter: strips identity headers first on the data-store's inbound chain, with the
+    // very filter envoy/istio.yaml runs.
+    let ef = find(&objs, "EnvoyFilter", "tokengate-strip-identity-headers");
+    assert_eq!(ef["apiVersion"], "networking.istio.io/v1alpha3");
+    assert_eq!(ef["metadata"]["namespace"], "data-store");
+    assert_eq!(
+        ef["spec"]["workloadSelector"]["labels"]["app"],
+        "data-store"
+    );
+    let patch = &ef["spec"]["configPatches"][0];
+    assert_eq!(patch["applyTo"], "HTTP_FILTER");
+    assert_eq!(patch["match"]["context"], "SIDECAR_INBOUND");
+    assert_eq!(patch["patch"]["operation"], "INSERT_FIRST");
+    assert_eq!(&patch["patch"]["value"], &filters[0]);
+    let removed: BTreeSet<&str> = patch["patch"]["value"]["typed_config"]["mutations"]
+        ["request_mutations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["remove"].as_str())
+        .collect();
+    assert_eq!(removed, IDENTITY_HEADERS.into_iter().collect());
+}
+
+/// The listener (HCM, routes, filters) of a copy must equal envoy/sidecar.yaml's exactly; only
+/// cluster addresses may differ.
+fn assert_same_listener_as_published(label: &str, copy: &Value) {
+    let published = load("envoy/sidecar.yaml").unwrap();
+    assert_eq!(
+        copy["static_resources"]["listeners"], published["static_resources"]["listeners"],
+        "{label}: listeners differ from envoy/sidecar.yaml"
+    );
+    assert_eq!(copy["admin"], published["admin"], "{label}: admin differs");
+    let names = |v: &Value| -> Vec<String> {
+        v["static_resources"]["clusters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(names(copy), names(&published), "{label}: clusters differ");
+    for (c, p) in copy["static_resources"]["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(
+            published["static_resources"]["clusters"]
+                .as_array()
+                .unwrap(),
+        )
+    {
+        assert_eq!(
+            c["typed_extension_protocol_options"], p["typed_extension_protocol_options"],
+            "{label}: cluster {} protocol options differ",
+            c["name"]
+        );
+    }
+}
+
+#[test]
+fn envoy_sidecar_sample_matches_the_published_config() {
+    let objs = validate_rendered("envoy-sidecar");
+    let envoy_yaml = configmap_file(&objs, "data-store-envoy", "envoy.yaml");
+    testkit::envoy::validate_str(envoy_yaml).unwrap_or_else(|e| panic!("{e:#}"));
+    let envoy = parse(envoy_yaml).unwrap();
+    assert_same_listener_as_published("deploy/envoy-sidecar/envoy.yaml", &envoy);
+    let authz = envoy["static_resources"]["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "tokengate")
+        .unwrap();
+    assert_eq!(
+        at(
+            authz,
+            "load_assignment.endpoints.0.lb_endpoints.0.endpoint.address.socket_address.address"
+        ),
+        "tokengate.tokengate.svc.cluster.local",
+        "the sidecar must reach the deploy/base Service"
+    );
+
+    let deploy = find(&objs, "Deployment", "data-store");
+    let pod = &deploy["spec"]["template"]["spec"];
+    let containers = pod["containers"].as_array().unwrap();
+    let app = containers.iter().find(|c| c["name"] == "app").unwrap();
+    // The app must be reachable only through Envoy: loopback listen address, no ports.
+    let args: Vec<&str> = app["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|a| a.as_str())
+        .collect();
+    assert_eq!(args, ["--listen", "127.0.0.1:8081"]);
+    assert!(app["ports"].is_null());
+    let envoy_c = containers.iter().find(|c| c["name"] == "envoy").unwrap();
+    assert_eq!(envoy_c["ports"][0]["containerPort"], 8080);
+    assert_eq!(envoy_c["readinessProbe"]["httpGet"]["path"], "/healthz");
+    for c in containers {
+        let sc = &c["securityContext"];
+        assert_eq!(sc["readOnlyRootFilesystem"], true, "{}", c["name"]);
+        assert_eq!(sc["allowPrivilegeEscalation"], false, "{}", c["name"]);
+        assert_eq!(sc["capabilities"]["drop"], serde_json::json!(["ALL"]));
+    }
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    let svc = find(&objs, "Service", "data-store");
+    assert_eq!(svc["spec"]["ports"][0]["targetPort"], "envoy");
+    assert_eq!(svc["metadata"]["namespace"], "data-store");
+}
+
+#[test]
+fn dockerfile_is_multi_stage_and_non_root() {
+    let text = std::fs::read_to_string(root().join("deploy/Dockerfile")).unwrap();
+    let froms: Vec<&str> = text.lines().filter(|l| l.starts_with("FROM ")).collect();
+    assert!(froms.len() >= 3, "builder + runtime stages: {froms:?}");
+    assert!(froms[0].contains("rust:") && froms[0].contains(" AS build"));
+    for runtime in &froms[1..] {
+        assert!(
+            runtime.contains("distroless") && runtime.contains(":nonroot"),
+            "{runtime}"
+        );
+    }
+    // The default (last) stage is tokengate, running as the non-root uid.
+    assert!(froms.last().unwrap().ends_with("AS tokengate"));
+    let last_stage = text.rsplit("FROM ").next().unwrap();
+    assert!(last_stage.contains("USER 65532:65532"));
+    assert!(last_stage.contains("ENTRYPOINT [\"/usr/local/bin/tokengate\"]"));
+    assert!(text.contains("--locked"));
+    // The Deployment's uid matches the image's.
+    let objs = objects("base");
+    let deploy = find(&objs, "Deployment", "tokengate");
+    assert_eq!(
+        deploy["spec"]["template"]["spec"]["securityContext"]["runAsUser"],
+        65532
+    );
+}
+
+#[test]
+fn compose_demo_is_wired_like_the_local_demo() {
+    let compose = load("deploy/compose/docker-compose.yaml").unwrap();
+    let services = compose["services"].as_object().unwrap();
+    let names: BTreeSet<&str> = services.keys().map(|s| s.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "api",
+            "data-store",
+            "data-store-app",
+            "k3s",
+            "setup",
+            "tokengate"
+        ]
+        .into()
+    );
+    // Pinned images only.
+    for (name, svc) in services {
+        let image = svc["image"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{name} has no image"));
+        let tag = image.rsplit_once(':').map(|(_, t)| t).unwrap_or("");
+        assert!(
+            !tag.is_empty() && tag != "latest",
+            "{name}: unpinned image {image}"
+        );
+    }
+    let dep = |svc: &str, on: &str| services[svc]["depends_on"][on]["condition"].clone();
+
+    // A real API server, healthy before anything talks to it.
+    let k3s = &services["k3s"];
+    assert!(k3s["image"].as_str().unwrap().starts_with("rancher/k3s:"));
+    assert_eq!(k3s["command"][0], "server");
+    assert_eq!(k3s["privileged"], true);
+    assert!(k3s["healthcheck"]["test"].is_array());
+    assert_eq!(dep("setup", "k3s"), "service_healthy");
+    assert_eq!(dep("tokengate", "setup"), "service_completed_successfully");
+    assert_eq!(dep("api", "setup"), "service_completed_successfully");
+    assert_eq!(dep("data-store", "tokengate"), "service_started");
+
+    // tokengate and the echo are built from deploy/Dockerfile's stages.
+    for (svc, target) in [("tokengate", "tokengate"), ("data-store-app", "echo")] {
+        assert_eq!(services[svc]["build"]["dockerfile"], "deploy/Dockerfile");
+        assert_eq!(services[svc]["build"]["target"], target);
+        assert_eq!(services[svc]["build"]["context"], "../..");
+    }
+    assert!(services["data-store"]["image"]
+        .as_str()
+        .unwrap()
+        .starts_with("envoyproxy/envoy:v1.40"));
+    assert_eq!(services["data-store"]["ports"][0], "8080:8080");
+    assert_eq!(services["api"]["ports"][0], "8000:8000");
+
+    // Config files the services mount exist and are the right ones.
+    let compose_dir = root().join("deploy/compose");
+    for (svc, svc_value) in services {
+        for v in svc_value["volumes"].as_array().into_iter().flatten() {
+            let v = v.as_str().unwrap();
+            if let Some(src) = v.strip_prefix("./") {
+                let file = src.split(':').next().unwrap();
+                assert!(
+                    compose_dir.join(file).is_file(),
+                    "{svc} mounts missing ./{file}"
+                );
+            }
+        }
+    }
+
+    // The api requests its token for audience data-store via TokenRequest, refreshes at 80%.
+    let api = &services["api"];
+    assert_eq!(api["environment"]["AUDIENCE"], "data-store");
+    assert_eq!(api["environment"]["NAMESPACE"], "api");
+    assert_eq!(api["environment"]["SERVICE_ACCOUNT"], "api");
+    assert_eq!(
+        api["environment"]["DATA_STORE_URL"],
+        "http://data-store:8080/"
+    );
+    let expiration: u64 = api["environment"]["EXPIRATION_SECONDS"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        expiration >= 600,
+        "the API server rejects TokenRequests under 10 minutes"
+    );
+    let api_py = std::fs::read_to_string(compose_dir.join("api.py")).unwrap();
+    assert!(api_py.contains("/serviceaccounts/{SERVICE_ACCOUNT}/token"));
+    assert!(api_py.contains("REFRESH_FRACTION = 0.8"));
+    assert!(api_py.contains("\"X-Client-Id\""));
+    let py = Command::new(root().join(".venv/bin/python"))
+        .args(["-m", "py_compile"])
+        .arg(compose_dir.join("api.py"))
+        .env("PYTHONPYCACHEPREFIX", tempfile::tempdir().unwrap().path())
+        .output()
+        .unwrap();
+    assert!(
+        py.status.success(),
+        "{}",
+        String::from_utf8_lossy(&py.stderr)
+    );
+
+    // setup.sh: valid shell; binds tokengate to auth-delegator; scopes the minter to api/api.
+    let setup = std::fs::read_to_string(compose_dir.join("setup.sh")).unwrap();
+    let sh = Command::new("sh")
+        .arg("-n")
+        .arg(compose_dir.join("setup.sh"))
+        .output()
+        .unwrap();
+    assert!(
+        sh.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sh.stderr)
+    );
+    assert!(setup.contains("name: system:auth-delegator"));
+    assert!(setup.contains("resources: [serviceaccounts/token]"));
+    assert!(setup.contains("resourceNames: [api]"));
+    let setup_objs = parse_all(
+        setup
+            .split("<<'YAML'\n")
+            .nth(1)
+            .and_then(|s| s.split("\nYAML\n").next())
+            .unwrap(),
+    )
+    .unwrap();
+    let stream: Vec<String> = setup_objs.iter().map(|o| o.to_string()).collect();
+    let (ok, out) = kubernetes_validate(&stream.join("\n---\n"));
+    assert!(ok, "setup.sh objects invalid:\n{out}");
+    assert_eq!(
+        out.matches("passed for resource").count(),
+        setup_objs.len(),
+        "{out}"
+    );
+
+    // tokengate's compose config: valid, same routes as the tested sidecar config, reads the
+    // kubeconfig setup.sh writes.
+    let tg_path = compose_dir.join("tokengate.yaml");
+    check_config("deploy/compose/tokengate.yaml", &tg_path);
+    let tg = testkit::yaml::load_path(&tg_path).unwrap();
+    assert_eq!(
+        tg["routes"],
+        load("envoy/tokengate-sidecar.yaml").unwrap()["routes"]
+    );
+    assert_eq!(
+        tg["kubernetes"]["kubeconfig"],
+        "/creds/tokengate.kubeconfig"
+    );
+    assert!(setup.contains("/creds/tokengate.kubeconfig"));
+
+    // Envoy's compose config: valid and the published listener.
+    let envoy_path = compose_dir.join("envoy.yaml");
+    testkit::envoy::validate_file(&envoy_path).unwrap_or_else(|e| panic!("{e:#}"));
+    assert_same_listener_as_published(
+        "deploy/compose/envoy.yaml",
+        &testkit::yaml::load_path(&envoy_path).unwrap(),
+    );
+}
