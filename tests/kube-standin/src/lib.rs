@@ -1,11 +1,63 @@
-//! A faithful stand-in for kube-apiserver's token APIs (TokenRequest, TokenReview, OIDC
-//! discovery), served over HTTPS, for tokengate's tests and demo.
+//! A faithful stand-in for kube-apiserver's token APIs, for tokengate's tests and demo.
 //!
-//! This is the public API contract from PLAN.md; the implementation is being filled in.
+//! No real API server can run on the test machines, so this crate reproduces the parts of
+//! one that tokengate talks to, over real HTTPS, as documented in
+//! `shared/kubernetes-tokens.md`:
+//!
+//! * **TokenRequest** (`POST /api/v1/namespaces/{ns}/serviceaccounts/{name}/token`) mints
+//!   real RS256/ES256 JWTs with the claims, `kid` and error statuses of kube-apiserver.
+//!   [`Standin::mint`] goes through the same code.
+//! * **TokenReview** (`POST /apis/authentication.k8s.io/v1/tokenreviews`) runs a token
+//!   through the same authenticator chain order as the real server (issuer pre-check,
+//!   signature by `kid`, issuer, audience before expiry, 60 s leeway, service-account and
+//!   pod/secret lookups by name and UID) and answers with the exact JSON shape and error
+//!   strings (`[invalid bearer token, ...]`).
+//! * **Caller authentication and RBAC**: a bad token gets the 401 `Status`, a caller not
+//!   bound to `system:auth-delegator` the 403 `Status` with the real message.
+//! * **OIDC discovery** (`/.well-known/openid-configuration`, `/openid/v1/jwks`) with key
+//!   rotation ([`Standin::add_signing_key`], [`Standin::retire_key`]).
+//! * **Objects and controls**: service accounts, pods (deleting one revokes its tokens),
+//!   ClusterRoleBindings, a TokenReview counter and run-time [`Fault`]s.
+//! * **Discovery documents** (`/api`, `/apis`, `/api/v1`, `/apis/<group>/v1`, `/version`)
+//!   so `kubectl create -f tokenreview.yaml` works. `/openapi/*` is not served (404).
+//!   `kubectl create token` sends protobuf; the TokenRequest endpoint decodes that
+//!   protobuf body (see [`protobuf`]) and answers JSON, which kubectl accepts.
+//!
+//! Layout: [`cluster`] holds objects, keys and the token logic without HTTP; [`api`]
+//! routes requests and renders Kubernetes objects and `Status` errors ([`status`]);
+//! [`server`] is the TLS accept loop (with down/up); [`tls`] and [`kubeconfig`] write what
+//! clients need to connect; [`keys`] signs and verifies. The binary (`kube-standin serve`)
+//! runs the same server as a process for the demo and the Envoy tests.
+//!
+//! Deliberate simplifications: one issuer; no token cache (the real server caches
+//! successes for 10 s, see §7 of the doc); deletions are immediate (no grace period);
+//! namespaces are created on first use with their `default` service account.
+
+pub mod api;
+pub mod clock;
+pub mod cluster;
+pub mod discovery;
+pub mod keys;
+pub mod kubeconfig;
+pub mod protobuf;
+pub mod server;
+pub mod status;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use anyhow::Context as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::api::Shared;
+use crate::cluster::{BoundObjectRef, Cluster, ClusterConfig, IssueSpec, Subject, UserInfo};
 
 /// Signing key algorithm for service-account tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,51 +186,252 @@ impl MintRequest {
     }
 }
 
-/// A running stand-in API server.
+/// Namespace and name of the reviewer service account written to the kubeconfig.
+pub const REVIEWER_SA: (&str, &str) = ("tokengate", "tokengate");
+/// Username of the admin kubeconfig's static token (group `system:masters`).
+pub const ADMIN_USER: &str = "kubernetes-admin";
+/// Lifetime of reviewer tokens (one year, as for a long-lived credential).
+const REVIEWER_TOKEN_SECONDS: i64 = 365 * 24 * 3600;
+
+struct Reviewer {
+    generation: u64,
+    secret: String,
+}
+
+/// A running stand-in API server. Dropping it stops the server; [`Standin::shutdown`]
+/// also waits for it.
 pub struct Standin {
+    shared: Arc<Shared>,
     addr: SocketAddr,
+    dir: PathBuf,
+    _tempdir: Option<tempfile::TempDir>,
+    ca_pem: String,
+    admin_token: String,
+    reviewer: Mutex<Reviewer>,
+    down_tx: watch::Sender<bool>,
+    shutdown_tx: watch::Sender<bool>,
+    task: Option<JoinHandle<()>>,
+}
+
+fn random_token() -> String {
+    use rand::RngCore as _;
+    let mut b = [0u8; 32];
+    rand::rng().fill_bytes(&mut b);
+    URL_SAFE_NO_PAD.encode(b)
 }
 
 impl Standin {
-    /// Starts the server.
+    /// Starts the server: generates the CA and signing key, binds `opts.bind`, writes
+    /// `ca.crt`, `kubeconfig`, `admin.kubeconfig`, `reviewer-token` and `url` into the
+    /// directory, and serves on the current tokio runtime.
     pub async fn start(opts: Options) -> anyhow::Result<Standin> {
-        let _ = opts;
-        anyhow::bail!("kube-standin: not implemented yet")
+        let api_audiences = if opts.api_audiences.is_empty() {
+            vec![opts.issuer.clone()]
+        } else {
+            opts.api_audiences.clone()
+        };
+        let cfg = ClusterConfig {
+            issuer: opts.issuer.clone(),
+            api_audiences,
+            jti: opts.jti,
+            pod_node_info: opts.pod_node_info,
+            enforce_min_expiration: opts.enforce_min_expiration,
+            metadata_style: opts.metadata_style,
+        };
+        let cluster = Cluster::new(cfg, opts.key_alg)?;
+        let pki = tls::generate()?;
+
+        let listener = tokio::net::TcpListener::bind(opts.bind)
+            .await
+            .with_context(|| format!("binding {}", opts.bind))?;
+        let addr = listener.local_addr()?;
+        let url = format!("https://{addr}");
+
+        let (tempdir, dir) = match &opts.dir {
+            Some(d) => (None, d.clone()),
+            None => {
+                let t = tempfile::Builder::new().prefix("kube-standin-").tempdir()?;
+                let p = t.path().to_path_buf();
+                (Some(t), p)
+            }
+        };
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let dir = std::fs::canonicalize(&dir)?;
+
+        let admin_token = random_token();
+        cluster.add_static_token(
+            &admin_token,
+            UserInfo {
+                username: ADMIN_USER.to_string(),
+                uid: String::new(),
+                groups: vec!["system:masters".to_string()],
+                extra: Default::default(),
+            },
+        );
+        let (rns, rname) = REVIEWER_SA;
+        cluster.recreate_service_account(rns, rname);
+        cluster.bind(
+            "tokengate-auth-delegator",
+            "system:auth-delegator",
+            Subject::ServiceAccount(rns.to_string(), rname.to_string()),
+        );
+
+        let shared = Arc::new(Shared {
+            cluster,
+            reviews: AtomicU64::new(0),
+            fault: Mutex::new(Fault::None),
+            url: url.clone(),
+        });
+        let (down_tx, down_rx) = watch::channel(false);
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let mut standin = Standin {
+            shared: shared.clone(),
+            addr,
+            dir,
+            _tempdir: tempdir,
+            ca_pem: pki.ca_pem.clone(),
+            admin_token,
+            reviewer: Mutex::new(Reviewer {
+                generation: 0,
+                secret: String::new(),
+            }),
+            down_tx,
+            shutdown_tx,
+            task: None,
+        };
+        standin.issue_reviewer_token()?;
+        standin.write_files()?;
+        let acceptor = tokio_rustls::TlsAcceptor::from(pki.server_config);
+        standin.task = Some(tokio::spawn(server::run(
+            shared,
+            listener,
+            addr,
+            acceptor,
+            down_rx,
+            shutdown_rx,
+        )));
+        Ok(standin)
     }
+
+    fn write_files(&self) -> anyhow::Result<()> {
+        let url = self.url();
+        kubeconfig::write_atomic(&self.dir.join("ca.crt"), self.ca_pem.as_bytes())?;
+        let token_path = self.reviewer_token_path();
+        kubeconfig::write_atomic(
+            &self.kubeconfig_path(),
+            kubeconfig::render(
+                &url,
+                &self.ca_pem,
+                "tokengate",
+                &kubeconfig::Credential::TokenFile(&token_path),
+            )
+            .as_bytes(),
+        )?;
+        kubeconfig::write_atomic(
+            &self.admin_kubeconfig_path(),
+            kubeconfig::render(
+                &url,
+                &self.ca_pem,
+                "admin",
+                &kubeconfig::Credential::Token(&self.admin_token),
+            )
+            .as_bytes(),
+        )?;
+        kubeconfig::write_atomic(&self.dir.join("url"), format!("{url}\n").as_bytes())?;
+        Ok(())
+    }
+
+    /// Mints a reviewer token bound to a fresh secret, writes it, and deletes the previous
+    /// secret (which revokes the previous token, as deleting a bound Secret does).
+    fn issue_reviewer_token(&self) -> anyhow::Result<()> {
+        let (rns, rname) = REVIEWER_SA;
+        let mut rev = self.reviewer.lock().unwrap_or_else(|e| e.into_inner());
+        let generation = rev.generation + 1;
+        let secret = format!("{rname}-reviewer-{generation}");
+        self.shared
+            .cluster
+            .put_secret(rns, &secret, Some(rname), None);
+        let issued = self
+            .shared
+            .cluster
+            .issue(&IssueSpec {
+                namespace: rns.to_string(),
+                service_account: rname.to_string(),
+                expiration_seconds: Some(REVIEWER_TOKEN_SECONDS),
+                bound: Some(BoundObjectRef {
+                    kind: "Secret".to_string(),
+                    api_version: "v1".to_string(),
+                    name: secret.clone(),
+                    uid: String::new(),
+                }),
+                ..Default::default()
+            })
+            .map_err(|e| anyhow::anyhow!("minting the reviewer token: {e}"))?;
+        kubeconfig::write_atomic(&self.reviewer_token_path(), issued.token.as_bytes())?;
+        if !rev.secret.is_empty() {
+            self.shared.cluster.delete_secret(rns, &rev.secret);
+        }
+        rev.generation = generation;
+        rev.secret = secret;
+        Ok(())
+    }
+
     /// `https://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("https://{}", self.addr)
     }
+
     /// The listening address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
-    /// Kubeconfig of the reviewer (SA tokengate/tokengate, bound to system:auth-delegator).
+
+    /// The directory holding `ca.crt`, `kubeconfig`, `admin.kubeconfig`, `reviewer-token`
+    /// and `url`.
+    pub fn dir(&self) -> PathBuf {
+        self.dir.clone()
+    }
+
+    /// Kubeconfig of the reviewer: user `tokenFile` = [`Standin::reviewer_token_path`], a
+    /// token of SA `tokengate/tokengate`, which is bound to `system:auth-delegator`.
     pub fn kubeconfig_path(&self) -> PathBuf {
-        PathBuf::new()
+        self.dir.join("kubeconfig")
     }
-    /// Kubeconfig of a cluster-admin user.
+
+    /// Kubeconfig of a cluster-admin user (static token, group `system:masters`).
     pub fn admin_kubeconfig_path(&self) -> PathBuf {
-        PathBuf::new()
+        self.dir.join("admin.kubeconfig")
     }
-    /// File holding the reviewer token.
+
+    /// The admin user's bearer token.
+    pub fn admin_token(&self) -> String {
+        self.admin_token.clone()
+    }
+
+    /// File holding the current reviewer token (no trailing newline).
     pub fn reviewer_token_path(&self) -> PathBuf {
-        PathBuf::new()
+        self.dir.join("reviewer-token")
     }
+
     /// PEM of the CA that signed the serving certificate.
     pub fn ca_pem(&self) -> String {
-        String::new()
+        self.ca_pem.clone()
     }
-    /// Creates (or recreates) a service account; returns its uid.
+
+    /// Creates a service account, or replaces it with a new UID if it exists (which
+    /// invalidates its existing tokens, as delete-and-recreate does); returns its UID.
     pub fn create_service_account(&self, ns: &str, name: &str) -> String {
-        let _ = (ns, name);
-        String::new()
+        self.shared.cluster.recreate_service_account(ns, name).uid
     }
-    /// Deletes a service account.
+
+    /// Deletes a service account (its tokens then fail with `serviceaccounts "<name>" not found`).
     pub fn delete_service_account(&self, ns: &str, name: &str) {
-        let _ = (ns, name);
+        self.shared.cluster.delete_service_account(ns, name);
     }
-    /// Creates a pod running as `service_account`, optionally on `node`; returns its uid.
+
+    /// Creates a pod running as `service_account`, on `node` if given (a Node object is
+    /// created on first use); an existing pod of that name is replaced with a new UID.
+    /// Returns the pod UID.
     pub fn create_pod(
         &self,
         ns: &str,
@@ -186,45 +439,135 @@ impl Standin {
         service_account: &str,
         node: Option<&str>,
     ) -> String {
-        let _ = (ns, name, service_account, node);
-        String::new()
+        self.shared.cluster.delete_pod(ns, name);
+        match self
+            .shared
+            .cluster
+            .create_pod(ns, name, service_account, node)
+        {
+            Ok(p) => p.meta.uid,
+            // Unreachable: the pod was just removed under the same name.
+            Err(e) => panic!("kube-standin: create_pod {ns}/{name}: {e}"),
+        }
     }
-    /// Deletes a pod (its tokens stop validating).
+
+    /// Deletes a pod at once; tokens bound to it then fail with
+    /// `service account token has been invalidated`.
     pub fn delete_pod(&self, ns: &str, name: &str) {
-        let _ = (ns, name);
+        self.shared.cluster.delete_pod(ns, name);
     }
-    /// Creates a ClusterRoleBinding of `cluster_role` to service account `(ns, name)`.
+
+    /// Creates (or replaces) ClusterRoleBinding `binding` of `cluster_role` to the service
+    /// account `subject_sa = (namespace, name)`.
     pub fn bind_cluster_role(&self, binding: &str, cluster_role: &str, subject_sa: (&str, &str)) {
-        let _ = (binding, cluster_role, subject_sa);
+        self.shared.cluster.bind(
+            binding,
+            cluster_role,
+            Subject::ServiceAccount(subject_sa.0.to_string(), subject_sa.1.to_string()),
+        );
     }
-    /// Deletes a ClusterRoleBinding.
+
+    /// Deletes a ClusterRoleBinding (the reviewer's is `tokengate-auth-delegator`).
     pub fn delete_cluster_role_binding(&self, binding: &str) {
-        let _ = binding;
+        self.shared.cluster.unbind(binding);
     }
-    /// Mints a token through the same code path as the TokenRequest endpoint.
+
+    /// Mints a token through the same code path as the TokenRequest endpoint; the error
+    /// carries the `Status` message the endpoint would return.
     pub fn mint(&self, req: &MintRequest) -> anyhow::Result<String> {
-        let _ = req;
-        anyhow::bail!("kube-standin: not implemented yet")
+        let spec = IssueSpec {
+            namespace: req.namespace.clone(),
+            service_account: req.service_account.clone(),
+            audiences: req.audiences.clone(),
+            expiration_seconds: req.expiration_seconds,
+            bound: req.pod.as_ref().map(|p| BoundObjectRef {
+                kind: "Pod".to_string(),
+                api_version: "v1".to_string(),
+                name: p.clone(),
+                uid: String::new(),
+            }),
+            issued_at: req.issued_at,
+            ..Default::default()
+        };
+        api::issue(&self.shared, &spec)
+            .map(|i| i.token)
+            .map_err(|e| anyhow::Error::new(e).context("TokenRequest failed"))
     }
-    /// Number of TokenReview POSTs that reached the handler.
+
+    /// Creates Secret `ns/secret_name` of type `kubernetes.io/service-account-token` for
+    /// service account `ns/sa` and returns its legacy token (`iss: kubernetes/serviceaccount`).
+    /// Deleting the secret ([`Standin::delete_secret`]) revokes it.
+    pub fn mint_legacy(&self, ns: &str, sa: &str, secret_name: &str) -> anyhow::Result<String> {
+        self.shared
+            .cluster
+            .mint_legacy(ns, sa, secret_name)
+            .map_err(|e| anyhow::Error::new(e).context("legacy token"))
+    }
+
+    /// Deletes a secret.
+    pub fn delete_secret(&self, ns: &str, name: &str) {
+        self.shared.cluster.delete_secret(ns, name);
+    }
+
+    /// Number of `POST tokenreviews` requests that reached the handler, counted before
+    /// faults, authentication and validation.
     pub fn token_reviews_served(&self) -> u64 {
-        0
+        self.shared.reviews.load(Ordering::SeqCst)
     }
-    /// Sets the fault applied to TokenReview requests.
+
+    /// Sets the fault applied to TokenReview requests. `Fault::Down` stops listening and
+    /// drops open connections; any other value brings the listener back on the same port.
     pub fn set_fault(&self, fault: Fault) {
-        let _ = fault;
+        let down = fault == Fault::Down;
+        *self.shared.fault.lock().unwrap_or_else(|e| e.into_inner()) = fault;
+        self.down_tx.send_replace(down);
     }
-    /// Mints a new reviewer token, writes it atomically and revokes the old one.
-    pub fn rotate_reviewer_token(&self) {}
-    /// Adds a signing key that signs from now on; returns its kid.
+
+    /// Mints a new reviewer token, writes it atomically (temp file + rename) and revokes the
+    /// old one: requests with it get 401 from then on.
+    pub fn rotate_reviewer_token(&self) {
+        if let Err(e) = self.issue_reviewer_token() {
+            panic!("kube-standin: rotating the reviewer token failed: {e:#}");
+        }
+    }
+
+    /// Adds a signing key that signs from now on (older keys still verify); returns its kid.
     pub fn add_signing_key(&self, alg: KeyAlg) -> String {
-        let _ = alg;
-        String::new()
+        match self.shared.cluster.add_key(alg) {
+            Ok(kid) => kid,
+            Err(e) => panic!("kube-standin: key generation failed: {e:#}"),
+        }
     }
-    /// Retires a key: removed from JWKS and no longer verifies.
+
+    /// Retires a key: removed from JWKS and no longer verifies. The last key is kept.
     pub fn retire_key(&self, kid: &str) {
-        let _ = kid;
+        self.shared.cluster.retire_key(kid);
     }
-    /// Stops the server.
-    pub async fn shutdown(self) {}
+
+    /// Kids of the current keys, oldest first; the last one signs.
+    pub fn key_ids(&self) -> Vec<String> {
+        self.shared
+            .cluster
+            .keys()
+            .iter()
+            .map(|k| k.kid().to_string())
+            .collect()
+    }
+
+    /// Stops the server and waits for it.
+    pub async fn shutdown(mut self) {
+        self.shutdown_tx.send_replace(true);
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Standin {
+    fn drop(&mut self) {
+        self.shutdown_tx.send_replace(true);
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
 }

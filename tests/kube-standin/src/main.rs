@@ -1,6 +1,119 @@
-//! `kube-standin serve --dir DIR`: runs the stand-in API server as a process.
+//! `kube-standin serve --dir DIR [--listen ADDR] [--issuer URL] [--api-audience A]...`:
+//! runs the stand-in API server as a process (for the demo and the Envoy tests). It writes
+//! `DIR/{ca.crt, kubeconfig, admin.kubeconfig, reviewer-token, url}`, prints
+//! `ready <url>` on stdout once it serves, and runs until SIGINT or SIGTERM.
 
-fn main() {
-    eprintln!("kube-standin: not implemented yet");
-    std::process::exit(2);
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use kube_standin::{KeyAlg, MetadataStyle, Options, Standin};
+
+#[derive(Parser)]
+#[command(
+    name = "kube-standin",
+    about = "A stand-in for kube-apiserver's token APIs"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Alg {
+    Rs256,
+    Es256,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Style {
+    V133,
+    PreV133,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve until interrupted.
+    Serve {
+        /// Directory for ca.crt, kubeconfig, admin.kubeconfig, reviewer-token and url.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+        /// Service-account issuer.
+        #[arg(long, default_value = "https://kubernetes.default.svc.cluster.local")]
+        issuer: String,
+        /// API audience (repeatable); none means the issuer.
+        #[arg(long = "api-audience")]
+        api_audiences: Vec<String>,
+        /// Signing key algorithm.
+        #[arg(long, value_enum, default_value = "rs256")]
+        key_alg: Alg,
+        /// Leave out `jti` (ServiceAccountTokenJTI off, like clusters before 1.29).
+        #[arg(long)]
+        no_jti: bool,
+        /// Leave out node info in pod-bound tokens (ServiceAccountTokenPodNodeInfo off).
+        #[arg(long)]
+        no_pod_node_info: bool,
+        /// Allow TokenRequests shorter than 10 minutes.
+        #[arg(long)]
+        allow_short_tokens: bool,
+        /// TokenReview `metadata` style.
+        #[arg(long, value_enum, default_value = "v133")]
+        metadata_style: Style,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let Command::Serve {
+        dir,
+        listen,
+        issuer,
+        api_audiences,
+        key_alg,
+        no_jti,
+        no_pod_node_info,
+        allow_short_tokens,
+        metadata_style,
+    } = Cli::parse().command;
+    let opts = Options {
+        issuer,
+        api_audiences,
+        key_alg: match key_alg {
+            Alg::Rs256 => KeyAlg::Rs256,
+            Alg::Es256 => KeyAlg::Es256,
+        },
+        jti: !no_jti,
+        pod_node_info: !no_pod_node_info,
+        enforce_min_expiration: !allow_short_tokens,
+        metadata_style: match metadata_style {
+            Style::V133 => MetadataStyle::V133,
+            Style::PreV133 => MetadataStyle::PreV133,
+        },
+        dir: Some(dir),
+        bind: listen,
+    };
+    let standin = Standin::start(opts).await?;
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "ready {}", standin.url())?;
+        out.flush()?;
+    }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    standin.shutdown().await;
+    Ok(())
 }

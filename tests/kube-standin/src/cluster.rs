@@ -1,0 +1,1269 @@
+//! The cluster state and the API server's token logic, independent of HTTP: objects
+//! (namespaces, service accounts, pods, nodes, secrets, ClusterRoleBindings), signing keys,
+//! issuing tokens (TokenRequest), authenticating bearer tokens (the authenticator chain
+//! TokenReview and every API request go through) and RBAC decisions.
+//!
+//! One `std::sync::Mutex` guards all state: every operation is short and never awaits while
+//! holding it, and a single lock makes "delete a pod, then review its token" trivially
+//! linearizable, like the API server's informer-backed lookups after they catch up.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+
+use crate::clock::now_unix;
+use crate::keys::SigningKey;
+use crate::status::{go_quote, go_quote_list, ApiError};
+use crate::{KeyAlg, MetadataStyle};
+
+/// Minimum `expirationSeconds` of a TokenRequest (10 minutes).
+pub const MIN_EXPIRATION_SECONDS: i64 = 600;
+/// Maximum `expirationSeconds` of a TokenRequest (2^32).
+pub const MAX_EXPIRATION_SECONDS: i64 = 1 << 32;
+/// Default `expirationSeconds`.
+pub const DEFAULT_EXPIRATION_SECONDS: i64 = 3600;
+/// The kubelet's default projected-token lifetime that triggers extension (§2.4).
+pub const WARN_ONLY_EXPIRATION_SECONDS: i64 = 3607;
+/// Lifetime of an extended token (`--service-account-max-token-expiration` unset: 1 year).
+pub const EXTENDED_EXPIRATION_SECONDS: i64 = 365 * 24 * 3600;
+/// go-jose `DefaultLeeway`.
+pub const LEEWAY_SECONDS: i64 = 60;
+/// Issuer of legacy secret-based tokens.
+pub const LEGACY_ISSUER: &str = "kubernetes/serviceaccount";
+/// Bearer authenticator's error when no token authenticator had an opinion.
+pub const INVALID_BEARER_TOKEN: &str = "invalid bearer token";
+
+/// Feature flags and issuer settings, fixed at start.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// `--service-account-issuer` (the first and only one).
+    pub issuer: String,
+    /// `--api-audiences` (already defaulted to `[issuer]`).
+    pub api_audiences: Vec<String>,
+    /// ServiceAccountTokenJTI.
+    pub jti: bool,
+    /// ServiceAccountTokenPodNodeInfo.
+    pub pod_node_info: bool,
+    /// Enforce the 600 s minimum lifetime.
+    pub enforce_min_expiration: bool,
+    /// TokenReview metadata style.
+    pub metadata_style: MetadataStyle,
+}
+
+/// An authenticated user (`user.Info`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct UserInfo {
+    /// Username.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub username: String,
+    /// UID.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub uid: String,
+    /// Groups.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
+    /// Extra, keys sorted.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub extra: BTreeMap<String, Vec<String>>,
+}
+
+impl UserInfo {
+    /// The anonymous user of a request without credentials.
+    pub fn anonymous() -> UserInfo {
+        UserInfo {
+            username: "system:anonymous".to_string(),
+            groups: vec!["system:unauthenticated".to_string()],
+            ..Default::default()
+        }
+    }
+}
+
+/// Result of running a bearer token through the authenticator chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthOutcome {
+    /// Authenticated; `audiences` is the intersection in requested order.
+    Authenticated {
+        /// The user.
+        user: UserInfo,
+        /// `status.audiences`.
+        audiences: Vec<String>,
+    },
+    /// Rejected with this `err.Error()` text.
+    Failed(String),
+}
+
+/// What a request wants to do, for RBAC.
+#[derive(Debug, Clone)]
+pub enum Attributes<'a> {
+    /// A resource request.
+    Resource {
+        /// Verb, e.g. `create`.
+        verb: &'a str,
+        /// API group (`""` for core).
+        group: &'a str,
+        /// Resource, with `/subresource` if any.
+        resource: &'a str,
+        /// Namespace, if namespaced.
+        namespace: Option<&'a str>,
+    },
+    /// A non-resource request.
+    NonResource {
+        /// Verb, e.g. `get`.
+        verb: &'a str,
+        /// URL path.
+        path: &'a str,
+    },
+}
+
+/// Metadata every stored object has.
+#[derive(Debug, Clone)]
+pub struct Meta {
+    /// UID.
+    pub uid: String,
+    /// Creation time (unix seconds).
+    pub created: i64,
+}
+
+impl Meta {
+    fn fresh() -> Meta {
+        Meta {
+            uid: uuid::Uuid::new_v4().to_string(),
+            created: now_unix(),
+        }
+    }
+}
+
+/// A pod.
+#[derive(Debug, Clone)]
+pub struct Pod {
+    /// Metadata.
+    pub meta: Meta,
+    /// `spec.serviceAccountName`.
+    pub service_account: String,
+    /// `spec.nodeName`.
+    pub node: Option<String>,
+}
+
+/// A secret (only what token binding and legacy tokens need).
+#[derive(Debug, Clone)]
+pub struct Secret {
+    /// Metadata.
+    pub meta: Meta,
+    /// `kubernetes.io/service-account.name` annotation.
+    pub service_account: Option<String>,
+    /// `data.token` of a `kubernetes.io/service-account-token` secret.
+    pub token: Option<String>,
+}
+
+/// A ClusterRoleBinding subject.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Subject {
+    /// A service account `(namespace, name)`.
+    ServiceAccount(String, String),
+    /// A user.
+    User(String),
+    /// A group.
+    Group(String),
+}
+
+#[derive(Default)]
+struct State {
+    /// Verification keys; the last one signs.
+    keys: Vec<Arc<SigningKey>>,
+    namespaces: BTreeMap<String, Meta>,
+    service_accounts: BTreeMap<(String, String), Meta>,
+    pods: BTreeMap<(String, String), Pod>,
+    nodes: BTreeMap<String, Meta>,
+    secrets: BTreeMap<(String, String), Secret>,
+    bindings: BTreeMap<String, (String, Vec<Subject>)>,
+    /// `--token-auth-file` entries: token -> user.
+    static_tokens: BTreeMap<String, UserInfo>,
+}
+
+/// The cluster: configuration plus state.
+pub struct Cluster {
+    /// Fixed configuration.
+    pub cfg: ClusterConfig,
+    state: Mutex<State>,
+}
+
+/// What a TokenRequest asks for (the parts of the object the server reads).
+#[derive(Debug, Clone, Default)]
+pub struct IssueSpec {
+    /// `metadata.name` from the body, if set.
+    pub meta_name: Option<String>,
+    /// `metadata.namespace` from the body, if set.
+    pub meta_namespace: Option<String>,
+    /// Namespace from the URL.
+    pub namespace: String,
+    /// Service account name from the URL.
+    pub service_account: String,
+    /// `spec.audiences`.
+    pub audiences: Vec<String>,
+    /// `spec.expirationSeconds`.
+    pub expiration_seconds: Option<i64>,
+    /// `spec.boundObjectRef`.
+    pub bound: Option<BoundObjectRef>,
+    /// Issue time override (test-only).
+    pub issued_at: Option<i64>,
+}
+
+/// `spec.boundObjectRef`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BoundObjectRef {
+    /// Kind.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub kind: String,
+    /// API version.
+    #[serde(
+        rename = "apiVersion",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
+    pub api_version: String,
+    /// Name.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    /// UID.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub uid: String,
+}
+
+/// A minted token and what the TokenRequest response reports.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    /// The JWT.
+    pub token: String,
+    /// Request time (for `metadata.creationTimestamp`).
+    pub now: i64,
+    /// `status.expirationTimestamp` (unix seconds).
+    pub expiration_timestamp: i64,
+    /// `spec.audiences` after defaulting.
+    pub audiences: Vec<String>,
+    /// `spec.expirationSeconds` after defaulting.
+    pub expiration_seconds: i64,
+}
+
+// ---- JWT claim shapes. Fields are declared in alphabetical order because go-jose writes
+// ---- the merged claims as a Go map, whose JSON keys are sorted.
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+struct Ref {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    name: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    uid: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+struct KubeClaims {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    namespace: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    node: Option<Ref>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pod: Option<Ref>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    secret: Option<Ref>,
+    #[serde(default)]
+    serviceaccount: Ref,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    warnafter: Option<i64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct BoundClaims {
+    aud: Vec<String>,
+    exp: i64,
+    iat: i64,
+    iss: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    jti: Option<String>,
+    #[serde(rename = "kubernetes.io")]
+    kubernetes: KubeClaims,
+    nbf: i64,
+    sub: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct LegacyClaims {
+    iss: &'static str,
+    #[serde(rename = "kubernetes.io/serviceaccount/namespace")]
+    namespace: String,
+    #[serde(rename = "kubernetes.io/serviceaccount/secret.name")]
+    secret_name: String,
+    #[serde(rename = "kubernetes.io/serviceaccount/service-account.name")]
+    sa_name: String,
+    #[serde(rename = "kubernetes.io/serviceaccount/service-account.uid")]
+    sa_uid: String,
+    sub: String,
+}
+
+#[derive(Debug, Serialize)]
+struct JwsHeader<'a> {
+    alg: &'a str,
+    kid: &'a str,
+}
+
+/// go-jose `jwt.Audience`: a string or an array of strings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum AudClaim {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// go-jose `NumericDate` accepts any JSON number and truncates to seconds.
+fn de_numeric_date<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    let v: Option<f64> = Option::deserialize(d)?;
+    Ok(v.map(|f| f as i64))
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct VerifiedClaims {
+    #[serde(default)]
+    iss: Option<String>,
+    #[serde(default)]
+    sub: Option<String>,
+    #[serde(default)]
+    aud: Option<AudClaim>,
+    #[serde(default, deserialize_with = "de_numeric_date")]
+    exp: Option<i64>,
+    #[serde(default, deserialize_with = "de_numeric_date")]
+    nbf: Option<i64>,
+    #[serde(default, deserialize_with = "de_numeric_date")]
+    iat: Option<i64>,
+    #[serde(default)]
+    jti: Option<String>,
+    #[serde(rename = "kubernetes.io", default)]
+    kubernetes: Option<KubeClaims>,
+    #[serde(rename = "kubernetes.io/serviceaccount/namespace", default)]
+    legacy_namespace: Option<String>,
+    #[serde(rename = "kubernetes.io/serviceaccount/secret.name", default)]
+    legacy_secret_name: Option<String>,
+    #[serde(rename = "kubernetes.io/serviceaccount/service-account.name", default)]
+    legacy_sa_name: Option<String>,
+    #[serde(rename = "kubernetes.io/serviceaccount/service-account.uid", default)]
+    legacy_sa_uid: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct IssOnly {
+    #[serde(default)]
+    iss: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct HeaderIn {
+    #[serde(default)]
+    alg: String,
+    #[serde(default)]
+    kid: String,
+}
+
+/// apimachinery `utilerrors.NewAggregate(..).Error()`: de-duplicated, one error bare,
+/// several in `[a, b]`.
+pub fn aggregate(errs: &[String]) -> String {
+    let mut seen = BTreeSet::new();
+    let mut uniq: Vec<&str> = Vec::new();
+    for e in errs {
+        if seen.insert(e.as_str()) {
+            uniq.push(e);
+        }
+    }
+    match uniq.len() {
+        0 => String::new(),
+        1 => uniq[0].to_string(),
+        _ => format!("[{}]", uniq.join(", ")),
+    }
+}
+
+/// Walks `requested` and keeps the entries `token` also has (`Audiences.Intersect`).
+fn intersect(requested: &[String], token: &[String]) -> Vec<String> {
+    requested
+        .iter()
+        .filter(|a| token.contains(a))
+        .cloned()
+        .collect()
+}
+
+fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// `system:serviceaccount:<ns>:<name>` split back into its parts.
+fn split_sa_username(sub: &str) -> Option<(&str, &str)> {
+    let rest = sub.strip_prefix("system:serviceaccount:")?;
+    let (ns, name) = rest.split_once(':')?;
+    if ns.is_empty() || name.is_empty() || name.contains(':') {
+        return None;
+    }
+    Some((ns, name))
+}
+
+fn sa_user(ns: &str, name: &str, uid: &str) -> UserInfo {
+    UserInfo {
+        username: format!("system:serviceaccount:{ns}:{name}"),
+        uid: uid.to_string(),
+        groups: vec![
+            "system:serviceaccounts".to_string(),
+            format!("system:serviceaccounts:{ns}"),
+        ],
+        extra: BTreeMap::new(),
+    }
+}
+
+/// Token-authenticator result: `Ok(None)` is "no opinion".
+type TokenResult = Result<Option<(UserInfo, Vec<String>)>, String>;
+
+impl Cluster {
+    /// A new, empty cluster with one signing key.
+    pub fn new(cfg: ClusterConfig, alg: KeyAlg) -> anyhow::Result<Cluster> {
+        let key = SigningKey::generate(alg)?;
+        let state = State {
+            keys: vec![Arc::new(key)],
+            ..Default::default()
+        };
+        let c = Cluster {
+            cfg,
+            state: Mutex::new(state),
+        };
+        // Default bootstrap bindings (plugin/pkg/auth/authorizer/rbac/bootstrappolicy).
+        c.bind(
+            "cluster-admin",
+            "cluster-admin",
+            Subject::Group("system:masters".to_string()),
+        );
+        c.bind(
+            "system:service-account-issuer-discovery",
+            "system:service-account-issuer-discovery",
+            Subject::Group("system:serviceaccounts".to_string()),
+        );
+        Ok(c)
+    }
+
+    // ---------------------------------------------------------------- objects
+
+    /// Ensures a namespace exists, with its `default` service account.
+    pub fn ensure_namespace(&self, ns: &str) {
+        let mut st = lock(&self.state);
+        Self::ensure_namespace_locked(&mut st, ns);
+    }
+
+    fn ensure_namespace_locked(st: &mut State, ns: &str) {
+        if !st.namespaces.contains_key(ns) {
+            st.namespaces.insert(ns.to_string(), Meta::fresh());
+            st.service_accounts
+                .entry((ns.to_string(), "default".to_string()))
+                .or_insert_with(Meta::fresh);
+        }
+    }
+
+    /// Creates a service account; `Err` if it exists.
+    pub fn create_service_account(&self, ns: &str, name: &str) -> Result<Meta, ApiError> {
+        let mut st = lock(&self.state);
+        Self::ensure_namespace_locked(&mut st, ns);
+        let key = (ns.to_string(), name.to_string());
+        if st.service_accounts.contains_key(&key) {
+            return Err(ApiError::already_exists("serviceaccounts", "", name));
+        }
+        let meta = Meta::fresh();
+        st.service_accounts.insert(key, meta.clone());
+        Ok(meta)
+    }
+
+    /// Creates or replaces a service account (new UID).
+    pub fn recreate_service_account(&self, ns: &str, name: &str) -> Meta {
+        let mut st = lock(&self.state);
+        Self::ensure_namespace_locked(&mut st, ns);
+        let meta = Meta::fresh();
+        st.service_accounts
+            .insert((ns.to_string(), name.to_string()), meta.clone());
+        meta
+    }
+
+    /// Looks up a service account.
+    pub fn get_service_account(&self, ns: &str, name: &str) -> Option<Meta> {
+        lock(&self.state)
+            .service_accounts
+            .get(&(ns.to_string(), name.to_string()))
+            .cloned()
+    }
+
+    /// Deletes a service account; returns it if it existed.
+    pub fn delete_service_account(&self, ns: &str, name: &str) -> Option<Meta> {
+        lock(&self.state)
+            .service_accounts
+            .remove(&(ns.to_string(), name.to_string()))
+    }
+
+    /// Creates a pod (and its node object, if named and new); `Err` if it exists.
+    pub fn create_pod(
+        &self,
+        ns: &str,
+        name: &str,
+        service_account: &str,
+        node: Option<&str>,
+    ) -> Result<Pod, ApiError> {
+        let mut st = lock(&self.state);
+        Self::ensure_namespace_locked(&mut st, ns);
+        let key = (ns.to_string(), name.to_string());
+        if st.pods.contains_key(&key) {
+            return Err(ApiError::already_exists("pods", "", name));
+        }
+        if let Some(n) = node {
+            st.nodes.entry(n.to_string()).or_insert_with(Meta::fresh);
+        }
+        let pod = Pod {
+            meta: Meta::fresh(),
+            service_account: service_account.to_string(),
+            node: node.map(str::to_string),
+        };
+        st.pods.insert(key, pod.clone());
+        Ok(pod)
+    }
+
+    /// Looks up a pod.
+    pub fn get_pod(&self, ns: &str, name: &str) -> Option<Pod> {
+        lock(&self.state)
+            .pods
+            .get(&(ns.to_string(), name.to_string()))
+            .cloned()
+    }
+
+    /// Deletes a pod immediately (grace period 0); returns it if it existed.
+    pub fn delete_pod(&self, ns: &str, name: &str) -> Option<Pod> {
+        lock(&self.state)
+            .pods
+            .remove(&(ns.to_string(), name.to_string()))
+    }
+
+    /// Creates or replaces a secret.
+    pub fn put_secret(
+        &self,
+        ns: &str,
+        name: &str,
+        service_account: Option<&str>,
+        token: Option<String>,
+    ) -> Meta {
+        let mut st = lock(&self.state);
+        Self::ensure_namespace_locked(&mut st, ns);
+        let meta = Meta::fresh();
+        st.secrets.insert(
+            (ns.to_string(), name.to_string()),
+            Secret {
+                meta: meta.clone(),
+                service_account: service_account.map(str::to_string),
+                token,
+            },
+        );
+        meta
+    }
+
+    /// Deletes a secret; returns it if it existed.
+    pub fn delete_secret(&self, ns: &str, name: &str) -> Option<Secret> {
+        lock(&self.state)
+            .secrets
+            .remove(&(ns.to_string(), name.to_string()))
+    }
+
+    /// Creates or replaces a ClusterRoleBinding with one subject.
+    pub fn bind(&self, binding: &str, role: &str, subject: Subject) {
+        self.bind_all(binding, role, vec![subject]);
+    }
+
+    /// Creates or replaces a ClusterRoleBinding.
+    pub fn bind_all(&self, binding: &str, role: &str, subjects: Vec<Subject>) {
+        lock(&self.state)
+            .bindings
+            .insert(binding.to_string(), (role.to_string(), subjects));
+    }
+
+    /// Whether a ClusterRoleBinding exists.
+    pub fn has_binding(&self, binding: &str) -> bool {
+        lock(&self.state).bindings.contains_key(binding)
+    }
+
+    /// Deletes a ClusterRoleBinding.
+    pub fn unbind(&self, binding: &str) -> bool {
+        lock(&self.state).bindings.remove(binding).is_some()
+    }
+
+    /// Registers a static token (`--token-auth-file`).
+    pub fn add_static_token(&self, token: &str, user: UserInfo) {
+        lock(&self.state)
+            .static_tokens
+            .insert(token.to_string(), user);
+    }
+
+    // ---------------------------------------------------------------- keys
+
+    /// Adds a key that signs from now on; returns its kid.
+    pub fn add_key(&self, alg: KeyAlg) -> anyhow::Result<String> {
+        let key = SigningKey::generate(alg)?;
+        let kid = key.kid().to_string();
+        lock(&self.state).keys.push(Arc::new(key));
+        Ok(kid)
+    }
+
+    /// Removes a key from verification and publication. The last remaining key cannot be
+    /// retired (the server needs a signing key); returns whether a key was removed.
+    pub fn retire_key(&self, kid: &str) -> bool {
+        let mut st = lock(&self.state);
+        let before = st.keys.len();
+        let remaining: Vec<_> = st.keys.iter().filter(|k| k.kid() != kid).cloned().collect();
+        if remaining.is_empty() {
+            return false;
+        }
+        st.keys = remaining;
+        st.keys.len() != before
+    }
+
+    /// All verification keys (publication order: oldest first).
+    pub fn keys(&self) -> Vec<Arc<SigningKey>> {
+        lock(&self.state).keys.clone()
+    }
+
+    fn signing_key(&self) -> Result<Arc<SigningKey>, ApiError> {
+        lock(&self.state)
+            .keys
+            .last()
+            .cloned()
+            .ok_or_else(|| ApiError::internal("no signing key"))
+    }
+
+    fn sign_jws<T: Serialize>(&self, claims: &T) -> Result<String, ApiError> {
+        let key = self.signing_key()?;
+        let header = serde_json::to_vec(&JwsHeader {
+            alg: key.alg_name(),
+            kid: key.kid(),
+        })
+        .map_err(|e| ApiError::internal(&e.to_string()))?;
+        let payload = serde_json::to_vec(claims).map_err(|e| ApiError::internal(&e.to_string()))?;
+        let signing_input = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(header),
+            URL_SAFE_NO_PAD.encode(payload)
+        );
+        let sig = key
+            .sign(signing_input.as_bytes())
+            .map_err(|e| ApiError::internal(&e.to_string()))?;
+        Ok(format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(sig)))
+    }
+
+    // ---------------------------------------------------------------- TokenRequest
+
+    /// Issues a token as `POST .../serviceaccounts/{name}/token` does
+    /// (`pkg/registry/core/serviceaccount/storage/token.go`), checks in the same order.
+    pub fn issue(&self, spec: &IssueSpec) -> Result<Issued, ApiError> {
+        const KIND: &str = "TokenRequest";
+        const GROUP: &str = "authentication.k8s.io";
+        let name = spec.service_account.as_str();
+        let ns = spec.namespace.as_str();
+        if let Some(n) = spec.meta_name.as_deref().filter(|n| !n.is_empty()) {
+            if n != name {
+                return Err(ApiError::invalid(
+                    KIND,
+                    GROUP,
+                    name,
+                    "metadata.name",
+                    &go_quote(n),
+                    "must match the service account name if specified",
+                ));
+            }
+        }
+        if let Some(n) = spec.meta_namespace.as_deref().filter(|n| !n.is_empty()) {
+            if n != ns {
+                return Err(ApiError::invalid(
+                    KIND,
+                    GROUP,
+                    name,
+                    "metadata.namespace",
+                    &go_quote(n),
+                    "must match the service account namespace if specified",
+                ));
+            }
+        }
+        let sa = self
+            .get_service_account(ns, name)
+            .ok_or_else(|| ApiError::not_found("serviceaccounts", "", name))?;
+        let audiences = if spec.audiences.is_empty() {
+            self.cfg.api_audiences.clone()
+        } else {
+            spec.audiences.clone()
+        };
+        let expiration_seconds = spec
+            .expiration_seconds
+            .unwrap_or(DEFAULT_EXPIRATION_SECONDS);
+        if self.cfg.enforce_min_expiration && expiration_seconds < MIN_EXPIRATION_SECONDS {
+            return Err(ApiError::invalid(
+                KIND,
+                GROUP,
+                "",
+                "spec.expirationSeconds",
+                &expiration_seconds.to_string(),
+                "may not specify a duration less than 10 minutes",
+            ));
+        }
+        if expiration_seconds > MAX_EXPIRATION_SECONDS {
+            return Err(ApiError::invalid(
+                KIND,
+                GROUP,
+                "",
+                "spec.expirationSeconds",
+                &expiration_seconds.to_string(),
+                "may not specify a duration larger than 2^32 seconds",
+            ));
+        }
+
+        let mut kube = KubeClaims {
+            namespace: ns.to_string(),
+            serviceaccount: Ref {
+                name: name.to_string(),
+                uid: sa.uid.clone(),
+            },
+            ..Default::default()
+        };
+        let mut pod_bound = false;
+        if let Some(r) = &spec.bound {
+            let (group, _version) = match r.api_version.split_once('/') {
+                Some((g, v)) => (g, v),
+                None => ("", r.api_version.as_str()),
+            };
+            let uid = match (group, r.kind.as_str()) {
+                ("", "Pod") => {
+                    let pod = self
+                        .get_pod(ns, &r.name)
+                        .ok_or_else(|| ApiError::not_found("pods", "", &r.name))?;
+                    if pod.service_account != name {
+                        return Err(ApiError::bad_request(format!(
+                            "cannot bind token for serviceaccount {} to pod running with different serviceaccount name.",
+                            go_quote(name)
+                        )));
+                    }
+                    if self.cfg.pod_node_info {
+                        if let Some(node) = &pod.node {
+                            let node_uid = lock(&self.state)
+                                .nodes
+                                .get(node)
+                                .map(|m| m.uid.clone())
+                                .unwrap_or_default();
+                            kube.node = Some(Ref {
+                                name: node.clone(),
+                                uid: node_uid,
+                            });
+                        }
+                    }
+                    kube.pod = Some(Ref {
+                        name: r.name.clone(),
+                        uid: pod.meta.uid.clone(),
+                    });
+                    pod_bound = true;
+                    pod.meta.uid
+                }
+                ("", "Secret") => {
+                    let secret = lock(&self.state)
+                        .secrets
+                        .get(&(ns.to_string(), r.name.clone()))
+                        .cloned()
+                        .ok_or_else(|| ApiError::not_found("secrets", "", &r.name))?;
+                    kube.secret = Some(Ref {
+                        name: r.name.clone(),
+                        uid: secret.meta.uid.clone(),
+                    });
+                    secret.meta.uid
+                }
+                ("", "Node") => {
+                    let node = lock(&self.state)
+                        .nodes
+                        .get(&r.name)
+                        .cloned()
+                        .ok_or_else(|| ApiError::not_found("nodes", "", &r.name))?;
+                    kube.node = Some(Ref {
+                        name: r.name.clone(),
+                        uid: node.uid.clone(),
+                    });
+                    node.uid
+                }
+                _ => {
+                    return Err(ApiError::bad_request(format!(
+                        "cannot bind token to object of type {}/{}, Kind={}",
+                        group,
+                        r.api_version.rsplit('/').next().unwrap_or(""),
+                        r.kind
+                    )))
+                }
+            };
+            if !r.uid.is_empty() && r.uid != uid {
+                return Err(ApiError::conflict(
+                    &r.kind,
+                    group,
+                    &r.name,
+                    &format!(
+                        "the UID in the bound object reference ({}) does not match the UID in record. The object might have been deleted and then recreated",
+                        r.uid
+                    ),
+                ));
+            }
+        }
+
+        let now = now_unix();
+        let iat = spec.issued_at.unwrap_or(now);
+        let mut exp = iat + expiration_seconds;
+        // --service-account-extend-token-expiration (default true), §2.4.
+        if pod_bound
+            && expiration_seconds == WARN_ONLY_EXPIRATION_SECONDS
+            && audiences.iter().all(|a| self.cfg.api_audiences.contains(a))
+        {
+            kube.warnafter = Some(iat + WARN_ONLY_EXPIRATION_SECONDS);
+            exp = iat + EXTENDED_EXPIRATION_SECONDS;
+        }
+        let claims = BoundClaims {
+            aud: audiences.clone(),
+            exp,
+            iat,
+            iss: self.cfg.issuer.clone(),
+            jti: self.cfg.jti.then(|| uuid::Uuid::new_v4().to_string()),
+            kubernetes: kube,
+            nbf: iat,
+            sub: format!("system:serviceaccount:{ns}:{name}"),
+        };
+        let token = self.sign_jws(&claims)?;
+        Ok(Issued {
+            token,
+            now,
+            expiration_timestamp: now + expiration_seconds,
+            audiences,
+            expiration_seconds,
+        })
+    }
+
+    /// Creates a `kubernetes.io/service-account-token` secret for `ns/sa` and fills it
+    /// with a legacy token, as the token controller does.
+    pub fn mint_legacy(&self, ns: &str, sa: &str, secret_name: &str) -> Result<String, ApiError> {
+        let sa_meta = self
+            .get_service_account(ns, sa)
+            .ok_or_else(|| ApiError::not_found("serviceaccounts", "", sa))?;
+        let claims = LegacyClaims {
+            iss: LEGACY_ISSUER,
+            namespace: ns.to_string(),
+            secret_name: secret_name.to_string(),
+            sa_name: sa.to_string(),
+            sa_uid: sa_meta.uid,
+            sub: format!("system:serviceaccount:{ns}:{sa}"),
+        };
+        let token = self.sign_jws(&claims)?;
+        self.put_secret(ns, secret_name, Some(sa), Some(token.clone()));
+        Ok(token)
+    }
+
+    // ---------------------------------------------------------------- authentication
+
+    /// Runs a bearer token through the request authenticator chain with the given
+    /// requested audiences (empty means the API audiences), like TokenReview does.
+    pub fn authenticate(&self, token: &str, spec_audiences: &[String]) -> AuthOutcome {
+        let requested: Vec<String> = if spec_audiences.is_empty() {
+            self.cfg.api_audiences.clone()
+        } else {
+            spec_audiences.to_vec()
+        };
+        // union(tokenfile, legacySA, boundSA): first success wins, errors are collected.
+        let results = [
+            self.auth_static(token, &requested),
+            self.auth_sa(token, &requested, true),
+            self.auth_sa(token, &requested, false),
+        ];
+        let mut errs = Vec::new();
+        for r in results {
+            match r {
+                Ok(Some((mut user, audiences))) => {
+                    // AuthenticatedGroupAdder.
+                    if !user.groups.iter().any(|g| g == "system:authenticated") {
+                        user.groups.push("system:authenticated".to_string());
+                    }
+                    return AuthOutcome::Authenticated { user, audiences };
+                }
+                Ok(None) => {}
+                Err(e) => errs.push(e),
+            }
+        }
+        // The loopback authenticator comes first in the outer union and always says
+        // "invalid bearer token"; bearertoken says the same when nobody had an opinion.
+        let mut all = vec![INVALID_BEARER_TOKEN.to_string()];
+        if errs.is_empty() {
+            all.push(INVALID_BEARER_TOKEN.to_string());
+        } else {
+            all.extend(errs);
+        }
+        AuthOutcome::Failed(aggregate(&all))
+    }
+
+    /// `--token-auth-file`, wrapped audience-agnostic: it only answers when the requested
+    /// audiences include an API audience.
+    fn auth_static(&self, token: &str, requested: &[String]) -> TokenResult {
+        let user = lock(&self.state).static_tokens.get(token).cloned();
+        match user {
+            Some(u) => {
+                let auds = intersect(requested, &self.cfg.api_audiences);
+                if auds.is_empty() {
+                    Ok(None)
+                } else {
+                    Ok(Some((u, auds)))
+                }
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// The legacy (`legacy == true`) or bound service-account JWT authenticator
+    /// (`pkg/serviceaccount/jwt.go`).
+    fn auth_sa(&self, token: &str, requested: &[String], legacy: bool) -> TokenResult {
+        // 1. Issuer pre-check without verifying.
+        let parts: Vec<&str> = token.split('.').collect();
+        if parts.len() != 3 || token.starts_with('{') {
+            return Ok(None);
+        }
+        let Ok(payload) = URL_SAFE_NO_PAD.decode(parts[1]) else {
+            return Ok(None);
+        };
+        let Ok(iss) = serde_json::from_slice::<IssOnly>(&payload) else {
+            return Ok(None);
+        };
+        let iss_ok = match iss.iss.as_deref() {
+            Some(i) if legacy => i == LEGACY_ISSUER,
+            Some(i) => i == self.cfg.issuer,
+            None => false,
+        };
+        if !iss_ok {
+            return Ok(None);
+        }
+        // 2. Parse.
+        let Ok(header_raw) = URL_SAFE_NO_PAD.decode(parts[0]) else {
+            return Ok(None);
+        };
+        let Ok(header) = serde_json::from_slice::<HeaderIn>(&header_raw) else {
+            return Ok(None);
+        };
+        let Ok(sig) = URL_SAFE_NO_PAD.decode(parts[2]) else {
+            return Ok(None);
+        };
+        if header.alg.is_empty() {
+            return Ok(None);
+        }
+        // 3. Signature.
+        let keys: Vec<Arc<SigningKey>> = self
+            .keys()
+            .into_iter()
+            .filter(|k| header.kid.is_empty() || k.kid() == header.kid)
+            .collect();
+        if keys.is_empty() {
+            return Err("invalid signature, no keys found".to_string());
+        }
+        let signing_input = &token[..parts[0].len() + 1 + parts[1].len()];
+        let mut key_errs = Vec::new();
+        let mut verified = false;
+        for k in &keys {
+            if !matches!(header.alg.as_str(), "RS256" | "ES256") || k.alg_name() != header.alg {
+                key_errs.push("go-jose/go-jose: unknown/unsupported algorithm".to_string());
+            } else if k.verify(&header.alg, signing_input.as_bytes(), &sig) {
+                verified = true;
+                break;
+            } else {
+                key_errs.push("go-jose/go-jose: error in cryptographic primitive".to_string());
+            }
+        }
+        if !verified {
+            return Err(aggregate(&key_errs));
+        }
+        let claims: VerifiedClaims = serde_json::from_slice(&payload)
+            .map_err(|_| "go-jose/go-jose/jwt: failed to unmarshal JWT claims".to_string())?;
+        // 4. Issuer re-check.
+        let claim_iss = claims.iss.clone().unwrap_or_default();
+        let expected_iss = if legacy {
+            LEGACY_ISSUER
+        } else {
+            self.cfg.issuer.as_str()
+        };
+        if claim_iss != expected_iss {
+            return Err(format!("token issuer {} is invalid", go_quote(&claim_iss)));
+        }
+        // 5. Audience.
+        let token_auds = match &claims.aud {
+            Some(AudClaim::One(a)) if !a.is_empty() => vec![a.clone()],
+            Some(AudClaim::Many(v)) if !v.is_empty() => v.clone(),
+            _ => self.cfg.api_audiences.clone(),
+        };
+        let auds = intersect(requested, &token_auds);
+        if auds.is_empty() && !self.cfg.api_audiences.is_empty() {
+            return Err(format!(
+                "token audiences {} is invalid for the target audiences {}",
+                go_quote_list(&token_auds),
+                go_quote_list(requested)
+            ));
+        }
+        // 6.. Validator.
+        let user = if legacy {
+            self.validate_legacy(token, &claims)?
+        } else {
+            self.validate_bound(&claims)?
+        };
+        Ok(Some((user, auds)))
+    }
+
+    /// `pkg/serviceaccount/claims.go` `validator.Validate`.
+    fn validate_bound(&self, c: &VerifiedClaims) -> Result<UserInfo, String> {
+        let now = now_unix();
+        if let Some(nbf) = c.nbf {
+            if now + LEEWAY_SECONDS < nbf {
+                return Err("service account token is not valid yet".to_string());
+            }
+        }
+        if let Some(exp) = c.exp {
+            if now - LEEWAY_SECONDS > exp {
+                return Err("service account token has expired".to_string());
+            }
+        }
+        if let Some(iat) = c.iat {
+            if now + LEEWAY_SECONDS < iat {
+                return Err("service account token is issued in the future".to_string());
+            }
+        }
+        let k = c.kubernetes.clone().unwrap_or_default();
+        let ns = k.namespace.as_str();
+        let st = lock(&self.state);
+        let sa = st
+            .service_accounts
+            .get(&(ns.to_string(), k.serviceaccount.name.clone()))
+            .ok_or_else(|| {
+                format!(
+                    "serviceaccounts {} not found",
+                    go_quote(&k.serviceaccount.name)
+                )
+            })?;
+        if sa.uid != k.serviceaccount.uid {
+            return Err(format!(
+                "service account UID ({}) does not match claim ({})",
+                sa.uid, k.serviceaccount.uid
+            ));
+        }
+        if let Some(sref) = &k.secret {
+            let secret = st
+                .secrets
+                .get(&(ns.to_string(), sref.name.clone()))
+                .ok_or_else(|| "service account token has been invalidated".to_string())?;
+            if secret.meta.uid != sref.uid {
+                return Err(format!(
+                    "secret UID ({}) does not match service account secret ref claim ({})",
+                    secret.meta.uid, sref.uid
+                ));
+            }
+        }
+        if let Some(pref) = &k.pod {
+            let pod = st
+                .pods
+                .get(&(ns.to_string(), pref.name.clone()))
+                .ok_or_else(|| "service account token has been invalidated".to_string())?;
+            if pod.meta.uid != pref.uid {
+                return Err(format!(
+                    "pod UID ({}) does not match service account pod ref claim ({})",
+                    pod.meta.uid, pref.uid
+                ));
+            }
+        }
+        if let (Some(nref), None) = (&k.node, &k.pod) {
+            let node = st
+                .nodes
+                .get(&nref.name)
+                .ok_or_else(|| "service account token has been invalidated".to_string())?;
+            if node.uid != nref.uid {
+                return Err(format!(
+                    "node UID ({}) does not match service account node ref claim ({})",
+                    node.uid, nref.uid
+                ));
+            }
+        }
+        drop(st);
+        let mut user = sa_user(ns, &k.serviceaccount.name, &k.serviceaccount.uid);
+        let mut extra = BTreeMap::new();
+        if let Some(p) = &k.pod {
+            if !p.name.is_empty() && !p.uid.is_empty() {
+                extra.insert(
+                    "authentication.kubernetes.io/pod-name".to_string(),
+                    vec![p.name.clone()],
+                );
+                extra.insert(
+                    "authentication.kubernetes.io/pod-uid".to_string(),
+                    vec![p.uid.clone()],
+                );
+            }
+        }
+        if let Some(n) = &k.node {
+            if self.cfg.pod_node_info && !n.name.is_empty() {
+                extra.insert(
+                    "authentication.kubernetes.io/node-name".to_string(),
+                    vec![n.name.clone()],
+                );
+                if !n.uid.is_empty() {
+                    extra.insert(
+                        "authentication.kubernetes.io/node-uid".to_string(),
+                        vec![n.uid.clone()],
+                    );
+                }
+            }
+        }
+        if let Some(jti) = c.jti.as_deref().filter(|j| !j.is_empty()) {
+            if self.cfg.jti {
+                extra.insert(
+                    "authentication.kubernetes.io/credential-id".to_string(),
+                    vec![format!("JTI={jti}")],
+                );
+            }
+        }
+        user.extra = extra;
+        Ok(user)
+    }
+
+    /// `pkg/serviceaccount/legacy.go` `validator.Validate` with `--service-account-lookup`.
+    fn validate_legacy(&self, token: &str, c: &VerifiedClaims) -> Result<UserInfo, String> {
+        let nonempty = |v: &Option<String>| v.clone().filter(|s| !s.is_empty());
+        let sub = nonempty(&c.sub).ok_or("sub claim is missing")?;
+        let ns = nonempty(&c.legacy_namespace).ok_or("namespace claim is missing")?;
+        let secret_name = nonempty(&c.legacy_secret_name).ok_or("secretName claim is missing")?;
+        let sa_name = nonempty(&c.legacy_sa_name).ok_or("serviceAccountName claim is missing")?;
+        let sa_uid = nonempty(&c.legacy_sa_uid).ok_or("serviceAccountUID claim is missing")?;
+        match split_sa_username(&sub) {
+            Some((sns, sname)) if sns == ns && sname == sa_name => {}
+            _ => return Err("sub claim is invalid".to_string()),
+        }
+        let st = lock(&self.state);
+        let secret = st
+            .secrets
+            .get(&(ns.clone(), secret_name.clone()))
+            .ok_or("Token has been invalidated")?;
+        let stored = secret.token.as_deref().unwrap_or("");
+        if !constant_time_eq(stored.as_bytes(), token.as_bytes()) {
+            return Err("Token does not match server's copy".to_string());
+        }
+        let sa = st
+            .service_accounts
+            .get(&(ns.clone(), sa_name.clone()))
+            .ok_or_else(|| format!("serviceaccounts {} not found", go_quote(&sa_name)))?;
+        if sa.uid != sa_uid {
+            return Err(format!(
+                "ServiceAccount UID ({}) does not match claim ({})",
+                sa.uid, sa_uid
+            ));
+        }
+        Ok(sa_user(&ns, &sa_name, &sa_uid))
+    }
+
+    // ---------------------------------------------------------------- authorization
+
+    /// RBAC: is `user` allowed to do `attrs`?
+    pub fn authorize(&self, user: &UserInfo, attrs: &Attributes<'_>) -> bool {
+        let st = lock(&self.state);
+        let sa = split_sa_username(&user.username);
+        let mut roles: Vec<&str> = st
+            .bindings
+            .values()
+            .filter(|(_, subjects)| {
+                subjects.iter().any(|s| match s {
+                    Subject::User(u) => *u == user.username,
+                    Subject::Group(g) => user.groups.iter().any(|ug| ug == g),
+                    Subject::ServiceAccount(ns, name) => sa == Some((ns.as_str(), name.as_str())),
+                })
+            })
+            .map(|(r, _)| r.as_str())
+            .collect();
+        // system:discovery, system:basic-user and system:public-info-viewer.
+        if user.groups.iter().any(|g| g == "system:authenticated") {
+            roles.push("system:discovery");
+        }
+        roles.push("system:public-info-viewer");
+        roles.iter().any(|r| role_allows(r, attrs))
+    }
+}
+
+/// What the built-in ClusterRoles grant (the subset this stand-in serves).
+fn role_allows(role: &str, attrs: &Attributes<'_>) -> bool {
+    match (role, attrs) {
+        ("cluster-admin", _) => true,
+        (
+            "system:auth-delegator",
+            Attributes::Resource {
+                verb: "create",
+                group,
+                resource,
+                ..
+            },
+        ) => {
+            (*group == "authentication.k8s.io" && *resource == "tokenreviews")
+                || (*group == "authorization.k8s.io" && *resource == "subjectaccessreviews")
+        }
+        ("system:service-account-issuer-discovery", Attributes::NonResource { verb, path }) => {
+            *verb == "get"
+                && matches!(
+                    *path,
+                    "/.well-known/openid-configuration"
+                        | "/.well-known/openid-configuration/"
+                        | "/openid/v1/jwks"
+                        | "/openid/v1/jwks/"
+                )
+        }
+        ("system:discovery", Attributes::NonResource { verb, path }) => {
+            *verb == "get"
+                && (matches!(*path, "/api" | "/api/" | "/apis" | "/apis/" | "/version")
+                    || path.starts_with("/api/")
+                    || path.starts_with("/apis/")
+                    || path.starts_with("/openapi"))
+        }
+        ("system:public-info-viewer", Attributes::NonResource { verb, path }) => {
+            *verb == "get"
+                && matches!(
+                    *path,
+                    "/healthz" | "/livez" | "/readyz" | "/version" | "/version/"
+                )
+        }
+        _ => false,
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aggregate_rules() {
+        assert_eq!(aggregate(&["a".into()]), "a");
+        assert_eq!(aggregate(&["a".into(), "a".into()]), "a");
+        assert_eq!(aggregate(&["a".into(), "b".into()]), "[a, b]");
+    }
+
+    #[test]
+    fn intersect_follows_requested_order() {
+        let r = intersect(
+            &["b".into(), "a".into(), "b".into(), "c".into()],
+            &["a".into(), "b".into()],
+        );
+        assert_eq!(r, vec!["b", "a", "b"]);
+    }
+
+    #[test]
+    fn split_username() {
+        assert_eq!(
+            split_sa_username("system:serviceaccount:ns:name"),
+            Some(("ns", "name"))
+        );
+        assert_eq!(split_sa_username("system:serviceaccount:ns"), None);
+    }
+}
