@@ -1,0 +1,277 @@
+//! Builds Envoy's `CheckResponse`: OK with identity headers, or a denial with status, reason
+//! header and JSON body; and the gRPC `UNAVAILABLE` used when the API server cannot answer.
+//!
+//! Identity headers are set with `append: false` *and* `append_action:
+//! OVERWRITE_IF_EXISTS_OR_ADD`: Envoy versions disagree on which field wins and on the
+//! default (ext-authz.md §4.2), and with both set a client-sent copy is overwritten on every
+//! version. Identity headers that do not apply to this caller (no pod, no uid) go in
+//! `headers_to_remove`, so a client can never smuggle them through; the set and remove lists
+//! never overlap, because older Envoys apply removals last.
+
+use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
+use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption};
+use envoy_types::pb::envoy::r#type::v3::HttpStatus;
+use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
+use envoy_types::pb::envoy::service::auth::v3::{
+    CheckResponse, DeniedHttpResponse, OkHttpResponse,
+};
+use envoy_types::pb::google::protobuf::BoolValue;
+use envoy_types::pb::google::rpc;
+
+use crate::config::{IdentityHeaders, TokenSource};
+use crate::identity::{Denial, Identity};
+use crate::route::Route;
+
+/// Header carrying the denial reason code.
+pub const REASON_HEADER: &str = "x-tokengate-reason";
+/// RFC 6750 challenge for a missing token.
+pub const CHALLENGE: &str = r#"Bearer realm="tokengate""#;
+/// RFC 6750 challenge for an invalid token (routes with `invalid_token_status: 401`).
+pub const CHALLENGE_INVALID: &str = r#"Bearer realm="tokengate", error="invalid_token""#;
+
+const GRPC_OK: i32 = 0;
+const GRPC_PERMISSION_DENIED: i32 = 7;
+const GRPC_UNAUTHENTICATED: i32 = 16;
+
+/// Builds responses; holds the configured header names.
+#[derive(Debug, Clone)]
+pub struct Responder {
+    names: IdentityHeaders,
+    token_headers: Vec<String>,
+}
+
+/// A header set to exactly `value`, replacing anything the client sent.
+#[allow(deprecated)] // `append` is deprecated but older Envoys read only it.
+fn overwrite(key: &str, value: String) -> HeaderValueOption {
+    HeaderValueOption {
+        header: Some(HeaderValue {
+            key: key.to_owned(),
+            value,
+            ..Default::default()
+        }),
+        append: Some(BoolValue { value: false }),
+        append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+        keep_empty_value: false,
+    }
+}
+
+impl Responder {
+    /// A responder for these identity header names and token sources.
+    pub fn new(names: &IdentityHeaders, sources: &[TokenSource]) -> Responder {
+        Responder {
+            names: names.clone(),
+            token_headers: sources.iter().map(|s| s.header.clone()).collect(),
+        }
+    }
+
+    /// OK, with the caller's identity in headers. `token_source` indexes the token sources
+    /// (its header is removed when the route strips tokens).
+    pub fn allow(&self, id: &Identity, route: &Route, token_source: usize) -> CheckResponse {
+        let n = &self.names;
+        let mut headers = Vec::with_capacity(7);
+        let mut remove = Vec::new();
+        headers.push(overwrite(&n.user, id.username.clone()));
+        headers.push(overwrite(&n.namespace, id.namespace.clone()));
+        headers.push(overwrite(&n.name, id.name.clone()));
+        let mut optional = |name: &str, value: Option<String>| match value {
+            Some(v) => headers.push(overwrite(name, v)),
+            None => remove.push(name.to_owned()),
+        };
+        optional(&n.uid, id.uid.clone());
+        optional(
+            &n.groups,
+            (!id.groups.is_empty()).then(|| id.groups.join(",")),
+        );
+        optional(&n.pod_name, id.pod_name.clone());
+        optional(&n.pod_uid, id.pod_uid.clone());
+        if route.strip_token {
+            if let Some(h) = self.token_headers.get(token_source) {
+                remove.push(h.clone());
+            }
+        }
+        CheckResponse {
+            status: Some(rpc::Status {
+                code: GRPC_OK,
+                ..Default::default()
+            }),
+            http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
+                headers,
+                headers_to_remove: remove,
+                ..Default::default()
+            })),
+            ..Default::default()
+        }
+    }
+
+    /// A denial; `route` decides 401 vs 403 for invalid tokens (403 without a route).
+    pub fn deny(&self, denial: Denial, route: Option<&Route>) -> CheckResponse {
+        deny(denial, route.map_or(403, |r| r.invalid_token_status))
+    }
+}
+
+/// A denial with the given status for invalid tokens.
+pub fn deny(denial: Denial, invalid_token_status: u16) -> CheckResponse {
+    let status = denial.http_status(invalid_token_status);
+    let body = serde_json::json!({ "error": denial.to_string(), "reason": denial.code() });
+    let mut headers = vec![
+        overwrite("content-type", "application/json".to_owned()),
+        overwrite(REASON_HEADER, denial.code().to_owned()),
+    ];
+    if status == 401 {
+        let challenge = if denial == Denial::MissingToken {
+            CHALLENGE
+        } else {
+            CHALLENGE_INVALID
+        };
+        headers.push(overwrite("www-authenticate", challenge.to_owned()));
+    }
+    CheckResponse {
+        status: Some(rpc::Status {
+            code: if status == 401 {
+                GRPC_UNAUTHENTICATED
+            } else {
+                GRPC_PERMISSION_DENIED
+            },
+            message: denial.code().to_owned(),
+            ..Default::default()
+        }),
+        http_response: Some(HttpResponse::DeniedResponse(DeniedHttpResponse {
+            status: Some(HttpStatus {
+                code: i32::from(status),
+            }),
+            headers,
+            body: body.to_string(),
+        })),
+        ..Default::default()
+    }
+}
+
+/// The API server could not answer: a gRPC error, so Envoy applies `status_on_error` /
+/// `failure_mode_allow` as the operator chose. Never an allow, never a 401.
+pub fn unavailable(detail: &dyn std::fmt::Display) -> tonic::Status {
+    tonic::Status::unavailable(format!("token review unavailable: {detail}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::route::Routes;
+
+    fn setup(strip: bool) -> (Responder, Routes) {
+        let yaml = format!(
+            "token_sources:\n  - header: authorization\n    scheme: Bearer\n  - header: x-client-id\nroutes:\n  - name: r\n    audiences: [a]\n    strip_token: {strip}\n"
+        );
+        let c = Config::from_yaml_str(&yaml).unwrap();
+        (
+            Responder::new(&c.identity_headers, &c.token_sources),
+            Routes::new(&c.routes),
+        )
+    }
+
+    fn id(pod: bool) -> Identity {
+        Identity {
+            username: "system:serviceaccount:default:api".into(),
+            namespace: "default".into(),
+            name: "api".into(),
+            uid: Some("u".into()),
+            groups: vec!["g1".into(), "g2".into()],
+            pod_name: pod.then(|| "p".into()),
+            pod_uid: pod.then(|| "pu".into()),
+        }
+    }
+
+    fn ok(r: &CheckResponse) -> &OkHttpResponse {
+        match &r.http_response {
+            Some(HttpResponse::OkResponse(ok)) => ok,
+            other => panic!("not ok: {other:?}"),
+        }
+    }
+
+    #[test]
+    #[allow(deprecated)]
+    fn allow_sets_both_append_fields_and_removes_absent() {
+        let (resp, routes) = setup(false);
+        let route = routes.iter().next().unwrap();
+        let r = resp.allow(&id(false), route, 1);
+        assert_eq!(r.status.as_ref().unwrap().code, 0);
+        let ok = ok(&r);
+        for h in &ok.headers {
+            assert_eq!(h.append, Some(BoolValue { value: false }));
+            assert_eq!(
+                h.append_action,
+                HeaderAppendAction::OverwriteIfExistsOrAdd as i32
+            );
+        }
+        let get = |k: &str| {
+            ok.headers
+                .iter()
+                .find(|h| h.header.as_ref().unwrap().key == k)
+                .map(|h| h.header.as_ref().unwrap().value.as_str())
+        };
+        assert_eq!(
+            get("x-k8s-sa-user"),
+            Some("system:serviceaccount:default:api")
+        );
+        assert_eq!(get("x-k8s-sa-groups"), Some("g1,g2"));
+        assert_eq!(get("x-k8s-pod-name"), None);
+        assert_eq!(
+            ok.headers_to_remove,
+            vec!["x-k8s-pod-name", "x-k8s-pod-uid"]
+        );
+    }
+
+    #[test]
+    fn strip_token_removes_its_header() {
+        let (resp, routes) = setup(true);
+        let route = routes.iter().next().unwrap();
+        let r = resp.allow(&id(true), route, 1);
+        assert_eq!(ok(&r).headers_to_remove, vec!["x-client-id"]);
+    }
+
+    fn denied(r: &CheckResponse) -> &DeniedHttpResponse {
+        match &r.http_response {
+            Some(HttpResponse::DeniedResponse(d)) => d,
+            other => panic!("not denied: {other:?}"),
+        }
+    }
+
+    fn header<'a>(d: &'a DeniedHttpResponse, k: &str) -> Option<&'a str> {
+        d.headers
+            .iter()
+            .find(|h| h.header.as_ref().unwrap().key == k)
+            .map(|h| h.header.as_ref().unwrap().value.as_str())
+    }
+
+    #[test]
+    fn missing_token_is_401_with_challenge() {
+        let r = deny(Denial::MissingToken, 403);
+        assert_eq!(r.status.as_ref().unwrap().code, GRPC_UNAUTHENTICATED);
+        let d = denied(&r);
+        assert_eq!(d.status.as_ref().unwrap().code, 401);
+        assert_eq!(header(d, "www-authenticate"), Some(CHALLENGE));
+        assert_eq!(header(d, REASON_HEADER), Some("missing_token"));
+        let body: serde_json::Value = serde_json::from_str(&d.body).unwrap();
+        assert_eq!(body["reason"], "missing_token");
+        assert!(body["error"].is_string());
+    }
+
+    #[test]
+    fn invalid_token_403_or_401() {
+        let d403 = deny(Denial::TokenRejected, 403);
+        let d = denied(&d403);
+        assert_eq!(d.status.as_ref().unwrap().code, 403);
+        assert_eq!(header(d, "www-authenticate"), None);
+        let d401 = deny(Denial::TokenRejected, 401);
+        let d = denied(&d401);
+        assert_eq!(d.status.as_ref().unwrap().code, 401);
+        assert_eq!(header(d, "www-authenticate"), Some(CHALLENGE_INVALID));
+        let na = deny(Denial::NotAllowed, 401);
+        assert_eq!(denied(&na).status.as_ref().unwrap().code, 403);
+    }
+
+    #[test]
+    fn unavailable_is_grpc_unavailable() {
+        assert_eq!(unavailable(&"down").code(), tonic::Code::Unavailable);
+    }
+}

@@ -1,0 +1,216 @@
+//! Prometheus metrics (prometheus-client), beside the request path rather than in it.
+//!
+//! Decision counters are created once per route × outcome × reason at start-up and indexed by
+//! position, so counting a decision is one atomic add: no label allocation or map lookup per
+//! Check. Reason labels are the [`Denial`] codes, the same as the `x-tokengate-reason` header.
+//!
+//! | metric | type | labels |
+//! |---|---|---|
+//! | `tokengate_decisions_total` | counter | `route`, `outcome` (`allow`/`deny`/`error`), `reason` |
+//! | `tokengate_check_duration_seconds` | histogram | |
+//! | `tokengate_cache_hits_total`, `tokengate_cache_misses_total` | counter | |
+//! | `tokengate_cache_entries` | gauge | |
+//! | `tokengate_tokenreview_duration_seconds` | histogram (per attempt) | |
+//! | `tokengate_tokenreview_errors_total` | counter (per failed attempt) | `kind` |
+//! | `tokengate_tokenreview_in_flight` | gauge | |
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::identity::Denial;
+
+/// Route label used when no route matched.
+pub const NO_ROUTE_LABEL: &str = "none";
+/// Reason label of allowed requests.
+pub const ALLOW_REASON: &str = "ok";
+/// Reason label of requests answered with gRPC UNAVAILABLE.
+pub const ERROR_REASON: &str = "api_unavailable";
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabels {
+    route: String,
+    outcome: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorLabels {
+    kind: &'static str,
+}
+
+/// Pre-built counters for one route.
+#[derive(Debug, Clone)]
+struct DecisionRow {
+    allow: Counter,
+    deny: Vec<Counter>,
+    error: Counter,
+}
+
+/// What happened to a Check, for counting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Allowed.
+    Allow,
+    /// Denied for this reason.
+    Deny(Denial),
+    /// Answered with gRPC UNAVAILABLE.
+    Error,
+}
+
+/// Every metric tokengate exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    rows: Vec<DecisionRow>,
+    /// Check latency (seconds).
+    pub check_duration: Histogram,
+    /// Cache hits.
+    pub cache_hits: Counter,
+    /// Cache misses.
+    pub cache_misses: Counter,
+    /// Cache entries.
+    pub cache_entries: Gauge,
+    /// Latency of one TokenReview attempt (seconds).
+    pub review_duration: Histogram,
+    review_errors: Family<ErrorLabels, Counter>,
+    /// TokenReviews in flight.
+    pub review_in_flight: Gauge,
+}
+
+impl Metrics {
+    /// Registers all metrics; `routes` are the route names in configuration order.
+    pub fn new<'a>(routes: impl IntoIterator<Item = &'a str>) -> Metrics {
+        let mut registry = Registry::default();
+        let decisions = Family::<DecisionLabels, Counter>::default();
+        registry.register(
+            "tokengate_decisions",
+            "Check decisions by route, outcome and reason",
+            decisions.clone(),
+        );
+        let row = |route: &str| {
+            let get = |outcome: &'static str, reason: &'static str| {
+                decisions
+                    .get_or_create(&DecisionLabels {
+                        route: route.to_owned(),
+                        outcome,
+                        reason,
+                    })
+                    .clone()
+            };
+            DecisionRow {
+                allow: get("allow", ALLOW_REASON),
+                deny: Denial::ALL.iter().map(|d| get("deny", d.code())).collect(),
+                error: get("error", ERROR_REASON),
+            }
+        };
+        let mut rows: Vec<DecisionRow> = routes.into_iter().map(row).collect();
+        rows.push(row(NO_ROUTE_LABEL));
+
+        let check_duration = Histogram::new(exponential_buckets(0.000_05, 2.0, 16));
+        registry.register(
+            "tokengate_check_duration_seconds",
+            "Time to answer a Check",
+            check_duration.clone(),
+        );
+        let cache_hits = Counter::default();
+        registry.register("tokengate_cache_hits", "Cache hits", cache_hits.clone());
+        let cache_misses = Counter::default();
+        registry.register(
+            "tokengate_cache_misses",
+            "Cache misses",
+            cache_misses.clone(),
+        );
+        let cache_entries = Gauge::default();
+        registry.register(
+            "tokengate_cache_entries",
+            "Entries in the TokenReview cache",
+            cache_entries.clone(),
+        );
+        let review_duration = Histogram::new(exponential_buckets(0.001, 2.0, 14));
+        registry.register(
+            "tokengate_tokenreview_duration_seconds",
+            "Latency of one TokenReview attempt",
+            review_duration.clone(),
+        );
+        let review_errors = Family::<ErrorLabels, Counter>::default();
+        registry.register(
+            "tokengate_tokenreview_errors",
+            "Failed TokenReview attempts by kind",
+            review_errors.clone(),
+        );
+        let review_in_flight = Gauge::default();
+        registry.register(
+            "tokengate_tokenreview_in_flight",
+            "TokenReviews in flight",
+            review_in_flight.clone(),
+        );
+        Metrics {
+            registry,
+            rows,
+            check_duration,
+            cache_hits,
+            cache_misses,
+            cache_entries,
+            review_duration,
+            review_errors,
+            review_in_flight,
+        }
+    }
+
+    /// Counts a decision; `route` is the route's index, `None` when no route matched.
+    pub fn decision(&self, route: Option<usize>, outcome: Outcome) {
+        let last = self.rows.len() - 1;
+        let row = &self.rows[route.unwrap_or(last).min(last)];
+        match outcome {
+            Outcome::Allow => row.allow.inc(),
+            Outcome::Deny(d) => row.deny[d.index()].inc(),
+            Outcome::Error => row.error.inc(),
+        };
+    }
+
+    /// Counts a failed TokenReview attempt.
+    pub fn review_error(&self, kind: &'static str) {
+        self.review_errors
+            .get_or_create(&ErrorLabels { kind })
+            .inc();
+    }
+
+    /// OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decisions_are_labelled() {
+        let m = Metrics::new(["data-store"]);
+        m.decision(Some(0), Outcome::Allow);
+        m.decision(Some(0), Outcome::Deny(Denial::NotAllowed));
+        m.decision(None, Outcome::Deny(Denial::NoRoute));
+        m.decision(Some(0), Outcome::Error);
+        let text = m.encode();
+        assert!(text.contains(
+            r#"tokengate_decisions_total{route="data-store",outcome="allow",reason="ok"} 1"#
+        ));
+        assert!(text.contains(
+            r#"tokengate_decisions_total{route="data-store",outcome="deny",reason="not_allowed"} 1"#
+        ));
+        assert!(text.contains(
+            r#"tokengate_decisions_total{route="none",outcome="deny",reason="no_route"} 1"#
+        ));
+        assert!(text.contains(
+            r#"tokengate_decisions_total{route="data-store",outcome="error",reason="api_unavailable"} 1"#
+        ));
+    }
+}

@@ -1,0 +1,337 @@
+//! A borrowed view of Envoy's `CheckRequest`: the few attributes routing needs, and the token.
+//!
+//! Envoy sends headers either in the `headers` map (lower-cased keys, duplicates merged with
+//! commas) or, with `encode_raw_headers: true`, in `header_map` (raw, one entry per header line);
+//! both are read. Nothing here allocates: the view borrows from the request.
+
+use envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest;
+use envoy_types::pb::envoy::service::auth::v3::CheckRequest;
+use std::collections::HashMap;
+
+use crate::config::TokenSource;
+
+/// What routing and token extraction need from a CheckRequest.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestView<'a> {
+    /// Host (`:authority`) without port.
+    pub host: &'a str,
+    /// Path without query string or fragment.
+    pub path: &'a str,
+    /// HTTP method.
+    pub method: &'a str,
+    /// Envoy per-route `context_extensions`.
+    pub context_extensions: &'a HashMap<String, String>,
+    http: &'a HttpRequest,
+}
+
+/// A header's presence in the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Header<'a> {
+    /// Not sent.
+    Absent,
+    /// Sent once (the value).
+    One(&'a str),
+    /// Sent more than once, or not valid UTF-8: never a usable credential.
+    Unusable,
+}
+
+/// The outcome of looking for a token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenLookup<'a> {
+    /// No configured source carried a token.
+    Missing,
+    /// A source header was present but empty, duplicated or `<scheme>` without a token.
+    Malformed,
+    /// A token, and the index of the source it came from.
+    Found {
+        /// The token (scheme and surrounding whitespace removed).
+        token: &'a str,
+        /// Index into the configured token sources.
+        source: usize,
+    },
+}
+
+impl<'a> RequestView<'a> {
+    /// Builds the view; `None` when the request carries no HTTP attributes.
+    pub fn new(req: &'a CheckRequest) -> Option<RequestView<'a>> {
+        let attrs = req.attributes.as_ref()?;
+        let http = attrs.request.as_ref()?.http.as_ref()?;
+        Some(RequestView {
+            host: strip_port(&http.host),
+            path: strip_query(&http.path),
+            method: &http.method,
+            context_extensions: &attrs.context_extensions,
+            http,
+        })
+    }
+
+    /// Looks a header up (name lower-case) in the `headers` map, then in `header_map`.
+    pub fn header(&self, name: &str) -> Header<'a> {
+        if let Some(v) = self.http.headers.get(name) {
+            return Header::One(v.as_str());
+        }
+        let Some(map) = &self.http.header_map else {
+            return Header::Absent;
+        };
+        let mut found = Header::Absent;
+        for h in &map.headers {
+            if !h.key.eq_ignore_ascii_case(name) {
+                continue;
+            }
+            if found != Header::Absent {
+                return Header::Unusable;
+            }
+            let value = if h.raw_value.is_empty() {
+                Some(h.value.as_str())
+            } else {
+                std::str::from_utf8(&h.raw_value).ok()
+            };
+            found = value.map_or(Header::Unusable, Header::One);
+        }
+        found
+    }
+
+    /// Finds the token: the first configured source whose header is present wins. A header
+    /// with a different scheme (say `Authorization: Basic`) is not a bearer credential and is
+    /// skipped; an empty, duplicated (comma-merged) or token-less header is malformed.
+    pub fn token(&self, sources: &[TokenSource]) -> TokenLookup<'a> {
+        for (i, source) in sources.iter().enumerate() {
+            let value = match self.header(&source.header) {
+                Header::Absent => continue,
+                Header::Unusable => return TokenLookup::Malformed,
+                Header::One(v) => v.trim(),
+            };
+            let token = match &source.scheme {
+                None => value,
+                Some(scheme) => match split_scheme(value) {
+                    Some((s, rest)) if s.eq_ignore_ascii_case(scheme) => rest,
+                    Some(_) => continue,
+                    None if value.eq_ignore_ascii_case(scheme) => "",
+                    None => continue,
+                },
+            };
+            if token.is_empty() || token.contains(',') || token.contains(char::is_whitespace) {
+                return TokenLookup::Malformed;
+            }
+            return TokenLookup::Found { token, source: i };
+        }
+        TokenLookup::Missing
+    }
+}
+
+/// `"Bearer   abc"` → `("Bearer", "abc")`.
+fn split_scheme(value: &str) -> Option<(&str, &str)> {
+    let i = value.find([' ', '\t'])?;
+    Some((&value[..i], value[i..].trim_start()))
+}
+
+fn strip_port(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        // [v6]:port
+        return rest.split_once(']').map_or(host, |(h, _)| h);
+    }
+    match host.rsplit_once(':') {
+        Some((h, port)) if !h.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    }
+}
+
+fn strip_query(path: &str) -> &str {
+    let end = path.find(['?', '#']).unwrap_or(path.len());
+    &path[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
+    use envoy_types::pb::envoy::service::auth::v3::{attribute_context, AttributeContext};
+
+    fn req(host: &str, path: &str, headers: &[(&str, &str)]) -> CheckRequest {
+        CheckRequest {
+            attributes: Some(AttributeContext {
+                request: Some(attribute_context::Request {
+                    http: Some(HttpRequest {
+                        host: host.into(),
+                        path: path.into(),
+                        method: "GET".into(),
+                        headers: headers
+                            .iter()
+                            .map(|(k, v)| (k.to_string(), v.to_string()))
+                            .collect(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn sources() -> Vec<TokenSource> {
+        vec![
+            TokenSource {
+                header: "authorization".into(),
+                scheme: Some("Bearer".into()),
+            },
+            TokenSource {
+                header: "x-client-id".into(),
+                scheme: None,
+            },
+        ]
+    }
+
+    #[test]
+    fn host_and_path() {
+        let r = req("Data-Store:8080", "/a/b?x=1#f", &[]);
+        let v = RequestView::new(&r).unwrap();
+        assert_eq!(v.host, "Data-Store");
+        assert_eq!(v.path, "/a/b");
+        assert_eq!(strip_port("[::1]:80"), "::1");
+        assert_eq!(strip_port("::1"), "::1");
+        assert_eq!(strip_port("a.b"), "a.b");
+    }
+
+    #[test]
+    fn no_http_attributes() {
+        assert!(RequestView::new(&CheckRequest::default()).is_none());
+    }
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        let r = req("h", "/", &[("authorization", "bEaReR  abc.def.ghi ")]);
+        let v = RequestView::new(&r).unwrap();
+        assert_eq!(
+            v.token(&sources()),
+            TokenLookup::Found {
+                token: "abc.def.ghi",
+                source: 0
+            }
+        );
+    }
+
+    #[test]
+    fn named_header_and_order() {
+        let r = req("h", "/", &[("x-client-id", "tok")]);
+        let v = RequestView::new(&r).unwrap();
+        assert_eq!(
+            v.token(&sources()),
+            TokenLookup::Found {
+                token: "tok",
+                source: 1
+            }
+        );
+        let r = req(
+            "h",
+            "/",
+            &[("x-client-id", "b"), ("authorization", "Bearer a")],
+        );
+        let v = RequestView::new(&r).unwrap();
+        assert_eq!(
+            v.token(&sources()),
+            TokenLookup::Found {
+                token: "a",
+                source: 0
+            }
+        );
+    }
+
+    #[test]
+    fn other_scheme_is_skipped() {
+        let r = req("h", "/", &[("authorization", "Basic dXNlcjpwdw==")]);
+        assert_eq!(
+            RequestView::new(&r).unwrap().token(&sources()),
+            TokenLookup::Missing
+        );
+        let r = req(
+            "h",
+            "/",
+            &[
+                ("authorization", "Basic dXNlcjpwdw=="),
+                ("x-client-id", "t"),
+            ],
+        );
+        assert_eq!(
+            RequestView::new(&r).unwrap().token(&sources()),
+            TokenLookup::Found {
+                token: "t",
+                source: 1
+            }
+        );
+    }
+
+    #[test]
+    fn malformed() {
+        for hs in [
+            &[("authorization", "Bearer")][..],
+            &[("authorization", "Bearer ")],
+            &[("authorization", "Bearer a, Bearer b")],
+            &[("x-client-id", "")],
+            &[("x-client-id", "  ")],
+            &[("x-client-id", "a,b")],
+            &[("x-client-id", "a b")],
+        ] {
+            let r = req("h", "/", hs);
+            assert_eq!(
+                RequestView::new(&r).unwrap().token(&sources()),
+                TokenLookup::Malformed,
+                "{hs:?}"
+            );
+        }
+        let r = req("h", "/", &[]);
+        assert_eq!(
+            RequestView::new(&r).unwrap().token(&sources()),
+            TokenLookup::Missing
+        );
+    }
+
+    #[test]
+    fn raw_header_map() {
+        let mut r = req("h", "/", &[]);
+        let http = r
+            .attributes
+            .as_mut()
+            .unwrap()
+            .request
+            .as_mut()
+            .unwrap()
+            .http
+            .as_mut()
+            .unwrap();
+        http.header_map = Some(HeaderMap {
+            headers: vec![HeaderValue {
+                key: "Authorization".into(),
+                raw_value: b"Bearer raw.tok.en".to_vec(),
+                ..Default::default()
+            }],
+        });
+        assert_eq!(
+            RequestView::new(&r).unwrap().token(&sources()),
+            TokenLookup::Found {
+                token: "raw.tok.en",
+                source: 0
+            }
+        );
+        let http = r
+            .attributes
+            .as_mut()
+            .unwrap()
+            .request
+            .as_mut()
+            .unwrap()
+            .http
+            .as_mut()
+            .unwrap();
+        if let Some(m) = http.header_map.as_mut() {
+            m.headers.push(HeaderValue {
+                key: "authorization".into(),
+                value: "Bearer other".into(),
+                ..Default::default()
+            });
+        }
+        assert_eq!(
+            RequestView::new(&r).unwrap().token(&sources()),
+            TokenLookup::Malformed
+        );
+    }
+}

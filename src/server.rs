@@ -1,0 +1,94 @@
+//! The gRPC edge: `envoy.service.auth.v3.Authorization/Check` and `grpc.health.v1` on one port.
+//!
+//! On shutdown the health status turns NOT_SERVING first (so Envoy's active health check and
+//! Kubernetes probes steer away), then tonic stops accepting and drains in-flight Checks,
+//! bounded by [`DRAIN_GRACE`].
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::service::auth::v3::authorization_server::{
+    Authorization, AuthorizationServer,
+};
+use envoy_types::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse};
+use tonic::transport::server::TcpIncoming;
+use tonic::{Request, Response, Status};
+use tonic_health::ServingStatus;
+
+use crate::check::Checker;
+
+/// Longest wait for in-flight Checks after shutdown begins.
+pub const DRAIN_GRACE: Duration = Duration::from_secs(10);
+
+/// The tonic service: hands each Check to the [`Checker`].
+pub struct AuthzService {
+    checker: Arc<Checker>,
+}
+
+#[tonic::async_trait]
+impl Authorization for AuthzService {
+    async fn check(
+        &self,
+        request: Request<CheckRequest>,
+    ) -> Result<Response<CheckResponse>, Status> {
+        self.checker
+            .check(request.get_ref())
+            .await
+            .map(Response::new)
+    }
+}
+
+/// Serves Check and health on `listener` until `shutdown` completes, then drains.
+/// `ready` is raised while serving (read by the admin `/readyz`).
+pub async fn run(
+    checker: Arc<Checker>,
+    listener: tokio::net::TcpListener,
+    ready: Arc<AtomicBool>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), crate::Error> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<AuthorizationServer<AuthzService>>()
+        .await;
+    let authz = AuthorizationServer::new(AuthzService { checker });
+
+    let (draining_tx, mut draining_rx) = tokio::sync::watch::channel(false);
+    let ready_flag = ready.clone();
+    let signal = async move {
+        shutdown.await;
+        tracing::info!("shutting down: health NOT_SERVING, draining in-flight checks");
+        ready_flag.store(false, Ordering::SeqCst);
+        health
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+        health
+            .set_not_serving::<AuthorizationServer<AuthzService>>()
+            .await;
+        let _ = draining_tx.send(true);
+    };
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let server = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(authz)
+        .serve_with_incoming_shutdown(incoming, signal);
+    ready.store(true, Ordering::SeqCst);
+    tokio::pin!(server);
+    let grace = async {
+        while !*draining_rx.borrow_and_update() {
+            if draining_rx.changed().await.is_err() {
+                // The signal future was dropped without firing: the server ended on its own.
+                std::future::pending::<()>().await;
+            }
+        }
+        tokio::time::sleep(DRAIN_GRACE).await;
+    };
+    tokio::select! {
+        result = &mut server => result.map_err(crate::Error::Transport),
+        () = grace => {
+            tracing::warn!(grace = ?DRAIN_GRACE, "in-flight checks did not finish in time; stopping anyway");
+            Ok(())
+        }
+    }
+}
