@@ -1,0 +1,341 @@
+#!/usr/bin/env bash
+# bench/run.sh: tokengate side by side with Envoy alone, Envoy's jwt_authn and a null
+# ext_authz server, in one run, alternating, on this machine. See BENCHMARKS.md.
+#
+#   bench/run.sh                  # full run (~7 min): 3 × 10 s saturation rounds, 10 s latency runs
+#   BENCH_QUICK=1 bench/run.sh    # quick run (~2 min): 3 × 3 s rounds, 3 s latency runs, 20k fill
+#
+# Knobs (environment): BENCH_ROUNDS, BENCH_SAT_SECS, BENCH_LAT_SECS, BENCH_RATE (fixed rate for
+# latency, default 2000 rps), BENCH_CONNS (wrk connections, 32), BENCH_ENVOY_CONCURRENCY (Envoy
+# workers, 1; wrk threads follow it), BENCH_MISS_LATENCY_MS (stand-in TokenReview delay, 2),
+# BENCH_POOL (cache-miss tokens), BENCH_FILL (identities for the RSS measurement, 100000),
+# BENCH_NULL_WORKERS (null server tokio workers, 2), BENCH_SCENARIOS (space-separated subset),
+# BENCH_OUT (results directory), ENVOY_BIN.
+#
+# Everything listens on 127.0.0.1 on free ports; every process started here is stopped on exit.
+# Results: $BENCH_OUT (default target/bench/<UTC time>/): summary.md, sat.tsv, lat.jsonl,
+# cpu.tsv, extra.txt, env.txt, logs/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+
+QUICK=${BENCH_QUICK:-0}
+if [[ $QUICK == 1 ]]; then
+  ROUNDS=${BENCH_ROUNDS:-3}; SAT=${BENCH_SAT_SECS:-3}; LAT=${BENCH_LAT_SECS:-3}
+  FILL=${BENCH_FILL:-20000}; POOL=${BENCH_POOL:-40000}
+else
+  ROUNDS=${BENCH_ROUNDS:-3}; SAT=${BENCH_SAT_SECS:-10}; LAT=${BENCH_LAT_SECS:-10}
+  FILL=${BENCH_FILL:-100000}; POOL=${BENCH_POOL:-80000}
+fi
+RATE=${BENCH_RATE:-2000}
+CONNS=${BENCH_CONNS:-32}
+CONC=${BENCH_ENVOY_CONCURRENCY:-1}
+MISS_MS=${BENCH_MISS_LATENCY_MS:-2}
+NULL_WORKERS=${BENCH_NULL_WORKERS:-2}
+ALL_SCENARIOS="noauth jwt_nocache jwt_cache extauthz_null tokengate_hit tokengate_miss check_null check_tokengate"
+SCENARIOS=${BENCH_SCENARIOS:-$ALL_SCENARIOS}
+ENVOY=${ENVOY_BIN:-$ROOT/.venv/bin/envoy}
+OUT=${BENCH_OUT:-$ROOT/target/bench/$(date -u +%Y%m%dT%H%M%SZ)}
+BIN=$ROOT/target/release
+# tokengate (and the stand-in) are only needed when a tokengate scenario is selected.
+TG=0; [[ $SCENARIOS == *tokengate* ]] && TG=1
+mkdir -p "$OUT/logs" "$OUT/conf"
+: > "$OUT/sat.tsv"; : > "$OUT/lat.jsonl"; : > "$OUT/cpu.tsv"; : > "$OUT/extra.txt"
+
+log() { printf '[bench %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
+die() { log "FATAL: $*"; exit 1; }
+
+for tool in wrk h2load curl; do
+  command -v $tool >/dev/null || die "$tool not found (apt-get install -y wrk nghttp2-client curl)"
+done
+[[ -x $ENVOY ]] || die "Envoy not found at $ENVOY (set ENVOY_BIN)"
+
+# ---- build ------------------------------------------------------------------------------
+log "building release binaries (tokengate, tokengate-bench, null-authz)"
+if ((TG)); then
+  cargo build --release -p tokengate -p tokengate-bench 2>&1 | tail -n 3 >&2
+else
+  cargo build --release -p tokengate-bench 2>&1 | tail -n 3 >&2
+fi
+
+# ---- processes --------------------------------------------------------------------------
+declare -A PIDS=()
+cleanup() {
+  for name in "${!PIDS[@]}"; do kill "${PIDS[$name]}" 2>/dev/null || true; done
+  for name in "${!PIDS[@]}"; do wait "${PIDS[$name]}" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# spawn NAME CMD...: start in the background, stdout+stderr to logs/NAME.log.
+spawn() {
+  local name=$1; shift
+  "$@" > "$OUT/logs/$name.log" 2>&1 &
+  PIDS[$name]=$!
+}
+stop() {
+  local name=$1
+  [[ -n ${PIDS[$name]:-} ]] || return 0
+  kill "${PIDS[$name]}" 2>/dev/null || true
+  wait "${PIDS[$name]}" 2>/dev/null || true
+  unset "PIDS[$name]"
+}
+# wait_for DESC TIMEOUT_S CMD...: poll CMD every 50 ms.
+wait_for() {
+  local desc=$1 limit=$2; shift 2
+  local deadline=$((SECONDS + limit))
+  until "$@" >/dev/null 2>&1; do
+    ((SECONDS < deadline)) || die "timed out waiting for $desc"
+    sleep 0.05
+  done
+}
+ready_line() { grep -m1 '^ready ' "$OUT/logs/$1.log"; }
+
+read -r -a P <<<"$("$BIN/tokengate-bench" ports 24 | tr '\n' ' ')"
+port_i=0
+# take_port VAR: assign the next free port to VAR (no subshell, so the counter advances).
+take_port() { printf -v "$1" '%s' "${P[$port_i]}"; port_i=$((port_i + 1)); }
+
+# ---- the Kubernetes API stand-in, with pre-minted tokens -----------------------------------
+SDIR=$OUT/standin
+if ((!TG)); then POOL=0; FILL=0; fi
+log "starting the API stand-in and minting $((8 + POOL + FILL)) tokens"
+spawn standin "$BIN/tokengate-bench" standin --dir "$SDIR" --pool "$POOL" --fill "$FILL" --single 8
+wait_for "stand-in ready" 180 ready_line standin
+STANDIN_URL=$(ready_line standin | awk '{print $2}')
+ADMIN_TOKEN=$(cat "$SDIR/admin-token")
+standin_api() { # METHOD PATH [JSON]
+  curl -sS --fail --cacert "$SDIR/ca.crt" -H "Authorization: Bearer $ADMIN_TOKEN" \
+    -H 'content-type: application/json' -X "$1" "$STANDIN_URL$2" ${3:+-d "$3"}
+}
+set_latency() { standin_api POST /standin/v1/fault "{\"kind\":\"latency\",\"ms\":$1}" >/dev/null; }
+reviews() { standin_api GET /standin/v1/counters | sed -E 's/.*"token_reviews":([0-9]+).*/\1/'; }
+HIT_TOKEN=$(sed -n 1p "$SDIR/single.txt")
+
+# ---- tokengate instances ------------------------------------------------------------------
+# tg_config NAME GRPC_PORT ADMIN_PORT: writes conf/tokengate-NAME.yaml, prints its path.
+tg_config() {
+  local f=$OUT/conf/tokengate-$1.yaml
+  cat > "$f" <<EOF
+listen:
+  grpc: 127.0.0.1:$2
+  admin: 127.0.0.1:$3
+kubernetes:
+  kubeconfig: $SDIR/kubeconfig
+  timeout: 2s
+  retries: 0
+  max_in_flight: 64
+token_sources:
+  - header: authorization
+    scheme: Bearer
+routes:
+  - name: bench
+    match:
+      context_extensions: {route: bench}
+    audiences: [tokengate-bench]
+cache:
+  max_entries: 100000
+  ttl: 60s
+  negative_ttl: 5s
+log:
+  format: text
+  level: warn
+EOF
+  echo "$f"
+}
+declare -A TG_GRPC=() TG_ADMIN=()
+start_tokengate() { # NAME
+  local name=tokengate-$1
+  spawn "$name" "$BIN/tokengate" serve --config "$OUT/conf/$name.yaml"
+  wait_for "$name ready" 30 curl -sf "http://127.0.0.1:${TG_ADMIN[$1]}/readyz"
+}
+for t in hit miss; do
+  take_port "TG_GRPC[$t]"; take_port "TG_ADMIN[$t]"
+  tg_config "$t" "${TG_GRPC[$t]}" "${TG_ADMIN[$t]}" >/dev/null
+  ((TG)) && start_tokengate $t
+done
+((TG)) && log "tokengate hit :${TG_GRPC[hit]}  miss :${TG_GRPC[miss]}"
+
+# ---- null ext_authz server ------------------------------------------------------------------
+take_port NULL_PORT
+spawn null-authz "$BIN/null-authz" --listen "127.0.0.1:$NULL_PORT" --workers "$NULL_WORKERS"
+wait_for "null-authz ready" 10 ready_line null-authz
+
+# ---- Envoys -----------------------------------------------------------------------------------
+"$BIN/tokengate-bench" jwt --dir "$OUT/jwt"
+JWT=$(cat "$OUT/jwt/jwt.txt")
+JWKS=$(cat "$OUT/jwt/jwks.json")
+declare -A LISTEN=() EADMIN=()
+start_envoy() { # SCENARIO TEMPLATE [AUTHZ_PORT]
+  local s=$1 tpl=$2 authz=${3:-0}
+  take_port "LISTEN[$s]"; take_port "EADMIN[$s]"
+  sed -e "s|@ADMIN_PORT@|${EADMIN[$s]}|; s|@LISTEN_PORT@|${LISTEN[$s]}|; s|@AUTHZ_PORT@|$authz|; s|@JWKS@|$JWKS|" \
+    "$ROOT/bench/envoy/$tpl.yaml" > "$OUT/conf/envoy-$s.yaml"
+  spawn "envoy-$s" "$ENVOY" -c "$OUT/conf/envoy-$s.yaml" --concurrency "$CONC" \
+    --disable-hot-restart -l warn
+}
+start_envoy noauth noauth
+start_envoy jwt_nocache jwt-nocache
+start_envoy jwt_cache jwt-cache
+start_envoy extauthz_null extauthz "$NULL_PORT"
+if ((TG)); then
+  start_envoy tokengate_hit extauthz "${TG_GRPC[hit]}"
+  start_envoy tokengate_miss extauthz "${TG_GRPC[miss]}"
+fi
+for s in "${!LISTEN[@]}"; do
+  wait_for "envoy $s ready" 30 curl -sf "http://127.0.0.1:${EADMIN[$s]}/ready"
+done
+
+# ---- sanity: every scenario answers 200 with its credentials ---------------------------------
+code() { curl -s -o /dev/null -w '%{http_code}' "${@:2}" "http://127.0.0.1:$1/"; }
+[[ $(code "${LISTEN[noauth]}") == 200 ]] || die "noauth: not 200"
+[[ $(code "${LISTEN[jwt_nocache]}") == 401 ]] || die "jwt_authn lets requests without a token through"
+for s in jwt_nocache jwt_cache; do
+  [[ $(code "${LISTEN[$s]}" -H "Authorization: Bearer $JWT") == 200 ]] || die "$s: JWT rejected"
+done
+if ((TG)); then
+  [[ $(code "${LISTEN[tokengate_hit]}" -H 'Authorization: Bearer nope') =~ ^40[13]$ ]] ||
+    die "tokengate lets a bad token through"
+  [[ $(code "${LISTEN[tokengate_hit]}" -H "Authorization: Bearer $HIT_TOKEN") == 200 ]] ||
+    die "tokengate denies a valid token"
+fi
+[[ $(code "${LISTEN[extauthz_null]}" -H "Authorization: Bearer $HIT_TOKEN") == 200 ]] ||
+  die "extauthz_null: not 200"
+"$BIN/tokengate-bench" check-body --tokens "$SDIR/single.txt" --line 0 --out "$OUT/conf/check.bin"
+set_latency "$MISS_MS"
+log "stand-in TokenReview latency +${MISS_MS} ms; pool $(wc -l < "$SDIR/pool.txt") tokens"
+
+# ---- environment ------------------------------------------------------------------------------
+{
+  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "git: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  echo "nproc: $(nproc)"
+  echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
+  echo "kernel: $(uname -r)"
+  echo "envoy: $("$ENVOY" --version 2>/dev/null | grep -o 'version: .*' | head -1)"
+  echo "rustc: $(rustc --version)"
+  echo "wrk: $(wrk -v 2>&1 | head -1)"
+  echo "h2load: $(h2load --version 2>&1 | head -1)"
+  echo "settings: rounds=$ROUNDS sat=${SAT}s lat=${LAT}s rate=$RATE conns=$CONNS envoy_concurrency=$CONC miss_latency=${MISS_MS}ms pool=$POOL fill=$FILL null_workers=$NULL_WORKERS"
+} > "$OUT/env.txt"
+
+# ---- measurement helpers ----------------------------------------------------------------------
+# CPU time (µs) used so far by a process, from /proc/PID/stat utime+stime.
+TCK=$(getconf CLK_TCK)
+cpu_us() { awk -v t="$TCK" '{print ($14 + $15) * 1000000 / t}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+authz_of() { # scenario -> process name of its authz server ("" if none)
+  case $1 in
+    extauthz_null|check_null) echo null-authz ;;
+    tokengate_hit|check_tokengate) echo tokengate-hit ;;
+    tokengate_miss) echo tokengate-miss ;;
+    *) echo "" ;;
+  esac
+}
+restart_miss() { stop tokengate-miss; start_tokengate miss; }
+
+# saturate SCENARIO ROUND: one closed-loop saturation run; appends to sat.tsv and cpu.tsv.
+saturate() {
+  local s=$1 r=$2 out rps bad authz e0 a0 e1 a1 n
+  [[ $s == tokengate_miss ]] && restart_miss
+  authz=$(authz_of "$s")
+  local envoy_pid=${PIDS[envoy-$s]:-} authz_pid=${authz:+${PIDS[$authz]}}
+  e0=$([[ -n $envoy_pid ]] && cpu_us "$envoy_pid" || echo 0)
+  a0=$([[ -n $authz_pid ]] && cpu_us "$authz_pid" || echo 0)
+  local wrk=(wrk -t"$CONC" -c"$CONNS" -d"${SAT}s" --latency)
+  case $s in
+    noauth) out=$("${wrk[@]}" "http://127.0.0.1:${LISTEN[$s]}/") ;;
+    jwt_*) out=$("${wrk[@]}" -H "Authorization: Bearer $JWT" "http://127.0.0.1:${LISTEN[$s]}/") ;;
+    extauthz_null|tokengate_hit)
+      out=$("${wrk[@]}" -H "Authorization: Bearer $HIT_TOKEN" "http://127.0.0.1:${LISTEN[$s]}/") ;;
+    tokengate_miss)
+      out=$("${wrk[@]}" -s "$ROOT/bench/pool.lua" "http://127.0.0.1:${LISTEN[$s]}/" -- "$SDIR/pool.txt" "$CONC") ;;
+    check_null|check_tokengate)
+      local p=$NULL_PORT; [[ $s == check_tokengate ]] && p=${TG_GRPC[hit]}
+      out=$(h2load -D "$SAT" -c1 -m"$CONNS" -t1 -d "$OUT/conf/check.bin" \
+        -H 'content-type: application/grpc' -H 'te: trailers' \
+        "http://127.0.0.1:$p/envoy.service.auth.v3.Authorization/Check") ;;
+  esac
+  echo "$out" > "$OUT/logs/sat-$s-$r.txt"
+  if [[ $s == check_* ]]; then
+    rps=$(echo "$out" | sed -nE 's/^finished in [0-9.]+s, ([0-9.]+) req\/s.*/\1/p')
+    n=$(echo "$out" | sed -nE 's/^requests: ([0-9]+) total.*/\1/p')
+    bad=$(echo "$out" | sed -nE 's/^requests: .* ([0-9]+) failed, ([0-9]+) errored.*/\1 \2/p' | awk '{print $1 + $2}')
+  else
+    rps=$(echo "$out" | awk '/^Requests\/sec:/ {print $2}')
+    n=$(echo "$out" | awk '/requests in/ {print $1}')
+    bad=$(echo "$out" | awk '/Non-2xx/ {b += $NF} /Socket errors/ {gsub(",", ""); b += $4 + $6 + $8 + $10} END {print b + 0}')
+    if [[ $s == tokengate_miss ]] && grep -q '^pool_wrapped [1-9]' <<<"$out"; then
+      log "WARNING: cache-miss run used more requests than the pool holds (raise BENCH_POOL)"
+      echo "WARNING: round $r of tokengate_miss reused tokens (pool too small): $(grep pool_wrapped <<<"$out")" >> "$OUT/extra.txt"
+    fi
+  fi
+  e1=$([[ -n $envoy_pid ]] && cpu_us "$envoy_pid" || echo 0)
+  a1=$([[ -n $authz_pid ]] && cpu_us "$authz_pid" || echo 0)
+  printf '%s\t%s\t%s\t%s\n' "$s" "$r" "${rps:-0}" "${bad:-0}" >> "$OUT/sat.tsv"
+  awk -v s="$s" -v r="$r" -v n="${n:-0}" -v e="$((${e1%.*} - ${e0%.*}))" -v a="$((${a1%.*} - ${a0%.*}))" \
+    'BEGIN { if (n > 0) printf "%s\t%s\t%.1f\t%.1f\n", s, r, e / n, a / n }' >> "$OUT/cpu.tsv"
+  log "$(printf '%-16s round %s: %8.0f rps  (%s bad)' "$s" "$r" "${rps:-0}" "${bad:-0}")"
+}
+
+# latency SCENARIO: one open-loop fixed-rate run; appends to lat.jsonl.
+latency() {
+  local s=$1 load=("$BIN/tokengate-bench" load --label "$1" --rate "$RATE" --duration "$LAT" --warmup 1)
+  [[ $s == tokengate_miss ]] && restart_miss
+  echo "$JWT" > "$OUT/conf/jwt-token.txt"
+  case $s in
+    noauth) load+=(--http "127.0.0.1:${LISTEN[$s]}") ;;
+    jwt_*) load+=(--http "127.0.0.1:${LISTEN[$s]}" --tokens "$OUT/conf/jwt-token.txt") ;;
+    extauthz_null|tokengate_hit) load+=(--http "127.0.0.1:${LISTEN[$s]}" --tokens "$SDIR/single.txt" --first 1) ;;
+    tokengate_miss) load+=(--http "127.0.0.1:${LISTEN[$s]}" --tokens "$SDIR/pool.txt") ;;
+    check_null) load+=(--grpc "http://127.0.0.1:$NULL_PORT" --tokens "$SDIR/single.txt" --first 1) ;;
+    check_tokengate) load+=(--grpc "http://127.0.0.1:${TG_GRPC[hit]}" --tokens "$SDIR/single.txt" --first 1) ;;
+  esac
+  local line; line=$("${load[@]}")
+  echo "$line" >> "$OUT/lat.jsonl"
+  log "$(printf '%-16s @%s rps: %s' "$s" "$RATE" "$(echo "$line" | sed -E 's/.*"p50_us":([0-9]+).*"p99_us":([0-9]+).*/p50 \1 µs, p99 \2 µs/')")"
+}
+
+# ---- the runs: saturation rounds, alternating scenarios, then fixed-rate latency ----------------
+read -r -a SC <<<"$SCENARIOS"
+log "warm-up"
+for s in "${SC[@]}"; do [[ $s == tokengate_miss ]] || SAT=1 saturate "$s" 0 >/dev/null 2>&1; done
+sed -i '/\t0\t/d' "$OUT/sat.tsv" "$OUT/cpu.tsv"
+for ((r = 1; r <= ROUNDS; r++)); do
+  # Rotate the starting scenario each round so no scenario always follows the same neighbour.
+  for ((i = 0; i < ${#SC[@]}; i++)); do
+    saturate "${SC[$(((i + r - 1) % ${#SC[@]}))]}" "$r"
+  done
+done
+for s in "${SC[@]}"; do latency "$s"; done
+
+# ---- single-flight: N concurrent Checks with one new token -> TokenReview calls ------------------
+if ((TG)); then
+set_latency 50
+for line in 1 2 3; do
+  before=$(reviews)
+  res=$("$BIN/tokengate-bench" burst --grpc "http://127.0.0.1:${TG_GRPC[hit]}" --tokens "$SDIR/single.txt" --line "$line" --n 100)
+  after=$(reviews)
+  echo "single-flight: 100 concurrent Checks with one new token → $((after - before)) TokenReview call(s) ($res)" >> "$OUT/extra.txt"
+done
+set_latency 0
+
+# ---- RSS with FILL cached identities ------------------------------------------------------------
+take_port "TG_GRPC[rss]"; take_port "TG_ADMIN[rss]"
+tg_config rss "${TG_GRPC[rss]}" "${TG_ADMIN[rss]}" >/dev/null
+start_tokengate rss
+rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/${PIDS[tokengate-rss]}/status"; }
+rss0=$(rss_kib)
+log "filling a fresh tokengate with $FILL identities"
+fill_res=$("$BIN/tokengate-bench" fill --grpc "http://127.0.0.1:${TG_GRPC[rss]}" --tokens "$SDIR/fill.txt" --concurrency 64)
+rss1=$(rss_kib)
+{
+  echo "RSS of tokengate: $((rss0 / 1024)) MiB idle → $((rss1 / 1024)) MiB with $FILL cached identities ($(((rss1 - rss0) * 1024 / (FILL > 0 ? FILL : 1))) bytes per identity; fill: $fill_res)"
+  curl -s "http://127.0.0.1:${TG_ADMIN[rss]}/metrics" | grep -iE '^tokengate_cache[a-z_]*(entries|size)' | sed 's/^/metrics: /' || true
+} >> "$OUT/extra.txt"
+fi
+
+# ---- report -------------------------------------------------------------------------------------
+"$BIN/tokengate-bench" report "$OUT" > "$OUT/summary.md"
+{ echo; echo '```'; cat "$OUT/env.txt"; echo '```'; } >> "$OUT/summary.md"
+cat "$OUT/summary.md"
+log "results in $OUT"
