@@ -1,0 +1,142 @@
+//! End to end through a real Envoy running `envoy/istio.yaml`: the ext_authz filter exactly as
+//! istiod generates it for an `envoyExtAuthzGrpc` provider (shadow RBAC gating, no
+//! context_extensions, no validate_mutations), with tokengate routing on host and path
+//! (`envoy/tokengate-istio.yaml`).
+
+mod envoy_support;
+
+use envoy_support::{api_identity, assert_identity, echo_of, with_spoofed, Stack};
+use kube_standin::Fault;
+
+const ENVOY: &str = "envoy/istio.yaml";
+const TOKENGATE: &str = "envoy/tokengate-istio.yaml";
+/// What an in-mesh client sends: the Service's FQDN with the port.
+const HOST: (&str, &str) = ("host", "data-store.data-store.svc.cluster.local:8080");
+
+async fn stack() -> Stack {
+    Stack::start(ENVOY, TOKENGATE)
+        .await
+        .unwrap_or_else(|e| panic!("starting the stack: {e:#}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seeds_scenario_without_context_extensions() {
+    let stack = stack().await;
+
+    let resp = stack.get("/", &[HOST]).await;
+    assert_eq!(resp.status, 401, "no token: {resp:?}");
+    assert!(resp.header("www-authenticate").is_some(), "{resp:?}");
+
+    let resp = stack.get("/", &[HOST, ("x-client-id", "dummy")]).await;
+    assert_eq!(resp.status, 403, "dummy: {resp:?}");
+
+    let vault = stack.api_token("vault");
+    let resp = stack.get("/", &[HOST, ("x-client-id", &vault)]).await;
+    assert_eq!(resp.status, 403, "audience vault: {resp:?}");
+    assert_eq!(stack.echo.requests_seen(), 0);
+
+    let token = stack.api_token("data-store");
+    let bearer = format!("Bearer {token}");
+    for auth in [
+        ("x-client-id", token.as_str()),
+        ("authorization", bearer.as_str()),
+    ] {
+        let resp = stack.get("/items", &with_spoofed(&[HOST, auth])).await;
+        assert_eq!(resp.status, 200, "{auth:?}: {resp:?}");
+        let echo = echo_of(&resp);
+        let id = api_identity(&stack);
+        let mut expected: Vec<(&str, &str)> = id.iter().map(|(n, v)| (*n, v.as_str())).collect();
+        expected.push((
+            "x-k8s-sa-groups",
+            "system:serviceaccounts,system:serviceaccounts:api,system:authenticated",
+        ));
+        // Without validate_mutations (istiod does not set it) the headers must still be
+        // overwritten, never appended.
+        assert_identity(&echo, &expected);
+        assert!(
+            !echo.has(auth.0),
+            "token header not stripped: {:?}",
+            echo.headers
+        );
+    }
+    stack.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_are_chosen_by_host_and_path() {
+    let stack = stack().await;
+    let data_store = stack.api_token("data-store");
+    let other = stack.api_token("other");
+
+    // Every spelling of the data-store host reaches the data-store route.
+    for host in [
+        "data-store",
+        "data-store:8080",
+        "data-store.data-store",
+        "DATA-STORE.data-store.svc.cluster.local",
+    ] {
+        let resp = stack
+            .get("/items", &[("host", host), ("x-client-id", &data_store)])
+            .await;
+        assert_eq!(resp.status, 200, "host {host}: {resp:?}");
+    }
+    // /internal/ on the same host wants audience `other` and keeps the token.
+    let resp = stack
+        .get("/internal/x", &[HOST, ("x-client-id", &data_store)])
+        .await;
+    assert_eq!(resp.status, 403, "{resp:?}");
+    let resp = stack
+        .get("/internal/x", &[HOST, ("x-client-id", &other)])
+        .await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_eq!(echo_of(&resp).values("x-client-id"), vec![other.as_str()]);
+
+    // A host tokengate has no route for is denied, even with a valid token.
+    let before = stack.echo.requests_seen();
+    for host in [
+        "vault",
+        "data-store.evil.example",
+        "evil-data-store.data-store.svc.cluster.local",
+    ] {
+        let resp = stack
+            .get("/items", &[("host", host), ("x-client-id", &data_store)])
+            .await;
+        assert_eq!(resp.status, 403, "host {host}: {resp:?}");
+    }
+    assert_eq!(stack.echo.requests_seen(), before);
+    stack.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_outside_the_policy_skip_authz_without_spoofed_identity() {
+    let stack = stack().await;
+    // The AuthorizationPolicy (shadow RBAC) selects everything but /healthz.
+    let resp = stack.get("/healthz", &with_spoofed(&[HOST])).await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    let echo = echo_of(&resp);
+    assert_identity(&echo, &[]);
+    // And /healthz-like paths are still checked.
+    for path in ["/healthz/../items", "/healthz/x", "/healthzz"] {
+        let resp = stack.get(path, &[HOST]).await;
+        assert_eq!(resp.status, 401, "{path}: {resp:?}");
+    }
+    stack.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_server_down_is_503_and_tokengate_down_fails_closed() {
+    let mut stack = stack().await;
+    let token = stack.api_token("data-store");
+    stack.standin.set_fault(Fault::Down);
+    let resp = stack.get("/items", &[HOST, ("x-client-id", &token)]).await;
+    assert_eq!(resp.status, 503, "statusOnError: {resp:?}");
+    stack.standin.set_fault(Fault::None);
+    let resp = stack.get("/items", &[HOST, ("x-client-id", &token)]).await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+
+    stack.stop_tokengate().await;
+    let resp = stack.get("/items", &[HOST, ("x-client-id", &token)]).await;
+    assert_eq!(resp.status, 503, "failOpen false: {resp:?}");
+    assert_eq!(stack.echo.requests_seen(), 1);
+    stack.finish().await;
+}
