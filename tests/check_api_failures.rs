@@ -1,0 +1,151 @@
+//! When the API server cannot answer, Check fails with gRPC UNAVAILABLE (never an allow,
+//! never a 401) and nothing is cached; the reviewer's own rotating token is picked up without
+//! a restart.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use kube_standin::Fault;
+
+async fn assert_unavailable(h: &Harness, token: &str) {
+    let started = Instant::now();
+    match h.check(data_store(&[("x-client-id", token)])).await {
+        Err(status) => assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}"),
+        Ok(r) => panic!("expected UNAVAILABLE, got a CheckResponse: {r:?}"),
+    }
+    // Bounded: 2 attempts × 300 ms timeout + backoff, with slack for a loaded machine.
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_server_failures_are_unavailable_and_not_cached() {
+    let h = Harness::start().await;
+    let token = h.api_token(AUD);
+
+    for fault in [
+        Fault::Status {
+            code: 503,
+            retry_after: Some(1),
+        },
+        Fault::Status {
+            code: 429,
+            retry_after: None,
+        },
+        Fault::Status {
+            code: 500,
+            retry_after: None,
+        },
+        Fault::Hang,
+        Fault::CloseConnection,
+        Fault::Down,
+    ] {
+        h.standin.set_fault(fault.clone());
+        let before = h.standin.token_reviews_served();
+        assert_unavailable(&h, &token).await;
+        if matches!(fault, Fault::Status { .. }) {
+            // One retry (retries: 1).
+            assert_eq!(h.standin.token_reviews_served(), before + 2, "{fault:?}");
+        }
+    }
+
+    // Back up: the same token is allowed (the errors were not cached).
+    h.standin.set_fault(Fault::None);
+    let r = h.check_ok(data_store(&[("x-client-id", &token)])).await;
+    allowed_headers(&r);
+
+    let (_, metrics) = h.admin_get("/metrics").await;
+    assert!(metrics.contains(
+        r#"tokengate_decisions_total{route="data-store",outcome="error",reason="api_unavailable"} 6"#
+    ), "{metrics}");
+    assert!(metrics.contains(r#"tokengate_tokenreview_errors_total{kind="server_error"}"#));
+    assert!(metrics.contains(r#"tokengate_tokenreview_errors_total{kind="timeout"}"#));
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reviewer_without_rbac_is_unavailable_not_a_denial() {
+    let h = Harness::start().await;
+    let token = h.api_token(AUD);
+    h.standin
+        .delete_cluster_role_binding("tokengate-auth-delegator");
+    assert_unavailable(&h, &token).await;
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reviewer_token_rotation_is_picked_up_without_restart() {
+    let h = Harness::start().await;
+    let first = h.api_token(AUD);
+    allowed_headers(&h.check_ok(data_store(&[("x-client-id", &first)])).await);
+
+    // The stand-in writes a new token file (atomic rename) and revokes the old token.
+    h.standin.rotate_reviewer_token();
+    let second = h.api_token(AUD);
+    allowed_headers(&h.check_ok(data_store(&[("x-client-id", &second)])).await);
+
+    h.standin.rotate_reviewer_token();
+    let third = h.api_token(AUD);
+    allowed_headers(&h.check_ok(data_store(&[("x-client-id", &third)])).await);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_401_makes_tokengate_reread_its_token_file_and_retry() {
+    // tokengate reads its own copy of the token file, which we update in place keeping size
+    // and mtime, so only the 401 path can notice the change.
+    let s = standin().await;
+    let dir = tempfile::tempdir().unwrap();
+    let token_copy = dir.path().join("token");
+    let original = std::fs::read_to_string(s.reviewer_token_path()).unwrap();
+    std::fs::write(&token_copy, &original).unwrap();
+    let kubeconfig = std::fs::read_to_string(s.kubeconfig_path())
+        .unwrap()
+        .replace(
+            &s.reviewer_token_path().to_string_lossy().into_owned(),
+            &token_copy.to_string_lossy(),
+        );
+    assert!(kubeconfig.contains(&*token_copy.to_string_lossy()));
+    let kubeconfig_path = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig_path, kubeconfig).unwrap();
+    let yaml = config(&kubeconfig_path, "");
+    let h = Harness::start_with(s, &yaml).await;
+
+    let first = h.api_token(AUD);
+    allowed_headers(&h.check_ok(data_store(&[("x-client-id", &first)])).await);
+
+    h.standin.rotate_reviewer_token();
+    let rotated = std::fs::read_to_string(h.standin.reviewer_token_path()).unwrap();
+    // Same size when the new token is not longer (pad with whitespace, which tokengate
+    // trims), same inode, same mtime: then nothing but the 401 can reveal the change.
+    let same_size = rotated.len() <= original.len();
+    let width = original.len().max(rotated.len());
+    let mtime = std::fs::metadata(&token_copy).unwrap().modified().unwrap();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&token_copy)
+        .unwrap();
+    use std::io::Write as _;
+    (&file)
+        .write_all(format!("{rotated:<width$}").as_bytes())
+        .unwrap();
+    file.set_modified(mtime).unwrap();
+    drop(file);
+
+    let second = h.api_token(AUD);
+    allowed_headers(&h.check_ok(data_store(&[("x-client-id", &second)])).await);
+    if same_size {
+        let (_, metrics) = h.admin_get("/metrics").await;
+        assert!(
+            metrics.contains(r#"tokengate_tokenreview_errors_total{kind="unauthorized"} 1"#),
+            "expected exactly one 401 before the re-read: {metrics}"
+        );
+    }
+    h.stop().await;
+}
