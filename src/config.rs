@@ -1124,6 +1124,35 @@ routes:
             .any(|e| e.field == "identity_headers.name" && e.line == 5));
     }
 
+    /// The README's complete example must stay valid, and show the defaults.
+    #[test]
+    fn readme_example_is_valid() {
+        let readme = include_str!("../README.md");
+        let section = &readme[readme
+            .find("## Configuration reference")
+            .expect("README has a Configuration reference")..];
+        let start = section.find("```yaml\n").expect("a yaml block") + "```yaml\n".len();
+        let end = start + section[start..].find("```").expect("closed yaml block");
+        let c = Config::from_yaml_str(&section[start..end])
+            .unwrap_or_else(|e| panic!("README example: {e}"));
+        assert_eq!(c.listen.grpc.to_string(), defaults::LISTEN_GRPC);
+        assert_eq!(c.listen.admin.to_string(), defaults::LISTEN_ADMIN);
+        assert_eq!(c.kubernetes.retries, defaults::KUBE_RETRIES);
+        assert_eq!(c.kubernetes.max_in_flight, defaults::KUBE_MAX_IN_FLIGHT);
+        assert_eq!(c.cache.max_entries, defaults::CACHE_MAX_ENTRIES);
+        assert_eq!(c.cache.ttl, parse_duration(defaults::CACHE_TTL).unwrap());
+        assert_eq!(
+            c.cache.negative_ttl,
+            parse_duration(defaults::CACHE_NEGATIVE_TTL).unwrap()
+        );
+        assert_eq!(
+            c.routes[0].invalid_token_status,
+            defaults::INVALID_TOKEN_STATUS
+        );
+        assert_eq!(c.identity_headers.user, defaults::HEADER_USER);
+        assert_eq!(c.log.level, defaults::LOG_LEVEL);
+    }
+
     #[test]
     fn durations() {
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));

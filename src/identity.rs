@@ -188,10 +188,23 @@ mod tests {
         let section = &section[..end];
         for d in Denial::ALL {
             let needle = format!("`{}`", d.code());
+            let row = section
+                .lines()
+                .find(|l| l.starts_with('|') && l.contains(&needle))
+                .unwrap_or_else(|| panic!("README decision table lacks {needle}"));
+            // | situation | status | reason | TokenReview? |
+            let status = row.split('|').nth(2).unwrap_or("").trim();
             assert!(
-                section.contains(&needle),
-                "README decision table lacks {needle}"
+                status.starts_with(&d.http_status(403).to_string()),
+                "README says {status:?} for {needle}, code says {}",
+                d.http_status(403)
             );
+            if d.is_invalid_token() {
+                assert!(
+                    status.contains("401"),
+                    "{needle}: README should mention 401"
+                );
+            }
         }
     }
 }

@@ -368,3 +368,41 @@ async fn legacy_secret_token_is_reviewed() {
     assert!(removed_headers(&r).contains(&"x-k8s-pod-name".to_string()));
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_turns_not_ready_and_drains_in_flight_checks() {
+    let mut h = Harness::start().await;
+    assert_eq!(h.admin_get("/readyz").await.0, 200);
+    let token = h.api_token(AUD);
+    h.standin
+        .set_fault(Fault::Latency(Duration::from_millis(200)));
+    let before = h.standin.token_reviews_served();
+    let mut client = h.client.clone();
+    let in_flight = tokio::spawn(async move {
+        client
+            .check(data_store(&[("x-client-id", &token)]))
+            .await
+            .map(|r| r.into_inner())
+    });
+    // Wait until the Check is inside TokenReview.
+    while h.standin.token_reviews_served() == before {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    h.begin_shutdown();
+    let mut not_ready = false;
+    for _ in 0..100 {
+        if h.admin_get("/readyz").await.0 == 503 {
+            not_ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(not_ready, "/readyz stayed 200 after shutdown began");
+    let r = in_flight
+        .await
+        .unwrap()
+        .expect("in-flight Check was cut off");
+    allowed_headers(&r);
+    h.standin.set_fault(Fault::None);
+    h.stop().await;
+}

@@ -142,6 +142,13 @@ impl Harness {
         http_get(self.admin_addr, path).await
     }
 
+    /// Signals shutdown without waiting (see [`Harness::stop`]).
+    pub fn begin_shutdown(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+
     /// Shuts tokengate down and awaits it, so a server panic or error fails the test.
     pub async fn stop(mut self) {
         if let Some(tx) = self.shutdown.take() {
