@@ -93,7 +93,16 @@ pub fn tokengate_config(relative: &str, kubeconfig: &std::path::Path) -> Result<
 impl Stack {
     /// Starts everything: `envoy_file` from envoy/, `tokengate_file` likewise.
     pub async fn start(envoy_file: &str, tokengate_file: &str) -> Result<Stack> {
-        let standin = Standin::start(Options::default()).await?;
+        Stack::start_with(envoy_file, tokengate_file, Options::default()).await
+    }
+
+    /// Like [`Stack::start`] with stand-in options (e.g. short tokens allowed).
+    pub async fn start_with(
+        envoy_file: &str,
+        tokengate_file: &str,
+        options: Options,
+    ) -> Result<Stack> {
+        let standin = Standin::start(options).await?;
         let api_uid = standin.create_service_account("api", "api");
         let api_pod_uid = standin.create_pod("api", "api-0", "api", Some("node-1"));
         standin.create_service_account("data-store", "data-store");
