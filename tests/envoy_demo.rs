@@ -63,7 +63,7 @@ fn demo_prints_the_seeds_transcript() {
         .find(|l| l.trim_start().starts_with("tokengate 127.0.0.1:"))
         .expect("ports line");
     let addrs: Vec<std::net::SocketAddr> = line
-        .split(|c: char| c == ' ' || c == ',')
+        .split([' ', ','])
         .filter_map(|w| w.trim_start_matches("http://").parse().ok())
         .collect();
     assert_eq!(addrs.len(), 3, "{line}");
