@@ -30,6 +30,8 @@
 //!
 //! [`serve`] runs everything; `main` and the integration tests both use it.
 
+#![warn(missing_docs)]
+
 pub mod admin;
 pub mod cache;
 pub mod check;

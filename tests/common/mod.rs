@@ -23,7 +23,7 @@ pub const AUD: &str = "data-store";
 pub const BASE_CONFIG: &str = r#"
 kubernetes:
   kubeconfig: "{kubeconfig}"
-  timeout: 300ms
+  timeout: 2s
   retries: 1
   max_in_flight: 16
 token_sources:
