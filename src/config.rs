@@ -1,7 +1,7 @@
 //! YAML configuration: parsed once, at the edge, into a typed and validated [`Config`].
 //!
 //! Parsing is two passes. serde (with `deny_unknown_fields`) turns the text into raw structs
-//! whose interesting fields are [`Spanned`] so they remember their line; then [`validate`]
+//! whose interesting fields are [`Spanned`] so they remember their line; then `validate`
 //! checks every field and collects *all* problems, each naming the field path and the line, so
 //! an operator fixes a file in one round (`tokengate check-config FILE`). Every default lives in
 //! [`defaults`], and nowhere else.

@@ -153,3 +153,48 @@ async fn a_401_makes_tokengate_reread_its_token_file_and_retry() {
     }
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_reviews_in_flight_are_capped() {
+    // One TokenReview at a time, each taking 1.5 s; a Check that cannot get a slot within the
+    // 2 s attempt timeout is UNAVAILABLE (the API server never sees it).
+    let s = standin().await;
+    let yaml = config(&s.kubeconfig_path(), "")
+        .replace("max_in_flight: 16", "max_in_flight: 1")
+        .replace("retries: 1", "retries: 0");
+    let h = Harness::start_with(s, &yaml).await;
+    let tokens: Vec<String> = (0..3).map(|_| h.api_token(AUD)).collect();
+    h.standin
+        .set_fault(Fault::Latency(Duration::from_millis(1500)));
+    let before = h.standin.token_reviews_served();
+    let mut tasks = Vec::new();
+    for t in tokens {
+        let mut client = h.client.clone();
+        tasks.push(tokio::spawn(async move {
+            client.check(data_store(&[("x-client-id", &t)])).await
+        }));
+    }
+    let mut ok = 0;
+    let mut unavailable = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(r) => {
+                allowed_headers(&r.into_inner());
+                ok += 1;
+            }
+            Err(s) => {
+                assert_eq!(s.code(), tonic::Code::Unavailable, "{s:?}");
+                unavailable += 1;
+            }
+        }
+    }
+    assert_eq!((ok, unavailable), (2, 1));
+    assert_eq!(h.standin.token_reviews_served(), before + 2);
+    let (_, metrics) = h.admin_get("/metrics").await;
+    assert!(
+        metrics.contains(r#"tokengate_tokenreview_errors_total{kind="overloaded"} 1"#),
+        "{metrics}"
+    );
+    h.standin.set_fault(Fault::None);
+    h.stop().await;
+}
