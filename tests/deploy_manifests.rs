@@ -579,6 +579,14 @@ fn compose_demo_is_wired_like_the_local_demo() {
     assert_eq!(k3s["command"][0], "server");
     assert_eq!(k3s["privileged"], true);
     assert!(k3s["healthcheck"]["test"].is_array());
+    // The healthcheck's kubectl reads the kubeconfig k3s writes, and setup reads it too.
+    let written = k3s["command"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|a| a.as_str()?.strip_prefix("--write-kubeconfig="))
+        .expect("k3s --write-kubeconfig");
+    assert_eq!(k3s["environment"]["KUBECONFIG"], written);
     assert_eq!(dep("setup", "k3s"), "service_healthy");
     assert_eq!(dep("tokengate", "setup"), "service_completed_successfully");
     assert_eq!(dep("api", "setup"), "service_completed_successfully");
@@ -659,6 +667,7 @@ fn compose_demo_is_wired_like_the_local_demo() {
         String::from_utf8_lossy(&sh.stderr)
     );
     assert!(setup.contains("name: system:auth-delegator"));
+    assert!(setup.contains(written), "setup.sh must read {written}");
     assert!(setup.contains("resources: [serviceaccounts/token]"));
     assert!(setup.contains("resourceNames: [api]"));
     let setup_objs = parse_all(

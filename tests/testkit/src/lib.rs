@@ -16,6 +16,8 @@
 //! Readiness is always awaited (admin endpoints, "ready" lines, accepted connections), never
 //! guessed with fixed sleeps.
 
+#![warn(missing_docs)]
+
 pub mod echo;
 pub mod envoy;
 pub mod http;
