@@ -208,6 +208,20 @@ async fn api_server_down_is_503_not_200() {
         0,
         "an unchecked request reached the upstream"
     );
+    // The 503s came from Envoy's error path (gRPC UNAVAILABLE -> status_on_error), which is
+    // what failure_mode_allow would act on, not from a tokengate denial.
+    let errors = stack
+        .envoy
+        .stat("http.ingress.ext_authz.error")
+        .await
+        .unwrap();
+    assert_eq!(errors, Some(2), "ext_authz.error counter");
+    let denied = stack
+        .envoy
+        .stat("http.ingress.ext_authz.denied")
+        .await
+        .unwrap();
+    assert_eq!(denied.unwrap_or(0), 0);
 
     // Recovery: the same token works once the API server answers again (errors not cached).
     stack.standin.set_fault(Fault::None);
@@ -232,6 +246,12 @@ async fn tokengate_down_fails_closed() {
             "tokengate down must fail closed: {resp:?}"
         );
     }
+    let errors = stack
+        .envoy
+        .stat("http.ingress.ext_authz.error")
+        .await
+        .unwrap();
+    assert_eq!(errors, Some(2), "ext_authz.error counter");
     assert_eq!(stack.echo.requests_seen(), 1);
     stack.finish().await;
 }
