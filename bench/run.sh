@@ -10,7 +10,8 @@
 # workers, 1; wrk threads follow it), BENCH_MISS_LATENCY_MS (stand-in TokenReview delay, 2),
 # BENCH_POOL (cache-miss tokens), BENCH_FILL (identities for the RSS measurement, 100000),
 # BENCH_NULL_WORKERS (null server tokio workers, 2), BENCH_SCENARIOS (space-separated subset),
-# BENCH_OUT (results directory), ENVOY_BIN.
+# BENCH_OUT (results directory), ENVOY_BIN, BENCH_PROFILE=1 (perf-record the ext_authz server,
+# and Envoy, in an extra unrecorded round after the measured ones: profile-*.txt in the results).
 #
 # Everything listens on 127.0.0.1 on free ports; every process started here is stopped on exit.
 # Results: $BENCH_OUT (default target/bench/<UTC time>/): summary.md, sat.tsv, lat.jsonl,
@@ -241,6 +242,19 @@ saturate() {
   local envoy_pid=${PIDS[envoy-$s]:-} authz_pid=${authz:+${PIDS[$authz]}}
   e0=$([[ -n $envoy_pid ]] && cpu_us "$envoy_pid" || echo 0)
   a0=$([[ -n $authz_pid ]] && cpu_us "$authz_pid" || echo 0)
+  local profs=()
+  if [[ $r == profile ]]; then
+    [[ -n $authz_pid ]] && profs+=("$authz:$authz_pid")
+    [[ -n $envoy_pid && -n $authz_pid ]] && profs+=("envoy:$envoy_pid")
+  fi
+  local prof perf_pids=()
+  for prof in "${profs[@]}"; do
+    # cpu-clock: VMs often expose no hardware PMU. DWARF unwinding: release builds keep line
+    # tables but no frame pointers.
+    perf record -q -e cpu-clock -F 499 --call-graph dwarf,16384 -p "${prof#*:}" \
+      -o "$OUT/perf-$s-${prof%%:*}.data" -- sleep $((SAT > 2 ? SAT - 1 : 1)) >/dev/null 2>&1 &
+    perf_pids+=($!)
+  done
   local wrk=(wrk -t"$CONC" -c"$CONNS" -d"${SAT}s" --latency)
   case $s in
     noauth) out=$("${wrk[@]}" "http://127.0.0.1:${LISTEN[$s]}/") ;;
@@ -256,6 +270,14 @@ saturate() {
         "http://127.0.0.1:$p/envoy.service.auth.v3.Authorization/Check") ;;
   esac
   echo "$out" > "$OUT/logs/sat-$s-$r.txt"
+  for prof in "${perf_pids[@]}"; do wait "$prof" || true; done
+  for prof in "${profs[@]}"; do
+    local data=$OUT/perf-$s-${prof%%:*}.data
+    perf report -i "$data" --no-children --sort dso,symbol --stdio -g none 2>/dev/null |
+      grep -E '^ +[0-9]' | sed 's/ *$//' | head -n 60 > "$OUT/profile-$s-${prof%%:*}-self.txt" || true
+    perf report -i "$data" --children --sort symbol --stdio -g none 2>/dev/null |
+      grep -E '^ +[0-9]' | sed 's/ *$//' | head -n 100 > "$OUT/profile-$s-${prof%%:*}-children.txt" || true
+  done
   if [[ $s == check_* ]]; then
     rps=$(echo "$out" | sed -nE 's/^finished in [0-9.]+s, ([0-9.]+) req\/s.*/\1/p')
     n=$(echo "$out" | sed -nE 's/^requests: ([0-9]+) total.*/\1/p')
@@ -307,6 +329,14 @@ for ((r = 1; r <= ROUNDS; r++)); do
   done
 done
 for s in "${SC[@]}"; do latency "$s"; done
+if [[ ${BENCH_PROFILE:-0} == 1 ]]; then
+  command -v perf >/dev/null || die "BENCH_PROFILE=1 needs perf (apt-get install -y linux-perf)"
+  log "profiling (extra round, not recorded)"
+  for s in "${SC[@]}"; do
+    if [[ -n $(authz_of "$s") ]]; then saturate "$s" profile; fi
+  done
+  sed -i '/\tprofile\t/d' "$OUT/sat.tsv" "$OUT/cpu.tsv"
+fi
 
 # ---- single-flight: N concurrent Checks with one new token -> TokenReview calls ------------------
 if ((TG)); then
