@@ -110,7 +110,10 @@ impl<'a> RequestView<'a> {
                     None => continue,
                 },
             };
-            if token.is_empty() || token.contains(',') || token.contains(char::is_whitespace) {
+            // A comma means Envoy merged repeated headers; whitespace, a stray second word.
+            // Bytes, not chars: this runs on every Check over ~1 KB, and anything non-ASCII
+            // is refused by precheck before it could ever be cached.
+            if token.is_empty() || token.bytes().any(|b| b == b',' || b <= b' ') {
                 return TokenLookup::Malformed;
             }
             return TokenLookup::Found { token, source: i };
