@@ -288,7 +288,7 @@ impl Reviewer {
             },
             ..Default::default()
         };
-        let body = serde_json::to_vec(&review).map_err(|e| ReviewError::Decode(e.to_string()))?;
+        let body = serde_json::to_vec(&review).map_err(|e| ReviewError::Decode(json_error(&e)))?;
         let mut attempt = 0u32;
         let mut reauthenticated = false;
         loop {
@@ -391,9 +391,20 @@ impl Reviewer {
             .map_err(|e| AttemptError::Transient(ReviewError::Connect(e.to_string()), None))?
             .to_bytes();
         let review: TokenReview = serde_json::from_slice(&bytes)
-            .map_err(|e| AttemptError::Fatal(ReviewError::Decode(e.to_string())))?;
+            .map_err(|e| AttemptError::Fatal(ReviewError::Decode(json_error(&e))))?;
         Ok(review.status)
     }
+}
+
+/// Describes a JSON error without quoting the document: serde_json's messages may embed
+/// string values, and a TokenReview echoes the token.
+fn json_error(e: &serde_json::Error) -> String {
+    format!(
+        "{:?} error at line {} column {}",
+        e.classify(),
+        e.line(),
+        e.column()
+    )
 }
 
 /// Turns a TokenReview status into our verdict.
