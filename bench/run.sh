@@ -9,7 +9,8 @@
 # latency, default 2000 rps), BENCH_CONNS (wrk connections, 32), BENCH_ENVOY_CONCURRENCY (Envoy
 # workers, 1; wrk threads follow it), BENCH_MISS_LATENCY_MS (stand-in TokenReview delay, 2),
 # BENCH_POOL (cache-miss tokens), BENCH_FILL (identities for the RSS measurement, 100000),
-# BENCH_NULL_WORKERS (null server tokio workers, 2), BENCH_SCENARIOS (space-separated subset),
+# BENCH_NULL_WORKERS (null server tokio workers, 2; 0 = current-thread), BENCH_TG_WORKERS
+# (tokengate --worker-threads; unset = its default), BENCH_SCENARIOS (space-separated subset),
 # BENCH_OUT (results directory), ENVOY_BIN, BENCH_PROFILE=1 (perf-record the ext_authz server,
 # and Envoy, in an extra unrecorded round after the measured ones: profile-*.txt in the results).
 #
@@ -147,7 +148,8 @@ EOF
 declare -A TG_GRPC=() TG_ADMIN=()
 start_tokengate() { # NAME
   local name=tokengate-$1
-  spawn "$name" "$BIN/tokengate" serve --config "$OUT/conf/$name.yaml"
+  spawn "$name" "$BIN/tokengate" serve --config "$OUT/conf/$name.yaml" \
+    ${BENCH_TG_WORKERS:+--worker-threads "$BENCH_TG_WORKERS"}
   wait_for "$name ready" 30 curl -sf "http://127.0.0.1:${TG_ADMIN[$1]}/readyz"
 }
 for t in hit miss; do
@@ -217,7 +219,7 @@ log "stand-in TokenReview latency +${MISS_MS} ms; pool $(wc -l < "$SDIR/pool.txt
   echo "rustc: $(rustc --version)"
   echo "wrk: $(wrk -v 2>&1 | head -1)"
   echo "h2load: $(h2load --version 2>&1 | head -1)"
-  echo "settings: rounds=$ROUNDS sat=${SAT}s lat=${LAT}s rate=$RATE conns=$CONNS envoy_concurrency=$CONC miss_latency=${MISS_MS}ms pool=$POOL fill=$FILL null_workers=$NULL_WORKERS"
+  echo "settings: rounds=$ROUNDS sat=${SAT}s lat=${LAT}s rate=$RATE conns=$CONNS envoy_concurrency=$CONC miss_latency=${MISS_MS}ms pool=$POOL fill=$FILL null_workers=$NULL_WORKERS tokengate_workers=${BENCH_TG_WORKERS:-default}"
 } > "$OUT/env.txt"
 
 # ---- measurement helpers ----------------------------------------------------------------------
