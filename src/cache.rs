@@ -7,8 +7,10 @@
 //! - Positive entries live `min(ttl, exp - now)`; negative ones (`authenticated: false` and
 //!   other definitive refusals) `negative_ttl`; errors are never cached, so an API-server blip
 //!   does not pin denials.
-//! - Concurrent misses for one key share a single load (a `tokio::sync::OnceCell` per key in
-//!   flight). If the loading request is cancelled, a waiter takes over.
+//! - Concurrent misses for one key share a single load. The load runs in its own task, so a
+//!   Check that gives up (Envoy's ext_authz timeout defaults to 200 ms) does not abort the
+//!   TokenReview: its answer is still cached for the next request, instead of every retry
+//!   starting, and abandoning, a new one while the API server is slow.
 //! - Time is `tokio::time::Instant`, so tests use `tokio::time::pause()` instead of sleeping.
 //!
 //! A `std::sync::Mutex` guards the LRU: even a lookup updates recency, critical sections are a
@@ -25,7 +27,7 @@ use aws_lc_rs::hmac;
 use aws_lc_rs::rand::SystemRandom;
 use lru::LruCache;
 use prometheus_client::metrics::gauge::Gauge;
-use tokio::sync::OnceCell;
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 /// A cache key: HMAC-SHA256 of token and audiences.
@@ -48,7 +50,13 @@ struct Entry<V> {
     expires: Instant,
 }
 
-type Flight<V, E> = Arc<OnceCell<Result<V, E>>>;
+/// A load in flight: waiters watch for its result.
+type Flight<V, E> = watch::Receiver<Option<Result<V, E>>>;
+
+/// The task running a load ended without a result (it panicked). Load error types convert
+/// from it so waiters get an error, never a hang.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlightLost;
 
 /// The cache. `V` is the remembered outcome, `E` a load error (shared with concurrent waiters,
 /// never stored).
@@ -67,7 +75,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-impl<V: Clone, E: Clone> Cache<V, E> {
+impl<V, E> Cache<V, E>
+where
+    V: Clone + Send + Sync + 'static,
+    E: Clone + Send + Sync + From<FlightLost> + 'static,
+{
     /// A cache of `capacity` entries with a fresh random HMAC key (fails only if the system
     /// random number generator does).
     pub fn new(
@@ -118,39 +130,57 @@ impl<V: Clone, E: Clone> Cache<V, E> {
     }
 
     /// The live entry, or the result of `load`, shared by every concurrent caller with the same
-    /// key (only one `load` runs). Successful loads are cached per their [`Freshness`].
-    pub async fn get_or_load<F, Fut>(&self, key: Key, load: F) -> Result<V, E>
+    /// key: only the first caller's `load` is called, and its future runs in a task of its own,
+    /// so it completes (and is cached per its [`Freshness`]) even if every caller goes away.
+    pub async fn get_or_load<F, Fut>(self: &Arc<Self>, key: Key, load: F) -> Result<V, E>
     where
         F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<(V, Freshness), E>>,
+        Fut: Future<Output = Result<(V, Freshness), E>> + Send + 'static,
     {
         if let Some(v) = self.get(&key) {
             return Ok(v);
         }
-        let flight = lock(&self.flights)
-            .entry(key)
-            .or_insert_with(|| Arc::new(OnceCell::new()))
-            .clone();
-        let result = flight
-            .get_or_init(|| async {
-                // A flight that just finished may have filled the cache between our miss and
-                // joining; don't load twice.
-                if let Some(v) = self.get(&key) {
-                    return Ok(v);
+        let mut flight = {
+            let mut flights = lock(&self.flights);
+            match flights.get(&key) {
+                Some(f) => f.clone(),
+                None => {
+                    // A flight that finished between our miss and taking the lock has filled
+                    // the cache (it inserts before it leaves `flights`): don't load twice.
+                    if let Some(v) = self.get(&key) {
+                        return Ok(v);
+                    }
+                    let (tx, rx) = watch::channel(None);
+                    flights.insert(key, rx.clone());
+                    let cache = Arc::clone(self);
+                    let loading = load();
+                    tokio::spawn(async move {
+                        let result = loading.await.map(|(v, freshness)| {
+                            cache.insert(key, v.clone(), freshness);
+                            v
+                        });
+                        lock(&cache.flights).remove(&key);
+                        let _ = tx.send(Some(result));
+                    });
+                    rx
                 }
-                let loaded = load().await;
-                loaded.map(|(v, freshness)| {
-                    self.insert(key, v.clone(), freshness);
-                    v
-                })
-            })
-            .await
-            .clone();
-        let mut flights = lock(&self.flights);
-        if flights.get(&key).is_some_and(|f| Arc::ptr_eq(f, &flight)) {
-            flights.remove(&key);
+            }
+        };
+        let outcome = match flight.wait_for(Option::is_some).await {
+            Ok(done) => done.clone(),
+            Err(_) => None,
+        };
+        match outcome {
+            Some(result) => result,
+            None => {
+                // The task died without answering; forget it so the next caller retries.
+                let mut flights = lock(&self.flights);
+                if flights.get(&key).is_some_and(|f| f.same_channel(&flight)) {
+                    flights.remove(&key);
+                }
+                Err(E::from(FlightLost))
+            }
         }
-        result
     }
 
     fn insert(&self, key: Key, value: V, freshness: Freshness) {
@@ -183,14 +213,36 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    fn cache(ttl: u64, neg: u64) -> Cache<&'static str, &'static str> {
-        Cache::new(
-            NonZeroUsize::new(4).unwrap(),
-            Duration::from_secs(ttl),
-            Duration::from_secs(neg),
-            Gauge::default(),
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    enum TestError {
+        Down,
+        Lost,
+    }
+
+    impl From<FlightLost> for TestError {
+        fn from(_: FlightLost) -> Self {
+            TestError::Lost
+        }
+    }
+
+    type TestCache = Arc<Cache<&'static str, TestError>>;
+
+    fn cache(ttl: u64, neg: u64) -> TestCache {
+        Arc::new(
+            Cache::new(
+                NonZeroUsize::new(4).unwrap(),
+                Duration::from_secs(ttl),
+                Duration::from_secs(neg),
+                Gauge::default(),
+            )
+            .unwrap(),
         )
-        .unwrap()
+    }
+
+    fn positive(cap: Option<u64>) -> Freshness {
+        Freshness::Positive {
+            cap: cap.map(Duration::from_secs),
+        }
     }
 
     #[test]
@@ -215,14 +267,7 @@ mod tests {
         let c = cache(60, 5);
         let k = c.key("t", &[]);
         let v = c
-            .get_or_load(k, || async {
-                Ok((
-                    "ok",
-                    Freshness::Positive {
-                        cap: Some(Duration::from_secs(10)),
-                    },
-                ))
-            })
+            .get_or_load(k, || async { Ok(("ok", positive(Some(10)))) })
             .await;
         assert_eq!(v, Ok("ok"));
         tokio::time::advance(Duration::from_secs(9)).await;
@@ -236,11 +281,9 @@ mod tests {
     async fn positive_ttl_without_cap() {
         let c = cache(60, 5);
         let k = c.key("t", &[]);
-        c.get_or_load(k, || async {
-            Ok(("ok", Freshness::Positive { cap: None }))
-        })
-        .await
-        .unwrap();
+        c.get_or_load(k, || async { Ok(("ok", positive(None))) })
+            .await
+            .unwrap();
         tokio::time::advance(Duration::from_secs(59)).await;
         assert_eq!(c.get(&k), Some("ok"));
         tokio::time::advance(Duration::from_secs(2)).await;
@@ -264,11 +307,9 @@ mod tests {
     async fn zero_ttl_disables() {
         let c = cache(0, 0);
         let k = c.key("t", &[]);
-        c.get_or_load(k, || async {
-            Ok(("ok", Freshness::Positive { cap: None }))
-        })
-        .await
-        .unwrap();
+        c.get_or_load(k, || async { Ok(("ok", positive(None))) })
+            .await
+            .unwrap();
         assert_eq!(c.get(&k), None);
     }
 
@@ -276,35 +317,45 @@ mod tests {
     async fn errors_are_not_cached() {
         let c = cache(60, 5);
         let k = c.key("t", &[]);
-        let calls = AtomicUsize::new(0);
+        let calls = Arc::new(AtomicUsize::new(0));
         for _ in 0..3 {
+            let calls = calls.clone();
             let r = c
-                .get_or_load(k, || async {
+                .get_or_load(k, || async move {
                     calls.fetch_add(1, Ordering::SeqCst);
-                    Err("down")
+                    Err(TestError::Down)
                 })
                 .await;
-            assert_eq!(r, Err("down"));
+            assert_eq!(r, Err(TestError::Down));
         }
         assert_eq!(calls.load(Ordering::SeqCst), 3);
         assert!(c.is_empty());
     }
 
+    fn counted(
+        calls: &Arc<AtomicUsize>,
+        result: Result<&'static str, TestError>,
+        delay: Duration,
+    ) -> impl Future<Output = Result<(&'static str, Freshness), TestError>> + Send + 'static {
+        let calls = calls.clone();
+        async move {
+            calls.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(delay).await;
+            result.map(|v| (v, positive(None)))
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn single_flight() {
-        let c = Arc::new(cache(60, 5));
+        let c = cache(60, 5);
         let k = c.key("t", &[]);
         let calls = Arc::new(AtomicUsize::new(0));
         let mut tasks = Vec::new();
         for _ in 0..50 {
             let (c, calls) = (c.clone(), calls.clone());
             tasks.push(tokio::spawn(async move {
-                c.get_or_load(k, || async {
-                    calls.fetch_add(1, Ordering::SeqCst);
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    Ok(("ok", Freshness::Positive { cap: None }))
-                })
-                .await
+                c.get_or_load(k, || counted(&calls, Ok("ok"), Duration::from_millis(100)))
+                    .await
             }));
         }
         for t in tasks {
@@ -316,80 +367,91 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn single_flight_shares_errors_then_forgets_them() {
-        let c = Arc::new(cache(60, 5));
+        let c = cache(60, 5);
         let k = c.key("t", &[]);
         let calls = Arc::new(AtomicUsize::new(0));
         let mut tasks = Vec::new();
         for _ in 0..10 {
             let (c, calls) = (c.clone(), calls.clone());
             tasks.push(tokio::spawn(async move {
-                c.get_or_load(k, || async {
-                    calls.fetch_add(1, Ordering::SeqCst);
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    Err("down")
+                c.get_or_load(k, || {
+                    counted(&calls, Err(TestError::Down), Duration::from_millis(100))
                 })
                 .await
             }));
         }
         for t in tasks {
-            assert_eq!(t.await.unwrap(), Err("down"));
+            assert_eq!(t.await.unwrap(), Err(TestError::Down));
         }
         assert_eq!(calls.load(Ordering::SeqCst), 1);
         let r = c
-            .get_or_load(k, || async {
-                Ok(("ok", Freshness::Positive { cap: None }))
-            })
+            .get_or_load(k, || async { Ok(("ok", positive(None))) })
             .await;
         assert_eq!(r, Ok("ok"));
     }
 
     #[tokio::test(start_paused = true)]
-    async fn cancelled_leader_is_replaced() {
-        let c = Arc::new(cache(60, 5));
+    async fn abandoned_load_still_fills_the_cache() {
+        let c = cache(60, 5);
         let k = c.key("t", &[]);
-        let leader = {
-            let c = c.clone();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let first = {
+            let (c, calls) = (c.clone(), calls.clone());
             tokio::spawn(async move {
-                c.get_or_load(k, || async {
-                    tokio::time::sleep(Duration::from_secs(3600)).await;
-                    Ok(("leader", Freshness::Positive { cap: None }))
-                })
-                .await
+                c.get_or_load(k, || counted(&calls, Ok("first"), Duration::from_secs(1)))
+                    .await
             })
         };
-        tokio::time::sleep(Duration::from_millis(1)).await;
-        let follower = {
-            let c = c.clone();
-            tokio::spawn(async move {
-                c.get_or_load(k, || async {
-                    Ok(("follower", Freshness::Positive { cap: None }))
-                })
-                .await
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        // The caller gives up (Envoy timed out); the TokenReview goes on.
+        first.abort();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        // A retry joins the same flight instead of starting another.
+        let second = c
+            .get_or_load(k, || counted(&calls, Ok("second"), Duration::ZERO))
+            .await;
+        assert_eq!(second, Ok("first"));
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(c.get(&k), Some("first"));
+    }
+
+    #[tokio::test]
+    async fn a_panicking_load_is_an_error_and_is_forgotten() {
+        let c = cache(60, 5);
+        let k = c.key("t", &[]);
+        let r = c
+            .get_or_load(k, || async move {
+                if k.len() == 32 {
+                    panic!("load panicked (expected by this test)");
+                }
+                Ok(("never", positive(None)))
             })
-        };
-        tokio::time::sleep(Duration::from_millis(1)).await;
-        leader.abort();
-        assert_eq!(follower.await.unwrap(), Ok("follower"));
+            .await;
+        assert_eq!(r, Err(TestError::Lost));
+        assert!(c.flights.lock().unwrap().is_empty());
+        let r = c
+            .get_or_load(k, || async { Ok(("ok", positive(None))) })
+            .await;
+        assert_eq!(r, Ok("ok"));
     }
 
     #[tokio::test]
     async fn lru_evicts_and_gauge_tracks() {
         let g = Gauge::default();
-        let c: Cache<u32, ()> = Cache::new(
-            NonZeroUsize::new(2).unwrap(),
-            Duration::from_secs(60),
-            Duration::from_secs(5),
-            g.clone(),
-        )
-        .unwrap();
+        let c: Arc<Cache<u32, TestError>> = Arc::new(
+            Cache::new(
+                NonZeroUsize::new(2).unwrap(),
+                Duration::from_secs(60),
+                Duration::from_secs(5),
+                g.clone(),
+            )
+            .unwrap(),
+        );
         for i in 0..3u32 {
             let k = c.key(&i.to_string(), &[]);
-            c.get_or_load(
-                k,
-                || async move { Ok((i, Freshness::Positive { cap: None })) },
-            )
-            .await
-            .unwrap();
+            c.get_or_load(k, || async move { Ok((i, positive(None))) })
+                .await
+                .unwrap();
         }
         assert_eq!(c.len(), 2);
         assert_eq!(g.get(), 2);

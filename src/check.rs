@@ -33,8 +33,8 @@ pub type Remembered = Result<Arc<Identity>, Denial>;
 pub struct Checker {
     token_sources: Vec<TokenSource>,
     routes: Routes,
-    cache: Cache<Remembered, ReviewError>,
-    reviewer: Reviewer,
+    cache: Arc<Cache<Remembered, ReviewError>>,
+    reviewer: Arc<Reviewer>,
     responder: Responder,
     metrics: Arc<Metrics>,
 }
@@ -81,8 +81,8 @@ impl Checker {
         Ok(Checker {
             token_sources: config.token_sources.clone(),
             routes: Routes::new(&config.routes),
-            cache,
-            reviewer,
+            cache: Arc::new(cache),
+            reviewer: Arc::new(reviewer),
             responder: Responder::new(&config.identity_headers, &config.token_sources),
             metrics,
         })
@@ -151,19 +151,25 @@ impl Checker {
                         return deny(Some(route), denial);
                     }
                 };
+                // The review runs in its own task (see `cache`), so it owns its inputs.
                 let loaded = self
                     .cache
-                    .get_or_load(key, || async {
-                        let verdict = self.reviewer.review(token, &route.audiences).await?;
-                        Ok(match verdict {
-                            Verdict::Authenticated(id) => {
-                                let cap = claims.exp.map(|exp| {
-                                    std::time::Duration::from_secs((exp - now).max(0) as u64)
-                                });
-                                (Ok(Arc::new(id)), Freshness::Positive { cap })
-                            }
-                            Verdict::Rejected(denial) => (Err(denial), Freshness::Negative),
-                        })
+                    .get_or_load(key, || {
+                        let reviewer = Arc::clone(&self.reviewer);
+                        let token = token.to_owned();
+                        let audiences = route.audiences.clone();
+                        async move {
+                            let verdict = reviewer.review(&token, &audiences).await?;
+                            Ok(match verdict {
+                                Verdict::Authenticated(id) => {
+                                    let cap = claims.exp.map(|exp| {
+                                        std::time::Duration::from_secs((exp - now).max(0) as u64)
+                                    });
+                                    (Ok(Arc::new(id)), Freshness::Positive { cap })
+                                }
+                                Verdict::Rejected(denial) => (Err(denial), Freshness::Negative),
+                            })
+                        }
                     })
                     .await;
                 match loaded {

@@ -76,6 +76,15 @@ pub enum ReviewError {
     /// Waited longer than `kubernetes.timeout` for a free TokenReview slot.
     #[error("too many TokenReviews in flight")]
     Overloaded,
+    /// The task running the TokenReview ended without an answer (a bug; logged).
+    #[error("the TokenReview task ended without an answer")]
+    Aborted,
+}
+
+impl From<crate::cache::FlightLost> for ReviewError {
+    fn from(_: crate::cache::FlightLost) -> Self {
+        ReviewError::Aborted
+    }
 }
 
 impl ReviewError {
@@ -91,6 +100,7 @@ impl ReviewError {
             ReviewError::Forbidden => "forbidden",
             ReviewError::Decode(_) => "decode",
             ReviewError::Overloaded => "overloaded",
+            ReviewError::Aborted => "aborted",
         }
     }
 }

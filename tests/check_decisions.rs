@@ -411,3 +411,27 @@ async fn shutdown_turns_not_ready_and_drains_in_flight_checks() {
     h.standin.set_fault(Fault::None);
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_check_abandoned_by_envoy_still_caches_its_token_review() {
+    let s = standin().await;
+    let yaml = config(&s.kubeconfig_path(), "").replace("timeout: 2s", "timeout: 5s");
+    let h = Harness::start_with(s, &yaml).await;
+    let token = h.api_token(AUD);
+    h.standin
+        .set_fault(Fault::Latency(Duration::from_millis(400)));
+    let before = h.standin.token_reviews_served();
+    // Envoy's ext_authz timeout fires while TokenReview is slow: the Check is cancelled.
+    let abandoned = tokio::time::timeout(
+        Duration::from_millis(100),
+        h.check(data_store(&[("x-client-id", &token)])),
+    )
+    .await;
+    assert!(abandoned.is_err(), "the Check should still be waiting");
+    // The client's retry joins the TokenReview already under way instead of starting one.
+    let r = h.check_ok(data_store(&[("x-client-id", &token)])).await;
+    allowed_headers(&r);
+    assert_eq!(h.standin.token_reviews_served(), before + 1);
+    h.standin.set_fault(Fault::None);
+    h.stop().await;
+}
