@@ -27,6 +27,10 @@ struct Args {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: SocketAddr,
+    /// Listen on this Unix domain socket path instead (what a sidecar sharing a volume with
+    /// Envoy could use: no TCP/IP stack on either side).
+    #[arg(long)]
+    uds: Option<std::path::PathBuf>,
     /// Tokio worker threads; 0 runs a current-thread runtime.
     #[arg(long, default_value_t = 2)]
     workers: usize,
@@ -126,20 +130,28 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(args: Args) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(args.listen).await?;
-    println!("ready {}", listener.local_addr()?);
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(!args.nagle));
     let svc = AuthorizationServer::new(NullAuthz {
         ok: ok_response(args.identity_headers),
     });
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder()
         .initial_stream_window_size(args.stream_window)
         .initial_connection_window_size(args.conn_window)
-        .http2_adaptive_window(Some(args.adaptive_window))
-        .add_service(svc)
-        .serve_with_incoming_shutdown(incoming, async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await?;
+        .http2_adaptive_window(Some(args.adaptive_window));
+    let router = server.add_service(svc);
+    let stop = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    if let Some(path) = &args.uds {
+        let _ = std::fs::remove_file(path);
+        let listener = tokio::net::UnixListener::bind(path)?;
+        println!("ready unix:{}", path.display());
+        let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+        router.serve_with_incoming_shutdown(incoming, stop).await?;
+    } else {
+        let listener = tokio::net::TcpListener::bind(args.listen).await?;
+        println!("ready {}", listener.local_addr()?);
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(!args.nagle));
+        router.serve_with_incoming_shutdown(incoming, stop).await?;
+    }
     Ok(())
 }
