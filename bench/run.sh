@@ -244,6 +244,7 @@ saturate() {
   local envoy_pid=${PIDS[envoy-$s]:-} authz_pid=${authz:+${PIDS[$authz]}}
   e0=$([[ -n $envoy_pid ]] && cpu_us "$envoy_pid" || echo 0)
   a0=$([[ -n $authz_pid ]] && cpu_us "$authz_pid" || echo 0)
+  local k0 k1; k0=$(cpu_us "${PIDS[standin]}")
   local profs=()
   if [[ $r == profile ]]; then
     [[ -n $authz_pid ]] && profs+=("$authz:$authz_pid")
@@ -295,9 +296,11 @@ saturate() {
   fi
   e1=$([[ -n $envoy_pid ]] && cpu_us "$envoy_pid" || echo 0)
   a1=$([[ -n $authz_pid ]] && cpu_us "$authz_pid" || echo 0)
+  k1=$(cpu_us "${PIDS[standin]}")
   printf '%s\t%s\t%s\t%s\n' "$s" "$r" "${rps:-0}" "${bad:-0}" >> "$OUT/sat.tsv"
   awk -v s="$s" -v r="$r" -v n="${n:-0}" -v e="$((${e1%.*} - ${e0%.*}))" -v a="$((${a1%.*} - ${a0%.*}))" \
-    'BEGIN { if (n > 0) printf "%s\t%s\t%.1f\t%.1f\n", s, r, e / n, a / n }' >> "$OUT/cpu.tsv"
+    -v k="$((${k1%.*} - ${k0%.*}))" \
+    'BEGIN { if (n > 0) printf "%s\t%s\t%.1f\t%.1f\t%.1f\n", s, r, e / n, a / n, k / n }' >> "$OUT/cpu.tsv"
   log "$(printf '%-16s round %s: %8.0f rps  (%s bad)' "$s" "$r" "${rps:-0}" "${bad:-0}")"
 }
 
