@@ -110,7 +110,16 @@ standin_api() { # METHOD PATH [JSON]
   curl -sS --fail --cacert "$SDIR/ca.crt" -H "Authorization: Bearer $ADMIN_TOKEN" \
     -H 'content-type: application/json' -X "$1" "$STANDIN_URL$2" ${3:+-d "$3"}
 }
-set_latency() { standin_api POST /standin/v1/fault "{\"kind\":\"latency\",\"ms\":$1}" >/dev/null; }
+# set_latency MS: TokenReview answers wait MS (0 = no fault at all: even a zero sleep costs a
+# tokio timer tick, up to 1 ms). Note tokio timers round up to whole milliseconds, so "2 ms"
+# is 2-3 ms in practice.
+set_latency() {
+  if (($1 == 0)); then
+    standin_api POST /standin/v1/fault '{"kind":"none"}' >/dev/null
+  else
+    standin_api POST /standin/v1/fault "{\"kind\":\"latency\",\"ms\":$1}" >/dev/null
+  fi
+}
 reviews() { standin_api GET /standin/v1/counters | sed -E 's/.*"token_reviews":([0-9]+).*/\1/'; }
 HIT_TOKEN=$(sed -n 1p "$SDIR/single.txt")
 
