@@ -38,6 +38,8 @@ pub async fn client(s: &Standin, token: Option<&str>) -> kube::Client {
         .await
         .expect("config from kubeconfig");
     cfg.auth_info = AuthInfo::default();
+    // kube retries 429/503/504 by default; the tests want to see each answer.
+    cfg.default_retry = false;
     if let Some(t) = token {
         cfg.auth_info.token = Some(t.to_string().into());
     }
