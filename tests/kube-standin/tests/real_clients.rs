@@ -1,0 +1,392 @@
+//! The stand-in driven by real clients: the official Python client, kubectl (the seed's
+//! own `kubectl create -f tokenreview.yaml -o yaml`, and `kubectl create token`, which
+//! sends protobuf), and the `kube-standin serve` process mode.
+
+mod common;
+
+use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use common::{call, client, client_from_kubeconfig, review};
+use kube_standin::{MintRequest, Options, Standin};
+use serde_json::json;
+
+fn python() -> PathBuf {
+    let p = match std::env::var_os("TOKENGATE_PYTHON") {
+        Some(p) => PathBuf::from(p),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python"),
+    };
+    assert!(
+        p.exists(),
+        "Python with the `kubernetes` package not found at {} (set TOKENGATE_PYTHON, or run scripts/test.sh which creates .venv)",
+        p.display()
+    );
+    p
+}
+
+fn kubectl() -> PathBuf {
+    let p = std::env::var_os("KUBECTL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/bin/kubectl"));
+    assert!(
+        p.exists(),
+        "kubectl not found at {} (set KUBECTL)",
+        p.display()
+    );
+    p
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\nstdout: {}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[tokio::test]
+async fn python_client_token_request_and_review() {
+    let py = python();
+    let s = Standin::start(Options::default()).await.unwrap();
+    let sa_uid = s.create_service_account("payments", "api");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scripts/python_client.py");
+    let admin_kc = s.admin_kubeconfig_path();
+    let reviewer_kc = s.kubeconfig_path();
+    let out = tokio::task::spawn_blocking(move || {
+        run(Command::new(py)
+            .arg(script)
+            .arg(admin_kc)
+            .arg(reviewer_kc)
+            .args(["payments", "api"])
+            .env("PYTHONWARNINGS", "ignore"))
+    })
+    .await
+    .unwrap();
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("script prints JSON");
+    assert_eq!(v["token_request"]["audiences"], json!(["vault"]));
+    assert_eq!(v["token_request"]["expiration_seconds"], 3600);
+    let review_status = &v["review"];
+    assert_eq!(review_status["authenticated"], true);
+    assert_eq!(review_status["audiences"], json!(["vault"]));
+    assert_eq!(
+        review_status["user"]["username"],
+        "system:serviceaccount:payments:api"
+    );
+    assert_eq!(review_status["user"]["uid"], sa_uid.as_str());
+    assert_eq!(
+        review_status["user"]["groups"],
+        json!([
+            "system:serviceaccounts",
+            "system:serviceaccounts:payments",
+            "system:authenticated"
+        ])
+    );
+    assert_eq!(
+        v["rejected"],
+        json!({"user": {}, "error": r#"[invalid bearer token, token audiences ["vault"] is invalid for the target audiences ["other"]]"#})
+    );
+    assert_eq!(v["unauthorized"]["status"], 401, "{v}");
+    assert_eq!(
+        v["unauthorized"]["body"],
+        json!({"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","message":"Unauthorized","reason":"Unauthorized","code":401})
+    );
+    assert_eq!(v["forbidden"]["status"], 403, "{v}");
+    assert_eq!(v["forbidden"]["body"]["reason"], "Forbidden");
+    assert_eq!(
+        v["forbidden"]["body"]["message"],
+        r#"tokenreviews.authentication.k8s.io is forbidden: User "system:serviceaccount:payments:api" cannot create resource "tokenreviews" in API group "authentication.k8s.io" at the cluster scope"#
+    );
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn kubectl_create_tokenreview_from_yaml() {
+    let kubectl = kubectl();
+    let s = Standin::start(Options {
+        issuer: "kubernetes.default.svc".into(),
+        api_audiences: vec!["api".into(), "vault".into()],
+        jti: false,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let sa_uid = s.create_service_account("test", "nginx");
+    let pod_uid = s.create_pod("test", "nginx", "nginx", None);
+    let token = s
+        .mint(
+            &MintRequest::new("test", "nginx")
+                .audience("vault")
+                .pod("nginx")
+                .expires_in(7200),
+        )
+        .unwrap();
+    let yaml = s.dir().join("tokenreview.yaml");
+    std::fs::write(
+        &yaml,
+        format!(
+            "apiVersion: authentication.k8s.io/v1\nkind: TokenReview\nspec:\n  token: {token}\n"
+        ),
+    )
+    .unwrap();
+    let kc = s.admin_kubeconfig_path();
+    let (k2, y2, kc2) = (kubectl.clone(), yaml.clone(), kc.clone());
+    let out = tokio::task::spawn_blocking(move || {
+        run(Command::new(k2)
+            .arg("--kubeconfig")
+            .arg(kc2)
+            .args(["create", "-f"])
+            .arg(y2)
+            .args(["-o", "yaml"]))
+    })
+    .await
+    .unwrap();
+    let expected = format!(
+        "apiVersion: authentication.k8s.io/v1
+kind: TokenReview
+metadata: {{}}
+spec:
+  token: {token}
+status:
+  audiences:
+  - vault
+  authenticated: true
+  user:
+    extra:
+      authentication.kubernetes.io/pod-name:
+      - nginx
+      authentication.kubernetes.io/pod-uid:
+      - {pod_uid}
+    groups:
+    - system:serviceaccounts
+    - system:serviceaccounts:test
+    - system:authenticated
+    uid: {sa_uid}
+    username: system:serviceaccount:test:nginx
+"
+    );
+    assert_eq!(out, expected);
+
+    // The reviewer kubeconfig (tokenFile) works for kubectl too, with the same answer.
+    let rk = s.kubeconfig_path();
+    let out = tokio::task::spawn_blocking(move || {
+        run(Command::new(kubectl)
+            .arg("--kubeconfig")
+            .arg(rk)
+            .args(["create", "-f"])
+            .arg(yaml)
+            .args(["-o", "json"]))
+    })
+    .await
+    .unwrap();
+    let via_kubectl: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let admin = client(&s, Some(&s.admin_token())).await;
+    let direct = review(&admin, &token, &[]).await.json();
+    assert_eq!(via_kubectl["status"], direct["status"]);
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn kubectl_create_token_sends_protobuf() {
+    let kubectl = kubectl();
+    let s = Standin::start(Options::default()).await.unwrap();
+    s.create_service_account("payments", "api");
+    let pod_uid = s.create_pod("payments", "api-0", "api", Some("worker-1"));
+    let kc = s.admin_kubeconfig_path();
+    let k = kubectl.clone();
+    let token = tokio::task::spawn_blocking(move || {
+        run(Command::new(k).arg("--kubeconfig").arg(kc).args([
+            "create",
+            "token",
+            "api",
+            "-n",
+            "payments",
+            "--audience",
+            "vault",
+            "--audience",
+            "db",
+            "--duration",
+            "20m",
+            "--bound-object-kind",
+            "Pod",
+            "--bound-object-name",
+            "api-0",
+        ]))
+    })
+    .await
+    .unwrap();
+    let token = token.trim();
+    let (_, payload) = common::jwt_parts(token);
+    let c: serde_json::Value = serde_json::from_str(&payload).unwrap();
+    assert_eq!(c["aud"], json!(["vault", "db"]));
+    assert_eq!(
+        c["exp"].as_i64().unwrap() - c["iat"].as_i64().unwrap(),
+        1200
+    );
+    assert_eq!(c["kubernetes.io"]["pod"]["uid"], pod_uid.as_str());
+    assert_eq!(c["kubernetes.io"]["node"]["name"], "worker-1");
+
+    // Errors come back as Status objects kubectl prints.
+    let kc = s.admin_kubeconfig_path();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(kubectl)
+            .arg("--kubeconfig")
+            .arg(kc)
+            .args([
+                "create",
+                "token",
+                "api",
+                "-n",
+                "payments",
+                "--duration",
+                "5m",
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(!out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        r#"error: failed to create token: TokenRequest.authentication.k8s.io "" is invalid: spec.expirationSeconds: Invalid value: 300: may not specify a duration less than 10 minutes"#
+    );
+    s.shutdown().await;
+}
+
+/// Kills the child process on drop (by its own handle), so a failing test leaves nothing.
+struct ChildGuard(std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn process_mode_serves_and_takes_controls() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kube-standin"))
+        .args(["serve", "--dir"])
+        .arg(dir.path())
+        .args(["--api-audience", "api", "--api-audience", "vault"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn kube-standin");
+    let stdout = child.stdout.take().unwrap();
+    let guard = ChildGuard(child);
+    let line = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        line
+    })
+    .await
+    .unwrap();
+    let url = line
+        .trim()
+        .strip_prefix("ready ")
+        .expect("ready line")
+        .to_string();
+    assert!(url.starts_with("https://127.0.0.1:"), "{url}");
+    for f in [
+        "ca.crt",
+        "kubeconfig",
+        "admin.kubeconfig",
+        "reviewer-token",
+        "url",
+    ] {
+        assert!(dir.path().join(f).exists(), "{f} written");
+    }
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("url"))
+            .unwrap()
+            .trim(),
+        url
+    );
+
+    let admin = client_from_kubeconfig(&dir.path().join("admin.kubeconfig")).await;
+    let reviewer = client_from_kubeconfig(&dir.path().join("kubeconfig")).await;
+    let a = call(
+        &admin,
+        "POST",
+        "/api/v1/namespaces/demo/serviceaccounts",
+        Some(&json!({"metadata":{"name":"app"}})),
+    )
+    .await;
+    assert_eq!(a.status, 201, "{}", a.body);
+    let a = call(
+        &admin,
+        "POST",
+        "/api/v1/namespaces/demo/serviceaccounts/app/token",
+        Some(&json!({"spec":{"audiences":["vault"]}})),
+    )
+    .await;
+    assert_eq!(a.status, 201, "{}", a.body);
+    let token = a.json()["status"]["token"].as_str().unwrap().to_string();
+    let v = review(&reviewer, &token, &["vault"]).await.json();
+    assert_eq!(v["status"]["authenticated"], true);
+
+    // Controls are for admins only.
+    let a = call(
+        &reviewer,
+        "POST",
+        "/standin/v1/fault",
+        Some(&json!({"kind":"hang"})),
+    )
+    .await;
+    assert_eq!(a.status, 403);
+    let a = call(
+        &admin,
+        "POST",
+        "/standin/v1/fault",
+        Some(&json!({"kind":"status","code":503,"retry_after":1})),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    // kube's default client retries 503s; a raw request shows the first answer.
+    let a = call(
+        &admin_no_retry(&dir).await,
+        "POST",
+        "/apis/authentication.k8s.io/v1/tokenreviews",
+        Some(&json!({"spec":{"token":token}})),
+    )
+    .await;
+    assert_eq!(a.status, 503);
+    assert_eq!(a.header("retry-after").as_deref(), Some("1"));
+    let a = call(
+        &admin,
+        "POST",
+        "/standin/v1/fault",
+        Some(&json!({"kind":"none"})),
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    let a = call(
+        &admin,
+        "POST",
+        "/standin/v1/fault",
+        Some(&json!({"kind":"bogus"})),
+    )
+    .await;
+    assert_eq!(a.status, 400);
+    let a = call(&admin, "GET", "/standin/v1/counters", None).await;
+    assert_eq!(a.body, r#"{"token_reviews":2}"#);
+    drop(guard);
+}
+
+async fn admin_no_retry(dir: &tempfile::TempDir) -> kube::Client {
+    use kube::config::{KubeConfigOptions, Kubeconfig};
+    let kc = Kubeconfig::read_from(dir.path().join("admin.kubeconfig")).unwrap();
+    let mut cfg = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .unwrap();
+    cfg.default_retry = false;
+    kube::Client::try_from(cfg).unwrap()
+}
