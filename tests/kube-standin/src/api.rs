@@ -46,11 +46,20 @@ pub struct Shared {
     pub reviews: AtomicU64,
     /// Fault applied to TokenReview requests.
     pub fault: Mutex<Fault>,
+    /// Tells the accept loop to stop (`true`) or resume (`false`) listening.
+    pub down: tokio::sync::watch::Sender<bool>,
     /// `https://host:port` the server is reachable at.
     pub url: String,
 }
 
 impl Shared {
+    /// Sets the fault; `Fault::Down` stops listening, anything else resumes it.
+    pub fn set_fault(&self, fault: Fault) {
+        let down = fault == Fault::Down;
+        *self.fault.lock().unwrap_or_else(|e| e.into_inner()) = fault;
+        self.down.send_replace(down);
+    }
+
     fn fault(&self) -> Fault {
         self.fault.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
@@ -458,8 +467,20 @@ async fn route(
             require_admin(shared, user, path)?;
             let body = read_body(req.into_body()).await?;
             let f: FaultIn = decode(&body, "fault")?;
-            let fault = f.into_fault()?;
-            *shared.fault.lock().unwrap_or_else(|e| e.into_inner()) = fault;
+            if f.kind == "down" {
+                // Down for `ms`, then up again on the same port. It starts a moment later
+                // so that this answer still reaches the caller.
+                let ms = f.ms.unwrap_or(1000);
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    shared.set_fault(Fault::Down);
+                    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                    shared.set_fault(Fault::None);
+                });
+            } else {
+                shared.set_fault(f.into_fault()?);
+            }
             Ok(json_resp(200, &json!({"ok": true})))
         }
         ["standin", "v1", "counters"] if get => {
@@ -620,7 +641,7 @@ impl FaultIn {
             "close" => Fault::CloseConnection,
             other => {
                 return Err(ApiError::bad_request(format!(
-                    "fault: unknown kind {other:?} (none|latency|status|hang|close; stop the process for down)"
+                    "fault: unknown kind {other:?} (none|latency|status|hang|close|down)"
                 )))
             }
         })

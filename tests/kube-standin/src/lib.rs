@@ -33,6 +33,8 @@
 //! successes for 10 s, see §7 of the doc); deletions are immediate (no grace period);
 //! namespaces are created on first use with their `default` service account.
 
+#![warn(missing_docs)]
+
 pub mod api;
 pub mod clock;
 pub mod cluster;
@@ -208,7 +210,6 @@ pub struct Standin {
     ca_pem: String,
     admin_token: String,
     reviewer: Mutex<Reviewer>,
-    down_tx: watch::Sender<bool>,
     shutdown_tx: watch::Sender<bool>,
     task: Option<JoinHandle<()>>,
 }
@@ -276,13 +277,14 @@ impl Standin {
             Subject::ServiceAccount(rns.to_string(), rname.to_string()),
         );
 
+        let (down_tx, down_rx) = watch::channel(false);
         let shared = Arc::new(Shared {
             cluster,
             reviews: AtomicU64::new(0),
             fault: Mutex::new(Fault::None),
+            down: down_tx,
             url: url.clone(),
         });
-        let (down_tx, down_rx) = watch::channel(false);
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let mut standin = Standin {
             shared: shared.clone(),
@@ -295,7 +297,6 @@ impl Standin {
                 generation: 0,
                 secret: String::new(),
             }),
-            down_tx,
             shutdown_tx,
             task: None,
         };
@@ -518,9 +519,7 @@ impl Standin {
     /// Sets the fault applied to TokenReview requests. `Fault::Down` stops listening and
     /// drops open connections; any other value brings the listener back on the same port.
     pub fn set_fault(&self, fault: Fault) {
-        let down = fault == Fault::Down;
-        *self.shared.fault.lock().unwrap_or_else(|e| e.into_inner()) = fault;
-        self.down_tx.send_replace(down);
+        self.shared.set_fault(fault);
     }
 
     /// Mints a new reviewer token, writes it atomically (temp file + rename) and revokes the

@@ -2,6 +2,13 @@
 //! runs the stand-in API server as a process (for the demo and the Envoy tests). It writes
 //! `DIR/{ca.crt, kubeconfig, admin.kubeconfig, reviewer-token, url}`, prints
 //! `ready <url>` on stdout once it serves, and runs until SIGINT or SIGTERM.
+//!
+//! Test controls (admin token only): `POST /standin/v1/fault` with
+//! `{"kind":"latency","ms":50}`, `{"kind":"status","code":503,"retry_after":1}`,
+//! `{"kind":"hang"}`, `{"kind":"close"}`, `{"kind":"down","ms":2000}` (stop listening for
+//! that long, then listen again on the same port) or `{"kind":"none"}`; and
+//! `GET /standin/v1/counters` → `{"token_reviews":N}`. A restarted process generates a new
+//! CA, signing key and tokens: clients must reload the rewritten kubeconfig.
 
 use std::io::Write as _;
 use std::net::SocketAddr;

@@ -516,6 +516,20 @@ async fn injected_status_faults_look_like_real_statuses() {
     s.shutdown().await;
 }
 
+#[tokio::test]
+async fn oversized_bodies_get_413() {
+    let s = standin().await;
+    let admin = client(&s, Some(&s.admin_token())).await;
+    let big = "a".repeat(3 * 1024 * 1024 + 1);
+    let a = review(&admin, &big, &[]).await;
+    assert_eq!(a.status, 413);
+    assert_eq!(
+        a.body,
+        r#"{"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","message":"Request entity too large: limit is 3145728","reason":"RequestEntityTooLarge","code":413}"#
+    );
+    s.shutdown().await;
+}
+
 async fn try_review(c: &kube::Client) -> Result<u16, String> {
     let req = http::Request::builder()
         .method("POST")

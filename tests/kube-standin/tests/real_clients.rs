@@ -378,6 +378,40 @@ async fn process_mode_serves_and_takes_controls() {
     assert_eq!(a.status, 400);
     let a = call(&admin, "GET", "/standin/v1/counters", None).await;
     assert_eq!(a.body, r#"{"token_reviews":2}"#);
+
+    // Down for a while, then back on the same port (process-mode down/up).
+    let addr: std::net::SocketAddr = url.trim_start_matches("https://").parse().unwrap();
+    let a = call(
+        &admin,
+        "POST",
+        "/standin/v1/fault",
+        Some(&json!({"kind":"down","ms":700})),
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    let mut went_down = false;
+    for _ in 0..50 {
+        if tokio::net::TcpStream::connect(addr).await.is_err() {
+            went_down = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(went_down, "the listener must close");
+    let mut came_back = false;
+    for _ in 0..300 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            came_back = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(came_back, "the listener must come back on {addr}");
+    let fresh = client_from_kubeconfig(&dir.path().join("kubeconfig")).await;
+    assert_eq!(
+        review(&fresh, &token, &["vault"]).await.json()["status"]["authenticated"],
+        true
+    );
     drop(guard);
 }
 
