@@ -19,9 +19,12 @@
 //! * **Objects and controls**: service accounts, pods (deleting one revokes its tokens),
 //!   ClusterRoleBindings, a TokenReview counter and run-time [`Fault`]s.
 //! * **Discovery documents** (`/api`, `/apis`, `/api/v1`, `/apis/<group>/v1`, `/version`)
-//!   so `kubectl create -f tokenreview.yaml` works. `/openapi/*` is not served (404).
-//!   `kubectl create token` sends protobuf; the TokenRequest endpoint decodes that
-//!   protobuf body (see [`protobuf`]) and answers JSON, which kubectl accepts.
+//!   so `kubectl create -f tokenreview.yaml -o yaml` works. `/openapi/v3` is 404 and
+//!   `/openapi/v2` is a valid document without definitions, so kubectl skips client-side
+//!   schema validation (as for any kind a server does not describe) instead of failing.
+//!   `kubectl create token` (and `kubectl create sa`) send protobuf; those endpoints
+//!   decode the few protobuf fields they need (see [`protobuf`]) and answer JSON, which
+//!   kubectl accepts. Other endpoints answer protobuf bodies with 415.
 //!
 //! Layout: [`cluster`] holds objects, keys and the token logic without HTTP; [`api`]
 //! routes requests and renders Kubernetes objects and `Status` errors ([`status`]);
