@@ -194,15 +194,22 @@ fn require_json<B>(req: &Request<B>) -> Result<(), ApiError> {
     if media.is_empty() || media.eq_ignore_ascii_case("application/json") || media == "*/*" {
         Ok(())
     } else {
-        Err(ApiError::unsupported_media_type(media))
+        Err(ApiError::unsupported_media_type())
     }
 }
 
+/// Decodes a JSON body, with the messages the API server's decoder gives.
 fn decode<'a, T: Deserialize<'a>>(body: &'a [u8], kind: &str) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| {
-        ApiError::bad_request(format!(
-            "the object provided is unrecognized or invalid ({kind}): json: {e}"
-        ))
+        use serde_json::error::Category;
+        ApiError::bad_request(match e.classify() {
+            Category::Syntax | Category::Eof | Category::Io => {
+                format!("couldn't get version/kind; json parse error: {e}")
+            }
+            Category::Data => {
+                format!("{kind} in version \"v1\" cannot be handled as a {kind}: {e}")
+            }
+        })
     })
 }
 

@@ -305,14 +305,13 @@ impl ApiError {
         )
     }
 
-    /// 415 UnsupportedMediaType.
-    pub fn unsupported_media_type(content_type: &str) -> ApiError {
+    /// 415 UnsupportedMediaType, listing the media types this stand-in decodes.
+    pub fn unsupported_media_type() -> ApiError {
         ApiError::new(
             415,
             "UnsupportedMediaType",
-            format!(
-                "the body of the request was in an unknown format ({content_type}) - accepted media types include: application/json, application/yaml"
-            ),
+            "the body of the request was in an unknown format - accepted media types include: application/json"
+                .to_string(),
             None,
         )
     }

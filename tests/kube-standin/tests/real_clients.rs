@@ -25,16 +25,19 @@ fn python() -> PathBuf {
     p
 }
 
+/// kubectl: `$KUBECTL`, else the first `kubectl` on `PATH` (scripts/setup.sh requires it).
 fn kubectl() -> PathBuf {
-    let p = std::env::var_os("KUBECTL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/usr/bin/kubectl"));
-    assert!(
-        p.exists(),
-        "kubectl not found at {} (set KUBECTL)",
-        p.display()
-    );
-    p
+    if let Some(p) = std::env::var_os("KUBECTL") {
+        return PathBuf::from(p);
+    }
+    let found = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|d| d.join("kubectl"))
+            .find(|p| p.is_file())
+    });
+    found.unwrap_or_else(|| {
+        panic!("kubectl not found on PATH (set KUBECTL); scripts/setup.sh requires it")
+    })
 }
 
 fn run(cmd: &mut Command) -> String {
