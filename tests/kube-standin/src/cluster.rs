@@ -54,19 +54,19 @@ pub struct ClusterConfig {
 }
 
 /// An authenticated user (`user.Info`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UserInfo {
     /// Username.
-    #[serde(skip_serializing_if = "String::is_empty")]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub username: String,
     /// UID.
-    #[serde(skip_serializing_if = "String::is_empty")]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub uid: String,
     /// Groups.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub groups: Vec<String>,
     /// Extra, keys sorted.
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub extra: BTreeMap<String, Vec<String>>,
 }
 
@@ -119,7 +119,7 @@ pub enum Attributes<'a> {
 }
 
 /// Metadata every stored object has.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Meta {
     /// UID.
     pub uid: String,
@@ -137,7 +137,7 @@ impl Meta {
 }
 
 /// A pod.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Pod {
     /// Metadata.
     pub meta: Meta,
@@ -148,7 +148,7 @@ pub struct Pod {
 }
 
 /// A secret (only what token binding and legacy tokens need).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Secret {
     /// Metadata.
     pub meta: Meta,
@@ -159,7 +159,7 @@ pub struct Secret {
 }
 
 /// A ClusterRoleBinding subject.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Subject {
     /// A service account `(namespace, name)`.
     ServiceAccount(String, String),
@@ -188,6 +188,33 @@ pub struct Cluster {
     /// Fixed configuration.
     pub cfg: ClusterConfig,
     state: Mutex<State>,
+    /// Where every change is saved (process mode), with the notes saved along.
+    persist: Mutex<Option<(std::path::PathBuf, BTreeMap<String, String>)>>,
+}
+
+/// A saved signing key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SavedKey {
+    alg: String,
+    pkcs8: String,
+}
+
+/// Everything needed to resume a cluster after a restart: keys, objects, static tokens
+/// and free-form notes of the embedding [`crate::Standin`] (TLS material, reviewer).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// Issuer the state was written for.
+    pub issuer: String,
+    keys: Vec<SavedKey>,
+    namespaces: Vec<(String, Meta)>,
+    service_accounts: Vec<(String, String, Meta)>,
+    pods: Vec<(String, String, Pod)>,
+    nodes: Vec<(String, Meta)>,
+    secrets: Vec<(String, String, Secret)>,
+    bindings: Vec<(String, String, Vec<Subject>)>,
+    static_tokens: Vec<(String, UserInfo)>,
+    /// Values the embedding server keeps with the state.
+    pub notes: BTreeMap<String, String>,
 }
 
 /// What a TokenRequest asks for (the parts of the object the server reads).
@@ -430,6 +457,7 @@ impl Cluster {
         let c = Cluster {
             cfg,
             state: Mutex::new(state),
+            persist: Mutex::new(None),
         };
         // Default bootstrap bindings (plugin/pkg/auth/authorizer/rbac/bootstrappolicy).
         c.bind(
@@ -445,12 +473,151 @@ impl Cluster {
         Ok(c)
     }
 
+    // ---------------------------------------------------------------- persistence
+
+    /// Rebuilds a cluster from a snapshot.
+    pub fn restore(cfg: ClusterConfig, snap: &Snapshot) -> anyhow::Result<Cluster> {
+        let mut keys = Vec::new();
+        for k in &snap.keys {
+            let alg = match k.alg.as_str() {
+                "RS256" => KeyAlg::Rs256,
+                "ES256" => KeyAlg::Es256,
+                other => anyhow::bail!("saved key has unknown algorithm {other:?}"),
+            };
+            let der = base64::engine::general_purpose::STANDARD.decode(&k.pkcs8)?;
+            keys.push(Arc::new(SigningKey::from_pkcs8(alg, &der)?));
+        }
+        anyhow::ensure!(!keys.is_empty(), "saved state has no signing key");
+        let state = State {
+            keys,
+            namespaces: snap.namespaces.iter().cloned().collect(),
+            service_accounts: snap
+                .service_accounts
+                .iter()
+                .map(|(ns, n, m)| ((ns.clone(), n.clone()), m.clone()))
+                .collect(),
+            pods: snap
+                .pods
+                .iter()
+                .map(|(ns, n, p)| ((ns.clone(), n.clone()), p.clone()))
+                .collect(),
+            nodes: snap.nodes.iter().cloned().collect(),
+            secrets: snap
+                .secrets
+                .iter()
+                .map(|(ns, n, s)| ((ns.clone(), n.clone()), s.clone()))
+                .collect(),
+            bindings: snap
+                .bindings
+                .iter()
+                .map(|(b, r, subj)| (b.clone(), (r.clone(), subj.clone())))
+                .collect(),
+            static_tokens: snap.static_tokens.iter().cloned().collect(),
+        };
+        Ok(Cluster {
+            cfg,
+            state: Mutex::new(state),
+            persist: Mutex::new(None),
+        })
+    }
+
+    /// The current state as a snapshot, with `notes` attached.
+    pub fn snapshot(&self, notes: BTreeMap<String, String>) -> anyhow::Result<Snapshot> {
+        let st = lock(&self.state);
+        let mut keys = Vec::new();
+        for k in &st.keys {
+            keys.push(SavedKey {
+                alg: k.alg_name().to_string(),
+                pkcs8: base64::engine::general_purpose::STANDARD.encode(k.to_pkcs8()?),
+            });
+        }
+        Ok(Snapshot {
+            issuer: self.cfg.issuer.clone(),
+            keys,
+            namespaces: st
+                .namespaces
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            service_accounts: st
+                .service_accounts
+                .iter()
+                .map(|((ns, n), m)| (ns.clone(), n.clone(), m.clone()))
+                .collect(),
+            pods: st
+                .pods
+                .iter()
+                .map(|((ns, n), p)| (ns.clone(), n.clone(), p.clone()))
+                .collect(),
+            nodes: st
+                .nodes
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            secrets: st
+                .secrets
+                .iter()
+                .map(|((ns, n), s)| (ns.clone(), n.clone(), s.clone()))
+                .collect(),
+            bindings: st
+                .bindings
+                .iter()
+                .map(|(b, (r, subj))| (b.clone(), r.clone(), subj.clone()))
+                .collect(),
+            static_tokens: st
+                .static_tokens
+                .iter()
+                .map(|(t, u)| (t.clone(), u.clone()))
+                .collect(),
+            notes,
+        })
+    }
+
+    /// From now on, saves the state (with `notes`) to `path` after every change.
+    pub fn persist_to(&self, path: std::path::PathBuf, notes: BTreeMap<String, String>) {
+        *self.persist.lock().unwrap_or_else(|e| e.into_inner()) = Some((path, notes));
+        self.save();
+    }
+
+    /// Replaces one note and saves.
+    pub fn set_note(&self, key: &str, value: String) {
+        if let Some((_, notes)) = self
+            .persist
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            notes.insert(key.to_string(), value);
+        }
+        self.save();
+    }
+
+    /// Saves the state if persistence is on. Failures are logged, not fatal: the server
+    /// keeps serving from memory.
+    fn save(&self) {
+        let target = self
+            .persist
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let Some((path, notes)) = target else { return };
+        let result = self
+            .snapshot(notes)
+            .and_then(|snap| Ok(serde_json::to_vec(&snap)?))
+            .and_then(|bytes| Ok(crate::kubeconfig::write_atomic(&path, &bytes)?));
+        if let Err(e) = result {
+            tracing::error!(path = %path.display(), error = %e, "saving the stand-in state failed");
+        }
+    }
+
     // ---------------------------------------------------------------- objects
 
     /// Ensures a namespace exists, with its `default` service account.
     pub fn ensure_namespace(&self, ns: &str) {
         let mut st = lock(&self.state);
         Self::ensure_namespace_locked(&mut st, ns);
+        drop(st);
+        self.save();
     }
 
     fn ensure_namespace_locked(st: &mut State, ns: &str) {
@@ -472,6 +639,8 @@ impl Cluster {
         }
         let meta = Meta::fresh();
         st.service_accounts.insert(key, meta.clone());
+        drop(st);
+        self.save();
         Ok(meta)
     }
 
@@ -482,6 +651,8 @@ impl Cluster {
         let meta = Meta::fresh();
         st.service_accounts
             .insert((ns.to_string(), name.to_string()), meta.clone());
+        drop(st);
+        self.save();
         meta
     }
 
@@ -495,9 +666,11 @@ impl Cluster {
 
     /// Deletes a service account; returns it if it existed.
     pub fn delete_service_account(&self, ns: &str, name: &str) -> Option<Meta> {
-        lock(&self.state)
+        let r = lock(&self.state)
             .service_accounts
-            .remove(&(ns.to_string(), name.to_string()))
+            .remove(&(ns.to_string(), name.to_string()));
+        self.save();
+        r
     }
 
     /// Creates a pod (and its node object, if named and new); `Err` if it exists.
@@ -523,6 +696,8 @@ impl Cluster {
             node: node.map(str::to_string),
         };
         st.pods.insert(key, pod.clone());
+        drop(st);
+        self.save();
         Ok(pod)
     }
 
@@ -536,9 +711,11 @@ impl Cluster {
 
     /// Deletes a pod immediately (grace period 0); returns it if it existed.
     pub fn delete_pod(&self, ns: &str, name: &str) -> Option<Pod> {
-        lock(&self.state)
+        let r = lock(&self.state)
             .pods
-            .remove(&(ns.to_string(), name.to_string()))
+            .remove(&(ns.to_string(), name.to_string()));
+        self.save();
+        r
     }
 
     /// Creates or replaces a secret.
@@ -560,14 +737,18 @@ impl Cluster {
                 token,
             },
         );
+        drop(st);
+        self.save();
         meta
     }
 
     /// Deletes a secret; returns it if it existed.
     pub fn delete_secret(&self, ns: &str, name: &str) -> Option<Secret> {
-        lock(&self.state)
+        let r = lock(&self.state)
             .secrets
-            .remove(&(ns.to_string(), name.to_string()))
+            .remove(&(ns.to_string(), name.to_string()));
+        self.save();
+        r
     }
 
     /// Creates or replaces a ClusterRoleBinding with one subject.
@@ -580,6 +761,7 @@ impl Cluster {
         lock(&self.state)
             .bindings
             .insert(binding.to_string(), (role.to_string(), subjects));
+        self.save();
     }
 
     /// Whether a ClusterRoleBinding exists.
@@ -589,7 +771,9 @@ impl Cluster {
 
     /// Deletes a ClusterRoleBinding.
     pub fn unbind(&self, binding: &str) -> bool {
-        lock(&self.state).bindings.remove(binding).is_some()
+        let r = lock(&self.state).bindings.remove(binding).is_some();
+        self.save();
+        r
     }
 
     /// Registers a static token (`--token-auth-file`).
@@ -597,6 +781,7 @@ impl Cluster {
         lock(&self.state)
             .static_tokens
             .insert(token.to_string(), user);
+        self.save();
     }
 
     // ---------------------------------------------------------------- keys
@@ -606,6 +791,7 @@ impl Cluster {
         let key = SigningKey::generate(alg)?;
         let kid = key.kid().to_string();
         lock(&self.state).keys.push(Arc::new(key));
+        self.save();
         Ok(kid)
     }
 
@@ -619,7 +805,10 @@ impl Cluster {
             return false;
         }
         st.keys = remaining;
-        st.keys.len() != before
+        let removed = st.keys.len() != before;
+        drop(st);
+        self.save();
+        removed
     }
 
     /// All verification keys (publication order: oldest first).

@@ -60,37 +60,68 @@ impl SigningKey {
     /// Generates a fresh key of the given algorithm.
     pub fn generate(alg: KeyAlg) -> Result<SigningKey, KeyError> {
         match alg {
-            KeyAlg::Rs256 => {
-                let kp = RsaKeyPair::generate(KeySize::Rsa2048)
-                    .map_err(|_| KeyError("RSA key generation failed"))?;
-                let spki = kp
-                    .public_key()
-                    .as_der()
-                    .map_err(|_| KeyError("RSA public key encoding failed"))?;
-                let kid = kid_of(spki.as_ref());
-                let public = kp.public_key().as_ref().to_vec();
-                Ok(SigningKey {
-                    material: Material::Rsa(kp),
-                    kid,
-                    public,
-                })
-            }
-            KeyAlg::Es256 => {
-                let kp = EcdsaKeyPair::generate(&signature::ECDSA_P256_SHA256_FIXED_SIGNING)
-                    .map_err(|_| KeyError("EC key generation failed"))?;
-                let spki = kp
-                    .public_key()
-                    .as_der()
-                    .map_err(|_| KeyError("EC public key encoding failed"))?;
-                let kid = kid_of(spki.as_ref());
-                let public = kp.public_key().as_ref().to_vec();
-                Ok(SigningKey {
-                    material: Material::Ec(kp),
-                    kid,
-                    public,
-                })
-            }
+            KeyAlg::Rs256 => Self::from_material(Material::Rsa(
+                RsaKeyPair::generate(KeySize::Rsa2048)
+                    .map_err(|_| KeyError("RSA key generation failed"))?,
+            )),
+            KeyAlg::Es256 => Self::from_material(Material::Ec(
+                EcdsaKeyPair::generate(&signature::ECDSA_P256_SHA256_FIXED_SIGNING)
+                    .map_err(|_| KeyError("EC key generation failed"))?,
+            )),
         }
+    }
+
+    /// Loads a key saved with [`SigningKey::to_pkcs8`].
+    pub fn from_pkcs8(alg: KeyAlg, der: &[u8]) -> Result<SigningKey, KeyError> {
+        match alg {
+            KeyAlg::Rs256 => Self::from_material(Material::Rsa(
+                RsaKeyPair::from_pkcs8(der).map_err(|_| KeyError("invalid RSA PKCS#8 key"))?,
+            )),
+            KeyAlg::Es256 => Self::from_material(Material::Ec(
+                EcdsaKeyPair::from_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, der)
+                    .map_err(|_| KeyError("invalid EC PKCS#8 key"))?,
+            )),
+        }
+    }
+
+    /// The private key as PKCS#8 DER (for the process mode's saved state).
+    pub fn to_pkcs8(&self) -> Result<Vec<u8>, KeyError> {
+        match &self.material {
+            Material::Rsa(kp) => kp
+                .as_der()
+                .map(|d| d.as_ref().to_vec())
+                .map_err(|_| KeyError("RSA key export failed")),
+            Material::Ec(kp) => kp
+                .to_pkcs8v1()
+                .map(|d| d.as_ref().to_vec())
+                .map_err(|_| KeyError("EC key export failed")),
+        }
+    }
+
+    fn from_material(material: Material) -> Result<SigningKey, KeyError> {
+        let (spki, public) = match &material {
+            Material::Rsa(kp) => (
+                kp.public_key()
+                    .as_der()
+                    .map_err(|_| KeyError("RSA public key encoding failed"))?
+                    .as_ref()
+                    .to_vec(),
+                kp.public_key().as_ref().to_vec(),
+            ),
+            Material::Ec(kp) => (
+                kp.public_key()
+                    .as_der()
+                    .map_err(|_| KeyError("EC public key encoding failed"))?
+                    .as_ref()
+                    .to_vec(),
+                kp.public_key().as_ref().to_vec(),
+            ),
+        };
+        Ok(SigningKey {
+            kid: kid_of(&spki),
+            material,
+            public,
+        })
     }
 
     /// The key id: base64url(SHA-256(SPKI DER)), 43 characters.
@@ -208,6 +239,9 @@ mod tests {
             assert!(k.verify(k.alg_name(), b"hello", &sig));
             assert!(!k.verify(k.alg_name(), b"hellO", &sig));
             assert!(!k.verify("HS256", b"hello", &sig));
+            let again = SigningKey::from_pkcs8(alg, &k.to_pkcs8().unwrap()).unwrap();
+            assert_eq!(again.kid(), k.kid());
+            assert!(again.verify(k.alg_name(), b"hello", &sig));
         }
     }
 }

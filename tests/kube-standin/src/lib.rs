@@ -229,6 +229,19 @@ impl Standin {
     /// `ca.crt`, `kubeconfig`, `admin.kubeconfig`, `reviewer-token` and `url` into the
     /// directory, and serves on the current tokio runtime.
     pub async fn start(opts: Options) -> anyhow::Result<Standin> {
+        Self::start_inner(opts, false).await
+    }
+
+    /// Like [`Standin::start`], but keeps the whole state (CA and serving certificate,
+    /// signing keys, objects, admin and reviewer tokens) in `DIR/state.json` and resumes
+    /// from it when that file exists, so a restarted process is the same cluster, as a
+    /// restarted kube-apiserver is (the process mode's down/up). Requires `opts.dir`.
+    pub async fn start_persistent(opts: Options) -> anyhow::Result<Standin> {
+        anyhow::ensure!(opts.dir.is_some(), "start_persistent needs Options::dir");
+        Self::start_inner(opts, true).await
+    }
+
+    async fn start_inner(opts: Options, persistent: bool) -> anyhow::Result<Standin> {
         let api_audiences = if opts.api_audiences.is_empty() {
             vec![opts.issuer.clone()]
         } else {
@@ -242,14 +255,6 @@ impl Standin {
             enforce_min_expiration: opts.enforce_min_expiration,
             metadata_style: opts.metadata_style,
         };
-        let cluster = Cluster::new(cfg, opts.key_alg)?;
-        let pki = tls::generate()?;
-
-        let listener = tokio::net::TcpListener::bind(opts.bind)
-            .await
-            .with_context(|| format!("binding {}", opts.bind))?;
-        let addr = listener.local_addr()?;
-        let url = format!("https://{addr}");
 
         let (tempdir, dir) = match &opts.dir {
             Some(d) => (None, d.clone()),
@@ -261,24 +266,99 @@ impl Standin {
         };
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let dir = std::fs::canonicalize(&dir)?;
+        let state_path = dir.join("state.json");
 
-        let admin_token = random_token();
-        cluster.add_static_token(
-            &admin_token,
-            UserInfo {
-                username: ADMIN_USER.to_string(),
-                uid: String::new(),
-                groups: vec!["system:masters".to_string()],
-                extra: Default::default(),
-            },
-        );
+        let saved: Option<cluster::Snapshot> = if persistent && state_path.exists() {
+            let raw = std::fs::read(&state_path)
+                .with_context(|| format!("reading {}", state_path.display()))?;
+            let snap: cluster::Snapshot = serde_json::from_slice(&raw)
+                .with_context(|| format!("parsing {}", state_path.display()))?;
+            anyhow::ensure!(
+                snap.issuer == opts.issuer,
+                "{} was written for issuer {:?}, not {:?}; remove it to start afresh",
+                state_path.display(),
+                snap.issuer,
+                opts.issuer
+            );
+            Some(snap)
+        } else {
+            None
+        };
+        let note = |k: &str| saved.as_ref().and_then(|s| s.notes.get(k).cloned());
+
+        let (cluster, pki) = match &saved {
+            Some(snap) => {
+                let cluster = Cluster::restore(cfg, snap)?;
+                let b64 = |k: &str| -> anyhow::Result<Vec<u8>> {
+                    let v = note(k).with_context(|| format!("saved state lacks {k}"))?;
+                    Ok(base64::engine::general_purpose::STANDARD.decode(v)?)
+                };
+                let pki = tls::from_parts(
+                    note("ca_pem").context("saved state lacks ca_pem")?,
+                    vec![b64("server_cert")?, b64("ca_cert")?],
+                    b64("server_key")?,
+                )?;
+                (cluster, pki)
+            }
+            None => (Cluster::new(cfg, opts.key_alg)?, tls::generate()?),
+        };
+
+        let listener = tokio::net::TcpListener::bind(opts.bind)
+            .await
+            .with_context(|| format!("binding {}", opts.bind))?;
+        let addr = listener.local_addr()?;
+        let url = format!("https://{addr}");
+
+        let admin_token = match note("admin_token") {
+            Some(t) => t,
+            None => {
+                let t = random_token();
+                cluster.add_static_token(
+                    &t,
+                    UserInfo {
+                        username: ADMIN_USER.to_string(),
+                        uid: String::new(),
+                        groups: vec!["system:masters".to_string()],
+                        extra: Default::default(),
+                    },
+                );
+                t
+            }
+        };
         let (rns, rname) = REVIEWER_SA;
-        cluster.recreate_service_account(rns, rname);
-        cluster.bind(
-            "tokengate-auth-delegator",
-            "system:auth-delegator",
-            Subject::ServiceAccount(rns.to_string(), rname.to_string()),
-        );
+        if saved.is_none() {
+            cluster.recreate_service_account(rns, rname);
+            cluster.bind(
+                "tokengate-auth-delegator",
+                "system:auth-delegator",
+                Subject::ServiceAccount(rns.to_string(), rname.to_string()),
+            );
+        }
+        let reviewer = Reviewer {
+            generation: note("reviewer_generation")
+                .and_then(|g| g.parse().ok())
+                .unwrap_or(0),
+            secret: note("reviewer_secret").unwrap_or_default(),
+        };
+        let resume_reviewer = reviewer.generation > 0;
+
+        if persistent {
+            let mut notes = std::collections::BTreeMap::new();
+            let std = &base64::engine::general_purpose::STANDARD;
+            notes.insert("ca_pem".to_string(), pki.ca_pem.clone());
+            if let [server, ca, ..] = pki.chain_der.as_slice() {
+                notes.insert("server_cert".to_string(), std.encode(server));
+                notes.insert("ca_cert".to_string(), std.encode(ca));
+            }
+            notes.insert("server_key".to_string(), std.encode(&pki.key_der));
+            notes.insert("admin_token".to_string(), admin_token.clone());
+            notes.insert(
+                "reviewer_generation".to_string(),
+                reviewer.generation.to_string(),
+            );
+            notes.insert("reviewer_secret".to_string(), reviewer.secret.clone());
+            cluster.persist_to(state_path, notes);
+        }
 
         let (down_tx, down_rx) = watch::channel(false);
         let shared = Arc::new(Shared {
@@ -296,14 +376,13 @@ impl Standin {
             _tempdir: tempdir,
             ca_pem: pki.ca_pem.clone(),
             admin_token,
-            reviewer: Mutex::new(Reviewer {
-                generation: 0,
-                secret: String::new(),
-            }),
+            reviewer: Mutex::new(reviewer),
             shutdown_tx,
             task: None,
         };
-        standin.issue_reviewer_token()?;
+        if !(resume_reviewer && standin.reviewer_token_path().exists()) {
+            standin.issue_reviewer_token()?;
+        }
         standin.write_files()?;
         let acceptor = tokio_rustls::TlsAcceptor::from(pki.server_config);
         standin.task = Some(tokio::spawn(server::run(
@@ -376,7 +455,12 @@ impl Standin {
             self.shared.cluster.delete_secret(rns, &rev.secret);
         }
         rev.generation = generation;
-        rev.secret = secret;
+        rev.secret = secret.clone();
+        drop(rev);
+        self.shared
+            .cluster
+            .set_note("reviewer_generation", generation.to_string());
+        self.shared.cluster.set_note("reviewer_secret", secret);
         Ok(())
     }
 

@@ -7,8 +7,11 @@
 //! `{"kind":"latency","ms":50}`, `{"kind":"status","code":503,"retry_after":1}`,
 //! `{"kind":"hang"}`, `{"kind":"close"}`, `{"kind":"down","ms":2000}` (stop listening for
 //! that long, then listen again on the same port) or `{"kind":"none"}`; and
-//! `GET /standin/v1/counters` → `{"token_reviews":N}`. A restarted process generates a new
-//! CA, signing key and tokens: clients must reload the rewritten kubeconfig.
+//! `GET /standin/v1/counters` → `{"token_reviews":N}`.
+//!
+//! The whole state (CA, keys, objects, tokens) is kept in `DIR/state.json`: a process
+//! restarted on the same `--dir` (and `--listen` port) is the same cluster, so a stop and
+//! restart is a down/up that clients ride out. `--fresh` starts a new cluster instead.
 
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -70,7 +73,14 @@ enum Command {
         /// TokenReview `metadata` style.
         #[arg(long, value_enum, default_value = "v133")]
         metadata_style: Style,
+        /// Ignore (and overwrite) DIR/state.json instead of resuming from it.
+        #[arg(long)]
+        fresh: bool,
     },
+}
+
+fn dir_state(opts: &Options) -> PathBuf {
+    opts.dir.clone().unwrap_or_default().join("state.json")
 }
 
 #[tokio::main]
@@ -92,6 +102,7 @@ async fn main() -> anyhow::Result<()> {
         no_pod_node_info,
         allow_short_tokens,
         metadata_style,
+        fresh,
     } = Cli::parse().command;
     let opts = Options {
         issuer,
@@ -110,7 +121,13 @@ async fn main() -> anyhow::Result<()> {
         dir: Some(dir),
         bind: listen,
     };
-    let standin = Standin::start(opts).await?;
+    if fresh {
+        let state = dir_state(&opts);
+        if state.exists() {
+            std::fs::remove_file(&state)?;
+        }
+    }
+    let standin = Standin::start_persistent(opts).await?;
     {
         let mut out = std::io::stdout().lock();
         writeln!(out, "ready {}", standin.url())?;

@@ -14,8 +14,38 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 pub struct Pki {
     /// CA certificate, PEM.
     pub ca_pem: String,
+    /// Serving certificate chain (leaf first), DER.
+    pub chain_der: Vec<Vec<u8>>,
+    /// Serving key, PKCS#8 DER.
+    pub key_der: Vec<u8>,
     /// rustls server configuration presenting the serving certificate.
     pub server_config: Arc<rustls::ServerConfig>,
+}
+
+/// Rebuilds the server configuration from saved parts.
+pub fn from_parts(
+    ca_pem: String,
+    chain_der: Vec<Vec<u8>>,
+    key_der: Vec<u8>,
+) -> anyhow::Result<Pki> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(
+            chain_der
+                .iter()
+                .map(|c| CertificateDer::from(c.clone()))
+                .collect(),
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_der.clone())),
+        )?;
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Pki {
+        ca_pem,
+        chain_der,
+        key_der,
+        server_config: Arc::new(cfg),
+    })
 }
 
 /// Generates the CA and the serving certificate.
@@ -55,20 +85,9 @@ pub fn generate() -> anyhow::Result<Pki> {
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     let server_cert = params.signed_by(&server_key, &issuer)?;
 
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![
-                CertificateDer::from(server_cert.der().to_vec()),
-                CertificateDer::from(ca_cert.der().to_vec()),
-            ],
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(server_key.serialize_der())),
-        )?;
-    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Pki {
+    from_parts(
         ca_pem,
-        server_config: Arc::new(cfg),
-    })
+        vec![server_cert.der().to_vec(), ca_cert.der().to_vec()],
+        server_key.serialize_der(),
+    )
 }

@@ -427,3 +427,85 @@ async fn admin_no_retry(dir: &tempfile::TempDir) -> kube::Client {
     cfg.default_retry = false;
     kube::Client::try_from(cfg).unwrap()
 }
+
+/// Starts `kube-standin serve` and returns its guard and URL.
+async fn serve(dir: &Path, extra: &[&str]) -> (ChildGuard, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kube-standin"))
+        .args(["serve", "--dir"])
+        .arg(dir)
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn kube-standin");
+    let stdout = child.stdout.take().unwrap();
+    let guard = ChildGuard(child);
+    let line = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        line
+    })
+    .await
+    .unwrap();
+    let url = line
+        .trim()
+        .strip_prefix("ready ")
+        .unwrap_or_else(|| panic!("expected a ready line, got {line:?}"))
+        .to_string();
+    (guard, url)
+}
+
+#[tokio::test]
+async fn process_restart_keeps_the_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let (guard, url) = serve(dir.path(), &[]).await;
+    let port = url.rsplit(':').next().unwrap().to_string();
+    let admin = client_from_kubeconfig(&dir.path().join("admin.kubeconfig")).await;
+    let reviewer = client_from_kubeconfig(&dir.path().join("kubeconfig")).await;
+    let a = call(
+        &admin,
+        "POST",
+        "/api/v1/namespaces/demo/serviceaccounts",
+        Some(&json!({"metadata":{"name":"app"}})),
+    )
+    .await;
+    assert_eq!(a.status, 201);
+    let a = call(
+        &admin,
+        "POST",
+        "/api/v1/namespaces/demo/serviceaccounts/app/token",
+        Some(&json!({"spec":{"audiences":["vault"]}})),
+    )
+    .await;
+    let token = a.json()["status"]["token"].as_str().unwrap().to_string();
+    let before = review(&reviewer, &token, &["vault"]).await.json();
+    assert_eq!(before["status"]["authenticated"], true);
+    drop(guard);
+
+    // Same directory and port: same CA, keys, objects and tokens, so the clients built
+    // before the restart keep working once it is back.
+    let (_guard, url2) = serve(dir.path(), &["--listen", &format!("127.0.0.1:{port}")]).await;
+    assert_eq!(url2, url);
+    let mut after = None;
+    for _ in 0..50 {
+        let a = review(&reviewer, &token, &["vault"]).await;
+        if a.status == 201 {
+            after = Some(a.json());
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let after = after.expect("reviews work after the restart");
+    assert_eq!(after["status"], before["status"]);
+    assert_eq!(
+        call(
+            &admin,
+            "GET",
+            "/api/v1/namespaces/demo/serviceaccounts/app",
+            None
+        )
+        .await
+        .status,
+        200
+    );
+}
