@@ -206,9 +206,13 @@ fn decode<'a, T: Deserialize<'a>>(body: &'a [u8], kind: &str) -> Result<T, ApiEr
             Category::Syntax | Category::Eof | Category::Io => {
                 format!("couldn't get version/kind; json parse error: {e}")
             }
-            Category::Data => {
-                format!("{kind} in version \"v1\" cannot be handled as a {kind}: {e}")
-            }
+            // serde's data errors quote the offending value, which may be a token; Go's
+            // decoder names only the types, so say where, not what.
+            Category::Data => format!(
+                "{kind} in version \"v1\" cannot be handled as a {kind}: json: cannot unmarshal a value of the wrong type (line {}, column {})",
+                e.line(),
+                e.column()
+            ),
         })
     })
 }

@@ -445,6 +445,17 @@ async fn empty_token_is_a_400() {
         a.body,
         r#"{"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","message":"token is required for TokenReview in authentication","reason":"BadRequest","code":400}"#
     );
+    // Undecodable bodies are 400s that never quote the document (it holds a token).
+    let a = call(
+        &admin,
+        "POST",
+        "/apis/authentication.k8s.io/v1/tokenreviews",
+        Some(&serde_json::json!({"spec":{"token":"secret-one","audiences":"secret-two"}})),
+    )
+    .await;
+    assert_eq!(a.status, 400, "{}", a.body);
+    assert_eq!(a.json()["reason"], "BadRequest");
+    assert!(!a.body.contains("secret-"), "{}", a.body);
     s.shutdown().await;
 }
 
