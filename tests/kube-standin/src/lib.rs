@@ -657,3 +657,16 @@ impl Drop for Standin {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// Tests share one stand-in across tasks and threads.
+    #[test]
+    fn standin_is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<super::Standin>();
+        check::<super::Options>();
+        check::<super::Fault>();
+        check::<super::MintRequest>();
+    }
+}

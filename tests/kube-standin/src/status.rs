@@ -301,7 +301,7 @@ impl ApiError {
             405,
             "MethodNotAllowed",
             "the server does not allow this method on the requested resource".to_string(),
-            None,
+            Some(Details::default()),
         )
     }
 
