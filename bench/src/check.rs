@@ -12,20 +12,38 @@ use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
 use prost::Message;
 
 /// Builds a `CheckRequest` for `GET path` on `host` carrying `Authorization: Bearer token`
-/// (no header when `token` is empty), with `context_extensions = {route: <route>}`.
+/// (no header when `token` is empty), with `context_extensions = {route: <route>}`, and the
+/// other headers Envoy sends by default.
 pub fn check_request(token: &str, host: &str, path: &str, route: &str) -> CheckRequest {
-    let mut headers: HashMap<String, String> = [
-        (":authority", host),
-        (":method", "GET"),
-        (":path", path),
-        (":scheme", "http"),
-        ("user-agent", "wrk"),
-        ("x-forwarded-proto", "http"),
-        ("x-request-id", "7b9f3c1e-2a4d-4f8e-9c1b-5d6e7f8a9b0c"),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect();
+    check_request_with(token, host, path, route, true)
+}
+
+/// Like [`check_request`]; with `all_headers == false` only `authorization` is sent, as Envoy
+/// does when the filter sets `allowed_headers` to the token headers.
+pub fn check_request_with(
+    token: &str,
+    host: &str,
+    path: &str,
+    route: &str,
+    all_headers: bool,
+) -> CheckRequest {
+    let defaults: &[(&str, &str)] = if all_headers {
+        &[
+            (":authority", host),
+            (":method", "GET"),
+            (":path", path),
+            (":scheme", "http"),
+            ("user-agent", "wrk"),
+            ("x-forwarded-proto", "http"),
+            ("x-request-id", "7b9f3c1e-2a4d-4f8e-9c1b-5d6e7f8a9b0c"),
+        ]
+    } else {
+        &[]
+    };
+    let mut headers: HashMap<String, String> = defaults
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     if !token.is_empty() {
         headers.insert("authorization".into(), format!("Bearer {token}"));
     }

@@ -23,7 +23,7 @@ use clap::{Parser, Subcommand};
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use kube_standin::{KeyAlg, MintRequest, Options, Standin};
 use serde_json::json;
-use tokengate_bench::check::{check_request, grpc_frame};
+use tokengate_bench::check::{check_request_with, grpc_frame};
 use tokengate_bench::jwt::{claims, Signer};
 use tokengate_bench::load::{self, Outcome, Spec};
 
@@ -76,6 +76,9 @@ enum Cmd {
         line: usize,
         #[arg(long)]
         out: PathBuf,
+        /// Only the `authorization` header (what Envoy sends with `allowed_headers`).
+        #[arg(long)]
+        token_header_only: bool,
     },
     /// Fixed-rate load; prints one JSON line with p50/p90/p99/p99.9.
     Load {
@@ -155,12 +158,23 @@ fn main() -> Result<()> {
                 .build()?;
             rt.block_on(standin(dir, audience, pool, fill, single, alg))
         }
-        Cmd::CheckBody { tokens, line, out } => {
+        Cmd::CheckBody {
+            tokens,
+            line,
+            out,
+            token_header_only,
+        } => {
             let token = read_tokens(&tokens)?
                 .into_iter()
                 .nth(line)
                 .context("no such line")?;
-            let body = grpc_frame(&check_request(&token, "bench", "/", "bench"));
+            let body = grpc_frame(&check_request_with(
+                &token,
+                "bench",
+                "/",
+                "bench",
+                !token_header_only,
+            ));
             std::fs::write(&out, body)?;
             Ok(())
         }

@@ -46,6 +46,9 @@ struct Args {
     /// Enable HTTP/2 adaptive flow control (BDP probing).
     #[arg(long)]
     adaptive_window: bool,
+    /// Print the first CheckRequest received (to see exactly what Envoy sends).
+    #[arg(long)]
+    dump_first: bool,
     /// Leave Nagle's algorithm on for accepted sockets (tonic's default with a
     /// caller-supplied listener).
     #[arg(long)]
@@ -55,6 +58,7 @@ struct Args {
 /// The allow-everything service.
 struct NullAuthz {
     ok: CheckResponse,
+    dump_first: std::sync::atomic::AtomicBool,
 }
 
 #[tonic::async_trait]
@@ -63,8 +67,13 @@ impl Authorization for NullAuthz {
         &self,
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
-        // Decoding already happened; touching the message keeps the work honest.
-        let _ = request.into_inner().attributes.is_some();
+        let request = request.into_inner();
+        if self
+            .dump_first
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            eprintln!("{request:#?}");
+        }
         Ok(Response::new(self.ok.clone()))
     }
 }
@@ -132,6 +141,7 @@ fn main() -> anyhow::Result<()> {
 async fn serve(args: Args) -> anyhow::Result<()> {
     let svc = AuthorizationServer::new(NullAuthz {
         ok: ok_response(args.identity_headers),
+        dump_first: args.dump_first.into(),
     });
     let mut server = tonic::transport::Server::builder()
         .initial_stream_window_size(args.stream_window)
