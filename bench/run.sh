@@ -213,7 +213,9 @@ if ((TG)); then
 fi
 [[ $(code "${LISTEN[extauthz_null]}" -H "Authorization: Bearer $HIT_TOKEN") == 200 ]] ||
   die "extauthz_null: not 200"
-"$BIN/tokengate-bench" check-body --tokens "$SDIR/single.txt" --line 0 --out "$OUT/conf/check.bin"
+# What Envoy sends with our published config (allowed_headers: the token headers only).
+"$BIN/tokengate-bench" check-body --tokens "$SDIR/single.txt" --line 0 --out "$OUT/conf/check.bin" \
+  --token-header-only
 set_latency "$MISS_MS"
 log "stand-in TokenReview latency +${MISS_MS} ms; pool $(wc -l < "$SDIR/pool.txt") tokens"
 

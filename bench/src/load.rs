@@ -24,7 +24,7 @@ use tokio::net::TcpStream;
 use tokio::time::{sleep_until, Instant};
 use tonic::transport::{Channel, Endpoint};
 
-use crate::check::check_request;
+use crate::check::check_request_with;
 use crate::stats::Summary;
 
 /// What to send and how fast.
@@ -44,6 +44,9 @@ pub struct Spec {
     pub host: String,
     /// Request path.
     pub path: String,
+    /// gRPC only: send every default Envoy header in the CheckRequest, not just the token
+    /// header (our published Envoy config sends only the token headers).
+    pub all_headers: bool,
 }
 
 impl Spec {
@@ -175,7 +178,7 @@ pub async fn check_once(
     token: &str,
     spec: &Spec,
 ) -> Outcome {
-    let req = check_request(token, &spec.host, &spec.path, "bench");
+    let req = check_request_with(token, &spec.host, &spec.path, "bench", spec.all_headers);
     match client.check(req).await {
         Ok(resp) => match resp.into_inner().status {
             Some(s) if s.code != 0 => Outcome::Denied,

@@ -105,6 +105,9 @@ enum Cmd {
         /// Use only the first N tokens of the file (1 = one token, cache hits).
         #[arg(long)]
         first: Option<usize>,
+        /// gRPC: put all of Envoy's default headers in each CheckRequest, not only the token.
+        #[arg(long)]
+        all_headers: bool,
     },
     /// Send one Check per token with bounded concurrency; prints counts and elapsed time.
     Fill {
@@ -188,6 +191,7 @@ fn main() -> Result<()> {
             connections,
             tokens,
             first,
+            all_headers,
         } => {
             let mut list = match tokens {
                 Some(p) => read_tokens(&p)?,
@@ -204,6 +208,7 @@ fn main() -> Result<()> {
                 tokens: Arc::new(list),
                 host: "bench".into(),
                 path: "/".into(),
+                all_headers,
             };
             let mut summary = rt.block_on(async {
                 match (http, grpc) {
@@ -330,6 +335,7 @@ async fn fill(uri: &str, tokens: Vec<String>, concurrency: usize) -> Result<()> 
         tokens: Arc::new(Vec::new()),
         host: "bench".into(),
         path: "/".into(),
+        all_headers: false,
     });
     let tokens = Arc::new(tokens);
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -381,6 +387,7 @@ async fn burst(uri: &str, token: String, n: usize) -> Result<()> {
         tokens: Arc::new(Vec::new()),
         host: "bench".into(),
         path: "/".into(),
+        all_headers: false,
     });
     let token = Arc::new(token);
     let barrier = Arc::new(tokio::sync::Barrier::new(n));
