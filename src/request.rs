@@ -171,6 +171,19 @@ mod tests {
         }
     }
 
+    /// The HTTP attributes of a request built by [`req`], for tests that edit them.
+    fn http_mut(r: &mut CheckRequest) -> &mut HttpRequest {
+        r.attributes
+            .as_mut()
+            .unwrap()
+            .request
+            .as_mut()
+            .unwrap()
+            .http
+            .as_mut()
+            .unwrap()
+    }
+
     fn sources() -> Vec<TokenSource> {
         vec![
             TokenSource {
@@ -291,17 +304,7 @@ mod tests {
     #[test]
     fn raw_header_map() {
         let mut r = req("h", "/", &[]);
-        let http = r
-            .attributes
-            .as_mut()
-            .unwrap()
-            .request
-            .as_mut()
-            .unwrap()
-            .http
-            .as_mut()
-            .unwrap();
-        http.header_map = Some(HeaderMap {
+        http_mut(&mut r).header_map = Some(HeaderMap {
             headers: vec![HeaderValue {
                 key: "Authorization".into(),
                 raw_value: b"Bearer raw.tok.en".to_vec(),
@@ -315,17 +318,7 @@ mod tests {
                 source: 0
             }
         );
-        let http = r
-            .attributes
-            .as_mut()
-            .unwrap()
-            .request
-            .as_mut()
-            .unwrap()
-            .http
-            .as_mut()
-            .unwrap();
-        if let Some(m) = http.header_map.as_mut() {
+        if let Some(m) = http_mut(&mut r).header_map.as_mut() {
             m.headers.push(HeaderValue {
                 key: "authorization".into(),
                 value: "Bearer other".into(),
