@@ -349,33 +349,17 @@ async fn route(
             let meta = shared.cluster.create_service_account(ns, &name)?;
             Ok(json_resp(201, &sa_json(ns, &name, &meta)))
         }
-        ["api", "v1", "namespaces", ns, "serviceaccounts", name] => match *method {
-            Method::GET => {
-                authorize_resource(shared, user, "get", "", "serviceaccounts", name, Some(ns))?;
-                let meta = shared
-                    .cluster
-                    .get_service_account(ns, name)
-                    .ok_or_else(|| ApiError::not_found("serviceaccounts", "", name))?;
-                Ok(json_resp(200, &sa_json(ns, name, &meta)))
-            }
-            Method::DELETE => {
-                authorize_resource(
-                    shared,
-                    user,
-                    "delete",
-                    "",
-                    "serviceaccounts",
-                    name,
-                    Some(ns),
-                )?;
-                let meta = shared
-                    .cluster
-                    .delete_service_account(ns, name)
-                    .ok_or_else(|| ApiError::not_found("serviceaccounts", "", name))?;
-                Ok(json_resp(200, &sa_json(ns, name, &meta)))
-            }
-            _ => Err(ApiError::method_not_allowed()),
-        },
+        ["api", "v1", "namespaces", ns, "serviceaccounts", name] => {
+            let meta = get_or_delete(
+                shared,
+                user,
+                method,
+                ("serviceaccounts", ns, name),
+                |c| c.get_service_account(ns, name),
+                |c| c.delete_service_account(ns, name),
+            )?;
+            Ok(json_resp(200, &sa_json(ns, name, &meta)))
+        }
         ["api", "v1", "namespaces", ns, "pods"] if *method == Method::POST => {
             authorize_resource(shared, user, "create", "", "pods", "", Some(ns))?;
             let obj = read_object(req, "Pod").await?;
@@ -406,25 +390,17 @@ async fn route(
             let pod = shared.cluster.create_pod(ns, &name, &sa, node.as_deref())?;
             Ok(json_resp(201, &pod_json(ns, &name, &pod)))
         }
-        ["api", "v1", "namespaces", ns, "pods", name] => match *method {
-            Method::GET => {
-                authorize_resource(shared, user, "get", "", "pods", name, Some(ns))?;
-                let pod = shared
-                    .cluster
-                    .get_pod(ns, name)
-                    .ok_or_else(|| ApiError::not_found("pods", "", name))?;
-                Ok(json_resp(200, &pod_json(ns, name, &pod)))
-            }
-            Method::DELETE => {
-                authorize_resource(shared, user, "delete", "", "pods", name, Some(ns))?;
-                let pod = shared
-                    .cluster
-                    .delete_pod(ns, name)
-                    .ok_or_else(|| ApiError::not_found("pods", "", name))?;
-                Ok(json_resp(200, &pod_json(ns, name, &pod)))
-            }
-            _ => Err(ApiError::method_not_allowed()),
-        },
+        ["api", "v1", "namespaces", ns, "pods", name] => {
+            let pod = get_or_delete(
+                shared,
+                user,
+                method,
+                ("pods", ns, name),
+                |c| c.get_pod(ns, name),
+                |c| c.delete_pod(ns, name),
+            )?;
+            Ok(json_resp(200, &pod_json(ns, name, &pod)))
+        }
         ["apis", "rbac.authorization.k8s.io", "v1", "clusterrolebindings"]
             if *method == Method::POST =>
         {
@@ -518,6 +494,31 @@ fn require_admin(shared: &Shared, user: &UserInfo, path: &str) -> Result<(), Api
     } else {
         Err(ApiError::forbidden_path(&user.username, "post", path))
     }
+}
+
+/// GET or DELETE of one namespaced core object, `(resource, namespace, name)`: any other
+/// method is 405, answered before authorization; otherwise the caller needs the `get` or
+/// `delete` verb, and an absent object is 404. Returns the object found or removed.
+fn get_or_delete<T>(
+    shared: &Shared,
+    user: &UserInfo,
+    method: &Method,
+    (resource, ns, name): (&str, &str, &str),
+    get: impl FnOnce(&Cluster) -> Option<T>,
+    delete: impl FnOnce(&Cluster) -> Option<T>,
+) -> Result<T, ApiError> {
+    let found = match *method {
+        Method::GET => {
+            authorize_resource(shared, user, "get", "", resource, name, Some(ns))?;
+            get(&shared.cluster)
+        }
+        Method::DELETE => {
+            authorize_resource(shared, user, "delete", "", resource, name, Some(ns))?;
+            delete(&shared.cluster)
+        }
+        _ => return Err(ApiError::method_not_allowed()),
+    };
+    found.ok_or_else(|| ApiError::not_found(resource, "", name))
 }
 
 fn required_name(kind: &str, group: &str) -> ApiError {

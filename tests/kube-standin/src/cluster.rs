@@ -417,6 +417,11 @@ fn intersect(requested: &[String], token: &[String]) -> Vec<String> {
         .collect()
 }
 
+/// The map key of a namespaced object.
+fn ns_key(ns: &str, name: &str) -> (String, String) {
+    (ns.to_string(), name.to_string())
+}
+
 fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -610,21 +615,26 @@ impl Cluster {
         }
     }
 
+    /// Applies one change to the state under the lock, then saves. The lock is released
+    /// first: [`Cluster::save`] takes it again for the snapshot.
+    fn change<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
+        let r = f(&mut lock(&self.state));
+        self.save();
+        r
+    }
+
     // ---------------------------------------------------------------- objects
 
     /// Ensures a namespace exists, with its `default` service account.
     pub fn ensure_namespace(&self, ns: &str) {
-        let mut st = lock(&self.state);
-        Self::ensure_namespace_locked(&mut st, ns);
-        drop(st);
-        self.save();
+        self.change(|st| Self::ensure_namespace_locked(st, ns));
     }
 
     fn ensure_namespace_locked(st: &mut State, ns: &str) {
         if !st.namespaces.contains_key(ns) {
             st.namespaces.insert(ns.to_string(), Meta::fresh());
             st.service_accounts
-                .entry((ns.to_string(), "default".to_string()))
+                .entry(ns_key(ns, "default"))
                 .or_insert_with(Meta::fresh);
         }
     }
@@ -633,7 +643,7 @@ impl Cluster {
     pub fn create_service_account(&self, ns: &str, name: &str) -> Result<Meta, ApiError> {
         let mut st = lock(&self.state);
         Self::ensure_namespace_locked(&mut st, ns);
-        let key = (ns.to_string(), name.to_string());
+        let key = ns_key(ns, name);
         if st.service_accounts.contains_key(&key) {
             return Err(ApiError::already_exists("serviceaccounts", "", name));
         }
@@ -646,31 +656,25 @@ impl Cluster {
 
     /// Creates or replaces a service account (new UID).
     pub fn recreate_service_account(&self, ns: &str, name: &str) -> Meta {
-        let mut st = lock(&self.state);
-        Self::ensure_namespace_locked(&mut st, ns);
-        let meta = Meta::fresh();
-        st.service_accounts
-            .insert((ns.to_string(), name.to_string()), meta.clone());
-        drop(st);
-        self.save();
-        meta
+        self.change(|st| {
+            Self::ensure_namespace_locked(st, ns);
+            let meta = Meta::fresh();
+            st.service_accounts.insert(ns_key(ns, name), meta.clone());
+            meta
+        })
     }
 
     /// Looks up a service account.
     pub fn get_service_account(&self, ns: &str, name: &str) -> Option<Meta> {
         lock(&self.state)
             .service_accounts
-            .get(&(ns.to_string(), name.to_string()))
+            .get(&ns_key(ns, name))
             .cloned()
     }
 
     /// Deletes a service account; returns it if it existed.
     pub fn delete_service_account(&self, ns: &str, name: &str) -> Option<Meta> {
-        let r = lock(&self.state)
-            .service_accounts
-            .remove(&(ns.to_string(), name.to_string()));
-        self.save();
-        r
+        self.change(|st| st.service_accounts.remove(&ns_key(ns, name)))
     }
 
     /// Creates a pod (and its node object, if named and new); `Err` if it exists.
@@ -683,7 +687,7 @@ impl Cluster {
     ) -> Result<Pod, ApiError> {
         let mut st = lock(&self.state);
         Self::ensure_namespace_locked(&mut st, ns);
-        let key = (ns.to_string(), name.to_string());
+        let key = ns_key(ns, name);
         if st.pods.contains_key(&key) {
             return Err(ApiError::already_exists("pods", "", name));
         }
@@ -703,19 +707,12 @@ impl Cluster {
 
     /// Looks up a pod.
     pub fn get_pod(&self, ns: &str, name: &str) -> Option<Pod> {
-        lock(&self.state)
-            .pods
-            .get(&(ns.to_string(), name.to_string()))
-            .cloned()
+        lock(&self.state).pods.get(&ns_key(ns, name)).cloned()
     }
 
     /// Deletes a pod immediately (grace period 0); returns it if it existed.
     pub fn delete_pod(&self, ns: &str, name: &str) -> Option<Pod> {
-        let r = lock(&self.state)
-            .pods
-            .remove(&(ns.to_string(), name.to_string()));
-        self.save();
-        r
+        self.change(|st| st.pods.remove(&ns_key(ns, name)))
     }
 
     /// Creates or replaces a secret.
@@ -726,29 +723,24 @@ impl Cluster {
         service_account: Option<&str>,
         token: Option<String>,
     ) -> Meta {
-        let mut st = lock(&self.state);
-        Self::ensure_namespace_locked(&mut st, ns);
-        let meta = Meta::fresh();
-        st.secrets.insert(
-            (ns.to_string(), name.to_string()),
-            Secret {
-                meta: meta.clone(),
-                service_account: service_account.map(str::to_string),
-                token,
-            },
-        );
-        drop(st);
-        self.save();
-        meta
+        self.change(|st| {
+            Self::ensure_namespace_locked(st, ns);
+            let meta = Meta::fresh();
+            st.secrets.insert(
+                ns_key(ns, name),
+                Secret {
+                    meta: meta.clone(),
+                    service_account: service_account.map(str::to_string),
+                    token,
+                },
+            );
+            meta
+        })
     }
 
     /// Deletes a secret; returns it if it existed.
     pub fn delete_secret(&self, ns: &str, name: &str) -> Option<Secret> {
-        let r = lock(&self.state)
-            .secrets
-            .remove(&(ns.to_string(), name.to_string()));
-        self.save();
-        r
+        self.change(|st| st.secrets.remove(&ns_key(ns, name)))
     }
 
     /// Creates or replaces a ClusterRoleBinding with one subject.
@@ -758,10 +750,10 @@ impl Cluster {
 
     /// Creates or replaces a ClusterRoleBinding.
     pub fn bind_all(&self, binding: &str, role: &str, subjects: Vec<Subject>) {
-        lock(&self.state)
-            .bindings
-            .insert(binding.to_string(), (role.to_string(), subjects));
-        self.save();
+        self.change(|st| {
+            st.bindings
+                .insert(binding.to_string(), (role.to_string(), subjects))
+        });
     }
 
     /// Whether a ClusterRoleBinding exists.
@@ -771,17 +763,12 @@ impl Cluster {
 
     /// Deletes a ClusterRoleBinding.
     pub fn unbind(&self, binding: &str) -> bool {
-        let r = lock(&self.state).bindings.remove(binding).is_some();
-        self.save();
-        r
+        self.change(|st| st.bindings.remove(binding).is_some())
     }
 
     /// Registers a static token (`--token-auth-file`).
     pub fn add_static_token(&self, token: &str, user: UserInfo) {
-        lock(&self.state)
-            .static_tokens
-            .insert(token.to_string(), user);
-        self.save();
+        self.change(|st| st.static_tokens.insert(token.to_string(), user));
     }
 
     // ---------------------------------------------------------------- keys
@@ -790,8 +777,7 @@ impl Cluster {
     pub fn add_key(&self, alg: KeyAlg) -> anyhow::Result<String> {
         let key = SigningKey::generate(alg)?;
         let kid = key.kid().to_string();
-        lock(&self.state).keys.push(Arc::new(key));
-        self.save();
+        self.change(|st| st.keys.push(Arc::new(key)));
         Ok(kid)
     }
 
@@ -956,7 +942,7 @@ impl Cluster {
                 ("", "Secret") => {
                     let secret = lock(&self.state)
                         .secrets
-                        .get(&(ns.to_string(), r.name.clone()))
+                        .get(&ns_key(ns, &r.name))
                         .cloned()
                         .ok_or_else(|| ApiError::not_found("secrets", "", &r.name))?;
                     kube.secret = Some(Ref {
@@ -1225,7 +1211,7 @@ impl Cluster {
         let st = lock(&self.state);
         let sa = st
             .service_accounts
-            .get(&(ns.to_string(), k.serviceaccount.name.clone()))
+            .get(&ns_key(ns, &k.serviceaccount.name))
             .ok_or_else(|| {
                 format!(
                     "serviceaccounts {} not found",
@@ -1241,7 +1227,7 @@ impl Cluster {
         if let Some(sref) = &k.secret {
             let secret = st
                 .secrets
-                .get(&(ns.to_string(), sref.name.clone()))
+                .get(&ns_key(ns, &sref.name))
                 .ok_or_else(|| "service account token has been invalidated".to_string())?;
             if secret.meta.uid != sref.uid {
                 return Err(format!(
@@ -1253,7 +1239,7 @@ impl Cluster {
         if let Some(pref) = &k.pod {
             let pod = st
                 .pods
-                .get(&(ns.to_string(), pref.name.clone()))
+                .get(&ns_key(ns, &pref.name))
                 .ok_or_else(|| "service account token has been invalidated".to_string())?;
             if pod.meta.uid != pref.uid {
                 return Err(format!(
