@@ -7,7 +7,10 @@ use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
-use common::{call, client, compact, jwt_parts, raw_field, review, review_error};
+use common::{
+    call, claims, client, compact, jwt_parts, raw_field, review, review_error, wait_for_listener,
+    Answer,
+};
 use kube_standin::{Fault, KeyAlg, MintRequest, Options, Standin};
 use serde_json::json;
 
@@ -50,8 +53,7 @@ async fn token_request_response_and_errors() {
     let v = a.json();
     let token = v["status"]["token"].as_str().unwrap();
     assert!(raw_field(&body, "status").starts_with(r#"{"token":""#));
-    let (_, payload) = jwt_parts(token);
-    let c: serde_json::Value = serde_json::from_str(&payload).unwrap();
+    let c = claims(token);
     assert_eq!(c["aud"], json!(["vault"]));
     assert_eq!(
         c["exp"].as_i64().unwrap() - c["iat"].as_i64().unwrap(),
@@ -195,6 +197,17 @@ fn hex_decode(s: &str) -> Vec<u8> {
         .collect()
 }
 
+/// A discovery document as kube-apiserver serves it: 200, `content_type`, and public
+/// caching for an hour.
+fn assert_discovery_answer(a: &Answer, content_type: &str) {
+    assert_eq!(a.status, 200);
+    assert_eq!(a.header("content-type").as_deref(), Some(content_type));
+    assert_eq!(
+        a.header("cache-control").as_deref(),
+        Some("public, max-age=3600")
+    );
+}
+
 #[tokio::test]
 async fn oidc_discovery_access_shape_and_key_rotation() {
     let s = standin().await;
@@ -213,15 +226,7 @@ async fn oidc_discovery_access_shape_and_key_rotation() {
     assert_eq!(a.status, 403);
 
     let a = call(&sa_client, "GET", "/.well-known/openid-configuration", None).await;
-    assert_eq!(a.status, 200);
-    assert_eq!(
-        a.header("content-type").as_deref(),
-        Some("application/json")
-    );
-    assert_eq!(
-        a.header("cache-control").as_deref(),
-        Some("public, max-age=3600")
-    );
+    assert_discovery_answer(&a, "application/json");
     assert_eq!(
         a.body,
         format!(
@@ -231,15 +236,7 @@ async fn oidc_discovery_access_shape_and_key_rotation() {
     );
 
     let a = call(&sa_client, "GET", "/openid/v1/jwks", None).await;
-    assert_eq!(a.status, 200);
-    assert_eq!(
-        a.header("content-type").as_deref(),
-        Some("application/jwk-set+json")
-    );
-    assert_eq!(
-        a.header("cache-control").as_deref(),
-        Some("public, max-age=3600")
-    );
+    assert_discovery_answer(&a, "application/jwk-set+json");
     assert!(
         a.body
             .starts_with(r#"{"keys":[{"use":"sig","kty":"RSA","kid":""#),
@@ -564,14 +561,7 @@ async fn hang_close_and_down_up() {
     s.set_fault(Fault::Down);
     // Let the accept loop close the socket.
     let addr = s.addr();
-    let mut refused = false;
-    for _ in 0..50 {
-        if tokio::net::TcpStream::connect(addr).await.is_err() {
-            refused = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let refused = wait_for_listener(addr, false, 50, Duration::from_millis(20)).await;
     assert!(refused, "connections must be refused while down");
     let r = tokio::time::timeout(Duration::from_secs(5), try_review(&fresh))
         .await
@@ -579,14 +569,7 @@ async fn hang_close_and_down_up() {
     assert!(r.is_err(), "{r:?}");
 
     s.set_fault(Fault::None);
-    let mut up = false;
-    for _ in 0..100 {
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            up = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let up = wait_for_listener(addr, true, 100, Duration::from_millis(20)).await;
     assert!(up, "the listener must come back on the same port");
     let again = client(&s, Some(&s.admin_token())).await;
     assert_eq!(try_review(&again).await, Ok(201));

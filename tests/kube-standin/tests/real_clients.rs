@@ -8,8 +8,11 @@ use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use common::{call, client, client_from_kubeconfig, review};
-use kube_standin::{MintRequest, Options, Standin};
+use common::{
+    call, client, client_from_kubeconfig, mint_seed_token, review, seed_like_standin,
+    wait_for_listener, SeedToken,
+};
+use kube_standin::{MetadataStyle, Options, Standin};
 use serde_json::json;
 
 fn python() -> PathBuf {
@@ -111,24 +114,12 @@ async fn python_client_token_request_and_review() {
 #[tokio::test]
 async fn kubectl_create_tokenreview_from_yaml() {
     let kubectl = kubectl();
-    let s = Standin::start(Options {
-        issuer: "kubernetes.default.svc".into(),
-        api_audiences: vec!["api".into(), "vault".into()],
-        jti: false,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let sa_uid = s.create_service_account("test", "nginx");
-    let pod_uid = s.create_pod("test", "nginx", "nginx", None);
-    let token = s
-        .mint(
-            &MintRequest::new("test", "nginx")
-                .audience("vault")
-                .pod("nginx")
-                .expires_in(7200),
-        )
-        .unwrap();
+    let s = seed_like_standin(MetadataStyle::V133).await;
+    let SeedToken {
+        sa_uid,
+        pod_uid,
+        token,
+    } = mint_seed_token(&s);
     let yaml = s.dir().join("tokenreview.yaml");
     std::fs::write(
         &yaml,
@@ -224,8 +215,7 @@ async fn kubectl_create_token_sends_protobuf() {
     .await
     .unwrap();
     let token = token.trim();
-    let (_, payload) = common::jwt_parts(token);
-    let c: serde_json::Value = serde_json::from_str(&payload).unwrap();
+    let c = common::claims(token);
     assert_eq!(c["aud"], json!(["vault", "db"]));
     assert_eq!(
         c["exp"].as_i64().unwrap() - c["iat"].as_i64().unwrap(),
@@ -275,28 +265,11 @@ impl Drop for ChildGuard {
 #[tokio::test]
 async fn process_mode_serves_and_takes_controls() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kube-standin"))
-        .args(["serve", "--dir"])
-        .arg(dir.path())
-        .args(["--api-audience", "api", "--api-audience", "vault"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn kube-standin");
-    let stdout = child.stdout.take().unwrap();
-    let guard = ChildGuard(child);
-    let line = tokio::task::spawn_blocking(move || {
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).unwrap();
-        line
-    })
-    .await
-    .unwrap();
-    let url = line
-        .trim()
-        .strip_prefix("ready ")
-        .expect("ready line")
-        .to_string();
+    let (guard, url) = serve(
+        dir.path(),
+        &["--api-audience", "api", "--api-audience", "vault"],
+    )
+    .await;
     assert!(url.starts_with("https://127.0.0.1:"), "{url}");
     for f in [
         "ca.crt",
@@ -316,23 +289,7 @@ async fn process_mode_serves_and_takes_controls() {
 
     let admin = client_from_kubeconfig(&dir.path().join("admin.kubeconfig")).await;
     let reviewer = client_from_kubeconfig(&dir.path().join("kubeconfig")).await;
-    let a = call(
-        &admin,
-        "POST",
-        "/api/v1/namespaces/demo/serviceaccounts",
-        Some(&json!({"metadata":{"name":"app"}})),
-    )
-    .await;
-    assert_eq!(a.status, 201, "{}", a.body);
-    let a = call(
-        &admin,
-        "POST",
-        "/api/v1/namespaces/demo/serviceaccounts/app/token",
-        Some(&json!({"spec":{"audiences":["vault"]}})),
-    )
-    .await;
-    assert_eq!(a.status, 201, "{}", a.body);
-    let token = a.json()["status"]["token"].as_str().unwrap().to_string();
+    let token = create_demo_app_token(&admin).await;
     let v = review(&reviewer, &token, &["vault"]).await.json();
     assert_eq!(v["status"]["authenticated"], true);
 
@@ -392,23 +349,10 @@ async fn process_mode_serves_and_takes_controls() {
     )
     .await;
     assert_eq!(a.status, 200);
-    let mut went_down = false;
-    for _ in 0..50 {
-        if tokio::net::TcpStream::connect(addr).await.is_err() {
-            went_down = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    let every = std::time::Duration::from_millis(10);
+    let went_down = wait_for_listener(addr, false, 50, every).await;
     assert!(went_down, "the listener must close");
-    let mut came_back = false;
-    for _ in 0..300 {
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            came_back = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    let came_back = wait_for_listener(addr, true, 300, every).await;
     assert!(came_back, "the listener must come back on {addr}");
     let fresh = client_from_kubeconfig(&dir.path().join("kubeconfig")).await;
     assert_eq!(
@@ -416,6 +360,28 @@ async fn process_mode_serves_and_takes_controls() {
         true
     );
     drop(guard);
+}
+
+/// Over the API, as an admin: creates service account `demo/app` and requests a token for
+/// audience `vault` (both must answer 201).
+async fn create_demo_app_token(admin: &kube::Client) -> String {
+    let a = call(
+        admin,
+        "POST",
+        "/api/v1/namespaces/demo/serviceaccounts",
+        Some(&json!({"metadata":{"name":"app"}})),
+    )
+    .await;
+    assert_eq!(a.status, 201, "{}", a.body);
+    let a = call(
+        admin,
+        "POST",
+        "/api/v1/namespaces/demo/serviceaccounts/app/token",
+        Some(&json!({"spec":{"audiences":["vault"]}})),
+    )
+    .await;
+    assert_eq!(a.status, 201, "{}", a.body);
+    a.json()["status"]["token"].as_str().unwrap().to_string()
 }
 
 async fn admin_no_retry(dir: &tempfile::TempDir) -> kube::Client {
@@ -462,22 +428,7 @@ async fn process_restart_keeps_the_cluster() {
     let port = url.rsplit(':').next().unwrap().to_string();
     let admin = client_from_kubeconfig(&dir.path().join("admin.kubeconfig")).await;
     let reviewer = client_from_kubeconfig(&dir.path().join("kubeconfig")).await;
-    let a = call(
-        &admin,
-        "POST",
-        "/api/v1/namespaces/demo/serviceaccounts",
-        Some(&json!({"metadata":{"name":"app"}})),
-    )
-    .await;
-    assert_eq!(a.status, 201);
-    let a = call(
-        &admin,
-        "POST",
-        "/api/v1/namespaces/demo/serviceaccounts/app/token",
-        Some(&json!({"spec":{"audiences":["vault"]}})),
-    )
-    .await;
-    let token = a.json()["status"]["token"].as_str().unwrap().to_string();
+    let token = create_demo_app_token(&admin).await;
     let before = review(&reviewer, &token, &["vault"]).await.json();
     assert_eq!(before["status"]["authenticated"], true);
     drop(guard);

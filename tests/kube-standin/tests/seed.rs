@@ -5,8 +5,10 @@
 
 mod common;
 
-use common::{client, compact, jwt_parts, raw_field, review};
-use kube_standin::{MetadataStyle, MintRequest, Options, Standin};
+use common::{
+    client, compact, jwt_parts, mint_seed_token, raw_field, review, seed_like_standin, SeedToken,
+};
+use kube_standin::{MetadataStyle, MintRequest};
 
 const SEED_SA_UID: &str = "78653ab3-6566-4374-8fd1-15edc70bfda7";
 const SEED_POD_UID: &str = "d0d0f6d1-81b2-4246-b195-2637c8165217";
@@ -21,31 +23,14 @@ fn seed() -> (String, serde_json::Value) {
     (raw, v)
 }
 
-async fn seed_like_standin(style: MetadataStyle) -> Standin {
-    Standin::start(Options {
-        issuer: "kubernetes.default.svc".to_string(),
-        api_audiences: vec!["api".to_string(), "vault".to_string()],
-        jti: false,
-        metadata_style: style,
-        ..Default::default()
-    })
-    .await
-    .expect("start")
-}
-
 #[tokio::test]
 async fn seed_status_matches_key_for_key() {
     let s = seed_like_standin(MetadataStyle::V133).await;
-    let sa_uid = s.create_service_account("test", "nginx");
-    let pod_uid = s.create_pod("test", "nginx", "nginx", None);
-    let token = s
-        .mint(
-            &MintRequest::new("test", "nginx")
-                .audience("vault")
-                .pod("nginx")
-                .expires_in(7200),
-        )
-        .unwrap();
+    let SeedToken {
+        sa_uid,
+        pod_uid,
+        token,
+    } = mint_seed_token(&s);
 
     // The seed's curl sent no spec.audiences.
     let admin = client(&s, Some(&s.admin_token())).await;
@@ -73,16 +58,11 @@ async fn seed_status_matches_key_for_key() {
 #[tokio::test]
 async fn seed_token_claims_have_the_same_shape() {
     let s = seed_like_standin(MetadataStyle::V133).await;
-    let sa_uid = s.create_service_account("test", "nginx");
-    let pod_uid = s.create_pod("test", "nginx", "nginx", None);
-    let token = s
-        .mint(
-            &MintRequest::new("test", "nginx")
-                .audience("vault")
-                .pod("nginx")
-                .expires_in(7200),
-        )
-        .unwrap();
+    let SeedToken {
+        sa_uid,
+        pod_uid,
+        token,
+    } = mint_seed_token(&s);
     let (_, seed) = seed();
     let seed_token = seed["spec"]["token"].as_str().unwrap();
     let (seed_header, seed_payload) = jwt_parts(seed_token);

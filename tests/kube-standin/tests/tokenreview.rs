@@ -5,7 +5,8 @@
 mod common;
 
 use common::{
-    call, client, client_from_kubeconfig, compact, jwt_parts, now, raw_field, review, review_error,
+    call, claims, client, client_from_kubeconfig, compact, jwt_parts, now, raw_field, review,
+    review_error,
 };
 use kube_standin::{KeyAlg, MintRequest, Options, Standin};
 
@@ -36,8 +37,7 @@ async fn success_has_exact_shape_and_extra() {
                 .pod("api-7d9f6c4b58-mk2vq"),
         )
         .unwrap();
-    let (_, payload) = jwt_parts(&token);
-    let claims: serde_json::Value = serde_json::from_str(&payload).unwrap();
+    let claims = claims(&token);
     let jti = claims["jti"].as_str().unwrap();
     let node_uid = claims["kubernetes.io"]["node"]["uid"].as_str().unwrap();
 
@@ -115,7 +115,7 @@ async fn claims_are_written_as_kubernetes_writes_them() {
                 .expires_in(3607),
         )
         .unwrap();
-    let c: serde_json::Value = serde_json::from_str(&jwt_parts(&ext).1).unwrap();
+    let c = claims(&ext);
     let iat = c["iat"].as_i64().unwrap();
     assert_eq!(c["exp"].as_i64().unwrap(), iat + 365 * 24 * 3600);
     assert_eq!(
@@ -125,7 +125,7 @@ async fn claims_are_written_as_kubernetes_writes_them() {
 
     // Unbound: only namespace and serviceaccount.
     let unbound = s.mint(&MintRequest::new("payments", "api")).unwrap();
-    let c: serde_json::Value = serde_json::from_str(&jwt_parts(&unbound).1).unwrap();
+    let c = claims(&unbound);
     assert_eq!(
         c["kubernetes.io"],
         serde_json::json!({"namespace":"payments","serviceaccount":{"name":"api","uid":sa_uid}})
@@ -246,7 +246,7 @@ async fn error_strings_follow_the_validation_order() {
     let old_pod_uid = s
         .mint(&MintRequest::new("payments", "api").audience("a").pod("p"))
         .map(|t| {
-            let c: serde_json::Value = serde_json::from_str(&jwt_parts(&t).1).unwrap();
+            let c = claims(&t);
             c["kubernetes.io"]["pod"]["uid"]
                 .as_str()
                 .unwrap()
@@ -268,7 +268,7 @@ async fn error_strings_follow_the_validation_order() {
     let unbound = s
         .mint(&MintRequest::new("payments", "api").audience("a"))
         .unwrap();
-    let c: serde_json::Value = serde_json::from_str(&jwt_parts(&unbound).1).unwrap();
+    let c = claims(&unbound);
     let old_sa_uid = c["kubernetes.io"]["serviceaccount"]["uid"]
         .as_str()
         .unwrap()
@@ -357,7 +357,7 @@ async fn audiences_default_intersect_and_echo() {
     s.create_service_account("ns", "sa");
     // No requested audiences: the API audiences, and the token defaults to them too.
     let default_aud = s.mint(&MintRequest::new("ns", "sa")).unwrap();
-    let c: serde_json::Value = serde_json::from_str(&jwt_parts(&default_aud).1).unwrap();
+    let c = claims(&default_aud);
     assert_eq!(c["aud"], serde_json::json!(["api", "vault"]));
     let a = review(&admin, &default_aud, &[]).await;
     let body = compact(&a.body);

@@ -8,7 +8,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use http_body_util::BodyExt as _;
 use kube::config::{AuthInfo, KubeConfigOptions, Kubeconfig};
-use kube_standin::Standin;
+use kube_standin::{MetadataStyle, MintRequest, Options, Standin};
 
 /// A raw HTTP answer.
 #[derive(Debug)]
@@ -127,6 +127,11 @@ pub fn jwt_parts(token: &str) -> (String, String) {
     (String::from_utf8(h).unwrap(), String::from_utf8(p).unwrap())
 }
 
+/// The claims of a JWT, parsed.
+pub fn claims(token: &str) -> serde_json::Value {
+    serde_json::from_str(&jwt_parts(token).1).expect("JWT claims are JSON")
+}
+
 /// Removes insignificant whitespace from JSON text, keeping key order.
 pub fn compact(raw: &str) -> String {
     let mut out = String::with_capacity(raw.len());
@@ -196,4 +201,63 @@ pub fn now() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs() as i64
+}
+
+/// Tries to connect to `addr` up to `tries` times, `every` apart, until connecting succeeds
+/// (`open`) or fails (`!open`); returns whether the listener got there.
+pub async fn wait_for_listener(
+    addr: std::net::SocketAddr,
+    open: bool,
+    tries: u32,
+    every: std::time::Duration,
+) -> bool {
+    for _ in 0..tries {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() == open {
+            return true;
+        }
+        tokio::time::sleep(every).await;
+    }
+    false
+}
+
+/// A stand-in configured like the cluster the seed's TokenReview came from
+/// (`fixtures/seed-tokenreview-response.json`): issuer `kubernetes.default.svc`, API
+/// audiences `api` and `vault`, and no `jti` (tokens from before Kubernetes 1.29).
+pub async fn seed_like_standin(style: MetadataStyle) -> Standin {
+    Standin::start(Options {
+        issuer: "kubernetes.default.svc".to_string(),
+        api_audiences: vec!["api".to_string(), "vault".to_string()],
+        jti: false,
+        metadata_style: style,
+        ..Default::default()
+    })
+    .await
+    .expect("start")
+}
+
+/// The seed's token minted again, with the UIDs it is bound to.
+pub struct SeedToken {
+    pub sa_uid: String,
+    pub pod_uid: String,
+    pub token: String,
+}
+
+/// Creates the seed's `test/nginx` service account and pod, and mints a token like the
+/// seed's: audience `vault`, bound to pod `nginx`, valid for 7200 s.
+pub fn mint_seed_token(s: &Standin) -> SeedToken {
+    let sa_uid = s.create_service_account("test", "nginx");
+    let pod_uid = s.create_pod("test", "nginx", "nginx", None);
+    let token = s
+        .mint(
+            &MintRequest::new("test", "nginx")
+                .audience("vault")
+                .pod("nginx")
+                .expires_in(7200),
+        )
+        .unwrap();
+    SeedToken {
+        sa_uid,
+        pod_uid,
+        token,
+    }
 }
