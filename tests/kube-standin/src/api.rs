@@ -340,12 +340,9 @@ async fn route(
             token_request(shared, user, ns, name, req).await
         }
         ["api", "v1", "namespaces", ns, "serviceaccounts"] if *method == Method::POST => {
-            authorize_resource(shared, user, "create", "", "serviceaccounts", "", Some(ns))?;
-            let obj = read_object(req, "ServiceAccount").await?;
-            let name = obj.name.unwrap_or_default();
-            if name.is_empty() {
-                return Err(required_name("ServiceAccount", ""));
-            }
+            let (name, _) =
+                read_new_object(shared, user, ("serviceaccounts", ns), "ServiceAccount", req)
+                    .await?;
             let meta = shared.cluster.create_service_account(ns, &name)?;
             Ok(json_resp(201, &sa_json(ns, &name, &meta)))
         }
@@ -361,12 +358,7 @@ async fn route(
             Ok(json_resp(200, &sa_json(ns, name, &meta)))
         }
         ["api", "v1", "namespaces", ns, "pods"] if *method == Method::POST => {
-            authorize_resource(shared, user, "create", "", "pods", "", Some(ns))?;
-            let obj = read_object(req, "Pod").await?;
-            let name = obj.name.unwrap_or_default();
-            if name.is_empty() {
-                return Err(required_name("Pod", ""));
-            }
+            let (name, obj) = read_new_object(shared, user, ("pods", ns), "Pod", req).await?;
             let sa = obj
                 .service_account_name
                 .filter(|s| !s.is_empty())
@@ -494,6 +486,25 @@ fn require_admin(shared: &Shared, user: &UserInfo, path: &str) -> Result<(), Api
     } else {
         Err(ApiError::forbidden_path(&user.username, "post", path))
     }
+}
+
+/// The body of a create (POST) of one namespaced core object, `(resource, namespace)`:
+/// the caller needs the `create` verb, the body must decode as `kind`, and it must name
+/// the object (422 otherwise). Returns the name and the decoded body.
+async fn read_new_object(
+    shared: &Shared,
+    user: &UserInfo,
+    (resource, ns): (&str, &str),
+    kind: &str,
+    req: Request<hyper::body::Incoming>,
+) -> Result<(String, crate::protobuf::ObjectBody), ApiError> {
+    authorize_resource(shared, user, "create", "", resource, "", Some(ns))?;
+    let obj = read_object(req, kind).await?;
+    let name = obj.name.clone().unwrap_or_default();
+    if name.is_empty() {
+        return Err(required_name(kind, ""));
+    }
+    Ok((name, obj))
 }
 
 /// GET or DELETE of one namespaced core object, `(resource, namespace, name)`: any other

@@ -417,6 +417,19 @@ fn intersect(requested: &[String], token: &[String]) -> Vec<String> {
         .collect()
 }
 
+/// An object a token is bound to (`kind` is `secret`, `pod` or `node`) must still exist
+/// with the UID the token claims; the errors are kube-apiserver's.
+fn check_bound_object(kind: &str, found: Option<&Meta>, claimed_uid: &str) -> Result<(), String> {
+    let meta = found.ok_or_else(|| "service account token has been invalidated".to_string())?;
+    if meta.uid != claimed_uid {
+        return Err(format!(
+            "{kind} UID ({}) does not match service account {kind} ref claim ({claimed_uid})",
+            meta.uid
+        ));
+    }
+    Ok(())
+}
+
 /// The map key of a namespaced object.
 fn ns_key(ns: &str, name: &str) -> (String, String) {
     (ns.to_string(), name.to_string())
@@ -1225,40 +1238,15 @@ impl Cluster {
             ));
         }
         if let Some(sref) = &k.secret {
-            let secret = st
-                .secrets
-                .get(&ns_key(ns, &sref.name))
-                .ok_or_else(|| "service account token has been invalidated".to_string())?;
-            if secret.meta.uid != sref.uid {
-                return Err(format!(
-                    "secret UID ({}) does not match service account secret ref claim ({})",
-                    secret.meta.uid, sref.uid
-                ));
-            }
+            let secret = st.secrets.get(&ns_key(ns, &sref.name));
+            check_bound_object("secret", secret.map(|s| &s.meta), &sref.uid)?;
         }
         if let Some(pref) = &k.pod {
-            let pod = st
-                .pods
-                .get(&ns_key(ns, &pref.name))
-                .ok_or_else(|| "service account token has been invalidated".to_string())?;
-            if pod.meta.uid != pref.uid {
-                return Err(format!(
-                    "pod UID ({}) does not match service account pod ref claim ({})",
-                    pod.meta.uid, pref.uid
-                ));
-            }
+            let pod = st.pods.get(&ns_key(ns, &pref.name));
+            check_bound_object("pod", pod.map(|p| &p.meta), &pref.uid)?;
         }
         if let (Some(nref), None) = (&k.node, &k.pod) {
-            let node = st
-                .nodes
-                .get(&nref.name)
-                .ok_or_else(|| "service account token has been invalidated".to_string())?;
-            if node.uid != nref.uid {
-                return Err(format!(
-                    "node UID ({}) does not match service account node ref claim ({})",
-                    node.uid, nref.uid
-                ));
-            }
+            check_bound_object("node", st.nodes.get(&nref.name), &nref.uid)?;
         }
         drop(st);
         let mut user = sa_user(ns, &k.serviceaccount.name, &k.serviceaccount.uid);
@@ -1416,6 +1404,38 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bound_object_errors_are_kube_apiservers() {
+        let meta = Meta {
+            uid: "now".to_string(),
+            created: 0,
+        };
+        assert_eq!(check_bound_object("pod", Some(&meta), "now"), Ok(()));
+        assert_eq!(
+            check_bound_object("pod", None, "then"),
+            Err("service account token has been invalidated".to_string())
+        );
+        for (kind, message) in [
+            (
+                "secret",
+                "secret UID (now) does not match service account secret ref claim (then)",
+            ),
+            (
+                "pod",
+                "pod UID (now) does not match service account pod ref claim (then)",
+            ),
+            (
+                "node",
+                "node UID (now) does not match service account node ref claim (then)",
+            ),
+        ] {
+            assert_eq!(
+                check_bound_object(kind, Some(&meta), "then"),
+                Err(message.to_string())
+            );
+        }
+    }
 
     #[test]
     fn aggregate_rules() {

@@ -192,33 +192,30 @@ impl ApiError {
 
     /// 404 NotFound for `resource "name"`.
     pub fn not_found(resource: &str, group: &str, name: &str) -> ApiError {
-        ApiError::new(
-            404,
-            "NotFound",
-            format!(
-                "{} {} not found",
-                qualified(resource, group),
-                go_quote(name)
-            ),
-            Some(Details {
-                name: name.to_string(),
-                group: group.to_string(),
-                kind: resource.to_string(),
-                ..Default::default()
-            }),
-        )
+        Self::about_object(404, "NotFound", (resource, group, name), "not found")
     }
 
     /// 409 AlreadyExists for `resource "name"`.
     pub fn already_exists(resource: &str, group: &str, name: &str) -> ApiError {
-        ApiError::new(
+        Self::about_object(
             409,
             "AlreadyExists",
-            format!(
-                "{} {} already exists",
-                qualified(resource, group),
-                go_quote(name)
-            ),
+            (resource, group, name),
+            "already exists",
+        )
+    }
+
+    /// `<resource> "<name>" <what>`, with the object named in `details`.
+    fn about_object(
+        code: u16,
+        reason: &str,
+        (resource, group, name): (&str, &str, &str),
+        what: &str,
+    ) -> ApiError {
+        ApiError::new(
+            code,
+            reason,
+            format!("{} {} {what}", qualified(resource, group), go_quote(name)),
             Some(Details {
                 name: name.to_string(),
                 group: group.to_string(),
