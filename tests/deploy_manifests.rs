@@ -7,22 +7,16 @@
 //! probes of the tokengate Deployment, the Envoy sidecar copies and the compose demo are
 //! asserted directly, and every embedded tokengate config must pass `tokengate check-config`.
 
+mod common;
+
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
+use common::check_config;
 use serde_json::Value;
 use testkit::yaml::{at, load, parse, parse_all};
-
-const IDENTITY_HEADERS: [&str; 7] = [
-    "x-k8s-sa-user",
-    "x-k8s-sa-namespace",
-    "x-k8s-sa-name",
-    "x-k8s-sa-uid",
-    "x-k8s-sa-groups",
-    "x-k8s-pod-name",
-    "x-k8s-pod-uid",
-];
+use testkit::IDENTITY_HEADERS;
 
 fn root() -> PathBuf {
     testkit::workspace_root()
@@ -113,20 +107,6 @@ fn check_config_text(label: &str, text: &str) {
     let path = dir.path().join("tokengate.yaml");
     std::fs::write(&path, text).unwrap();
     check_config(label, &path);
-}
-
-fn check_config(label: &str, path: &Path) {
-    let out = Command::new(env!("CARGO_BIN_EXE_tokengate"))
-        .arg("check-config")
-        .arg(path)
-        .output()
-        .expect("run tokengate check-config");
-    assert!(
-        out.status.success(),
-        "tokengate check-config rejected {label}:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 fn configmap_file<'a>(objs: &'a [Value], name_prefix: &str, key: &str) -> &'a str {

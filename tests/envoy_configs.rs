@@ -4,40 +4,18 @@
 //! open, a route without stripping, a misspelt per-route key) fails here before it fails in
 //! `envoy_sidecar.rs` / `envoy_istio.rs`.
 
+mod common;
+
 use std::collections::BTreeSet;
-use std::path::Path;
 use std::process::Command;
 
+use common::check_config;
 use serde_json::Value;
 use testkit::envoy::{render, validate_file, validate_str, Ports};
 use testkit::yaml::{at, load};
+use testkit::IDENTITY_HEADERS;
 
 const EXT_AUTHZ: &str = "envoy.filters.http.ext_authz";
-const IDENTITY_HEADERS: [&str; 7] = [
-    "x-k8s-sa-user",
-    "x-k8s-sa-namespace",
-    "x-k8s-sa-name",
-    "x-k8s-sa-uid",
-    "x-k8s-sa-groups",
-    "x-k8s-pod-name",
-    "x-k8s-pod-uid",
-];
-
-/// Runs `tokengate check-config FILE` and fails with its output if it rejects the file.
-fn check_config(path: &Path) {
-    let out = Command::new(env!("CARGO_BIN_EXE_tokengate"))
-        .arg("check-config")
-        .arg(path)
-        .output()
-        .expect("run tokengate check-config");
-    assert!(
-        out.status.success(),
-        "tokengate check-config {} failed:\n{}{}",
-        path.display(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 fn hcm(config: &Value) -> &Value {
     let filter = at(
@@ -320,6 +298,6 @@ fn check_config_rejects_a_misspelt_field() {
 fn published_tokengate_configs_pass_check_config() {
     let root = testkit::workspace_root();
     for file in ["envoy/tokengate-sidecar.yaml", "envoy/tokengate-istio.yaml"] {
-        check_config(&root.join(file));
+        check_config(file, &root.join(file));
     }
 }

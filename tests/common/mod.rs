@@ -1,5 +1,6 @@
 //! Shared helpers for tokengate's integration tests: the Kubernetes API stand-in in-process,
-//! tokengate in-process on 127.0.0.1:0 (via `tokengate::serve`), and a real gRPC client.
+//! tokengate in-process on 127.0.0.1:0 (via `tokengate::serve`), a real gRPC client, and the
+//! built binary's `check-config` for published config files.
 #![allow(dead_code)]
 
 use std::path::Path;
@@ -51,6 +52,22 @@ pub fn config(kubeconfig: &Path, cache: &str) -> String {
     BASE_CONFIG
         .replace("{kubeconfig}", &kubeconfig.to_string_lossy())
         .replace("{cache}", cache)
+}
+
+/// Runs the built `tokengate check-config PATH` and fails with its output if it rejects the
+/// file; `label` names the file in the failure.
+pub fn check_config(label: &str, path: &Path) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tokengate"))
+        .arg("check-config")
+        .arg(path)
+        .output()
+        .expect("run tokengate check-config");
+    assert!(
+        out.status.success(),
+        "tokengate check-config rejected {label}:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A running stand-in + tokengate + gRPC client.

@@ -24,19 +24,9 @@ use kube_standin::{MintRequest, Options, Standin};
 use testkit::echo::{spawn_echo, Echo, EchoServer};
 use testkit::envoy::{Envoy, Ports};
 use testkit::http::{self, Response};
+use testkit::IDENTITY_HEADERS;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-
-/// Identity headers tokengate sets (defaults; envoy/*.yaml strip exactly these).
-pub const IDENTITY_HEADERS: [&str; 7] = [
-    "x-k8s-sa-user",
-    "x-k8s-sa-namespace",
-    "x-k8s-sa-name",
-    "x-k8s-sa-uid",
-    "x-k8s-sa-groups",
-    "x-k8s-pod-name",
-    "x-k8s-pod-uid",
-];
 
 /// Values a malicious client sends in the identity headers.
 pub const SPOOFED: [(&str, &str); 8] = [

@@ -27,6 +27,19 @@ pub mod yaml;
 
 use std::path::PathBuf;
 
+/// The identity headers tokengate sets by default (its `identity_headers`), which every
+/// published Envoy config strips from client requests. Spelled out here, not read from
+/// tokengate, so the tests pin the names.
+pub const IDENTITY_HEADERS: [&str; 7] = [
+    "x-k8s-sa-user",
+    "x-k8s-sa-namespace",
+    "x-k8s-sa-name",
+    "x-k8s-sa-uid",
+    "x-k8s-sa-groups",
+    "x-k8s-pod-name",
+    "x-k8s-pod-uid",
+];
+
 /// The workspace root (the directory holding `envoy/`, `deploy/` and `.venv/`).
 pub fn workspace_root() -> PathBuf {
     // tests/testkit -> tests -> workspace root
