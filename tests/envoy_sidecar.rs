@@ -5,7 +5,7 @@
 
 mod envoy_support;
 
-use envoy_support::{api_identity, assert_identity, echo_of, with_spoofed, Stack};
+use envoy_support::{assert_api_identity, assert_identity, echo_of, with_spoofed, Stack};
 use kube_standin::Fault;
 
 const ENVOY: &str = "envoy/sidecar.yaml";
@@ -16,15 +16,6 @@ async fn stack() -> Stack {
     Stack::start(ENVOY, TOKENGATE)
         .await
         .unwrap_or_else(|e| panic!("starting the stack: {e:#}"))
-}
-
-fn identity_pairs(stack: &Stack) -> Vec<(&'static str, String)> {
-    let mut id = api_identity(stack);
-    id.push((
-        "x-k8s-sa-groups",
-        "system:serviceaccounts,system:serviceaccounts:api,system:authenticated".to_string(),
-    ));
-    id
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -95,9 +86,7 @@ async fn valid_x_client_id_reaches_upstream_with_one_true_identity() {
         echo.message,
         "authenticated as system:serviceaccount:api:api"
     );
-    let id = identity_pairs(&stack);
-    let expected: Vec<(&str, &str)> = id.iter().map(|(n, v)| (*n, v.as_str())).collect();
-    assert_identity(&echo, &expected);
+    assert_api_identity(&echo, &stack);
     // strip_token: true on this route: the data-store never sees the caller's token.
     assert!(
         !echo.has("x-client-id"),
@@ -121,9 +110,7 @@ async fn valid_bearer_token_reaches_upstream_and_is_stripped() {
     let resp = stack.get("/", &headers).await;
     assert_eq!(resp.status, 200, "{resp:?}");
     let echo = echo_of(&resp);
-    let id = identity_pairs(&stack);
-    let expected: Vec<(&str, &str)> = id.iter().map(|(n, v)| (*n, v.as_str())).collect();
-    assert_identity(&echo, &expected);
+    assert_api_identity(&echo, &stack);
     assert!(
         !echo.has("authorization"),
         "token forwarded: {:?}",

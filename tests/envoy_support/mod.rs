@@ -213,9 +213,21 @@ pub fn api_identity(stack: &Stack) -> Vec<(&'static str, String)> {
         ("x-k8s-sa-namespace", "api".to_string()),
         ("x-k8s-sa-name", "api".to_string()),
         ("x-k8s-sa-uid", stack.api_uid.clone()),
+        (
+            "x-k8s-sa-groups",
+            "system:serviceaccounts,system:serviceaccounts:api,system:authenticated".to_string(),
+        ),
         ("x-k8s-pod-name", "api-0".to_string()),
         ("x-k8s-pod-uid", stack.api_pod_uid.clone()),
     ]
+}
+
+/// Asserts the upstream saw exactly [`api_identity`]: each identity header once, with
+/// tokengate's value (see [`assert_identity`]).
+pub fn assert_api_identity(echo: &Echo, stack: &Stack) {
+    let id = api_identity(stack);
+    let expected: Vec<(&str, &str)> = id.iter().map(|(n, v)| (*n, v.as_str())).collect();
+    assert_identity(echo, &expected);
 }
 
 /// Headers `extra` plus every spoofed identity header.
