@@ -27,9 +27,7 @@ async fn assert_unavailable(h: &Harness, token: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_server_failures_are_unavailable_and_not_cached() {
     // A short attempt timeout so Hang fails fast: 2 attempts × 500 ms + backoff.
-    let s = standin().await;
-    let yaml = config(&s.kubeconfig_path(), "").replace("timeout: 2s", "timeout: 500ms");
-    let h = Harness::start_with(s, &yaml).await;
+    let h = Harness::start_with_timeout("500ms").await;
     let token = h.api_token(AUD);
 
     for fault in [

@@ -269,9 +269,7 @@ async fn spoofed_identity_headers_are_overwritten_or_removed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_identical_checks_share_one_token_review() {
     // A generous timeout: a retry would be a second TokenReview.
-    let s = standin().await;
-    let yaml = config(&s.kubeconfig_path(), "").replace("timeout: 2s", "timeout: 5s");
-    let h = Harness::start_with(s, &yaml).await;
+    let h = Harness::start_with_timeout("5s").await;
     let token = h.api_token(AUD);
     // Slow the API server down so all 50 Checks are in flight together.
     h.standin
@@ -374,9 +372,7 @@ async fn legacy_secret_token_is_reviewed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_turns_not_ready_and_drains_in_flight_checks() {
-    let s = standin().await;
-    let yaml = config(&s.kubeconfig_path(), "").replace("timeout: 2s", "timeout: 5s");
-    let mut h = Harness::start_with(s, &yaml).await;
+    let mut h = Harness::start_with_timeout("5s").await;
     assert_eq!(h.admin_get("/readyz").await.0, 200);
     let token = h.api_token(AUD);
     h.standin
@@ -414,9 +410,7 @@ async fn shutdown_turns_not_ready_and_drains_in_flight_checks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_check_abandoned_by_envoy_still_caches_its_token_review() {
-    let s = standin().await;
-    let yaml = config(&s.kubeconfig_path(), "").replace("timeout: 2s", "timeout: 5s");
-    let h = Harness::start_with(s, &yaml).await;
+    let h = Harness::start_with_timeout("5s").await;
     let token = h.api_token(AUD);
     h.standin
         .set_fault(Fault::Latency(Duration::from_millis(400)));

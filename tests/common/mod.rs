@@ -104,6 +104,15 @@ impl Harness {
         Harness::start_with(s, &yaml).await
     }
 
+    /// Like [`Harness::start`], with `kubernetes.timeout` (per TokenReview attempt) set to
+    /// `timeout` instead of [`BASE_CONFIG`]'s 2 s.
+    pub async fn start_with_timeout(timeout: &str) -> Harness {
+        let s = standin().await;
+        let yaml =
+            config(&s.kubeconfig_path(), "").replace("timeout: 2s", &format!("timeout: {timeout}"));
+        Harness::start_with(s, &yaml).await
+    }
+
     /// tokengate with the given configuration text against `standin`.
     pub async fn start_with(standin: Standin, yaml: &str) -> Harness {
         let config = tokengate::Config::from_yaml_str(yaml).expect("test config is valid");
