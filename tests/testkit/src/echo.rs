@@ -114,16 +114,7 @@ pub fn spawn_echo(listener: tokio::net::TcpListener) -> std::io::Result<EchoServ
 
 /// Builds the echo for a request (the body is ignored).
 pub fn describe(req: &hyper::Request<Incoming>) -> Echo {
-    let headers: Vec<(String, String)> = req
-        .headers()
-        .iter()
-        .map(|(n, v)| {
-            (
-                n.as_str().to_string(),
-                String::from_utf8_lossy(v.as_bytes()).into_owned(),
-            )
-        })
-        .collect();
+    let headers = crate::http::header_pairs(req.headers());
     let message = match headers.iter().find(|(n, _)| n == USER_HEADER) {
         Some((_, user)) => format!("authenticated as {user}"),
         None => format!("no identity ({USER_HEADER} absent)"),

@@ -60,6 +60,19 @@ pub async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Resu
     request(addr, "GET", path, headers).await
 }
 
+/// Every header as a `(name, value)` pair, in order and with repeats kept; values that are
+/// not UTF-8 are shown lossily rather than dropped.
+pub(crate) fn header_pairs(map: &hyper::HeaderMap) -> Vec<(String, String)> {
+    map.iter()
+        .map(|(n, v)| {
+            (
+                n.as_str().to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect()
+}
+
 async fn request_inner(
     addr: SocketAddr,
     method: &str,
@@ -82,16 +95,7 @@ async fn request_inner(
     let req = builder.body(Full::new(Bytes::new()))?;
     let resp = sender.send_request(req).await?;
     let status = resp.status().as_u16();
-    let headers = resp
-        .headers()
-        .iter()
-        .map(|(n, v)| {
-            (
-                n.as_str().to_string(),
-                String::from_utf8_lossy(v.as_bytes()).into_owned(),
-            )
-        })
-        .collect();
+    let headers = header_pairs(resp.headers());
     let body = resp.into_body().collect().await?.to_bytes();
     conn_task.abort();
     Ok(Response {
