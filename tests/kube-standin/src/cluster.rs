@@ -430,6 +430,21 @@ fn check_bound_object(kind: &str, found: Option<&Meta>, claimed_uid: &str) -> Re
     Ok(())
 }
 
+/// A map of namespaced objects as the snapshot saves it: `(namespace, name, object)`
+/// triples, since JSON object keys can only be strings.
+fn save_namespaced<T: Clone>(map: &BTreeMap<(String, String), T>) -> Vec<(String, String, T)> {
+    map.iter()
+        .map(|((ns, n), v)| (ns.clone(), n.clone(), v.clone()))
+        .collect()
+}
+
+/// The inverse of [`save_namespaced`].
+fn restore_namespaced<T: Clone>(list: &[(String, String, T)]) -> BTreeMap<(String, String), T> {
+    list.iter()
+        .map(|(ns, n, v)| (ns_key(ns, n), v.clone()))
+        .collect()
+}
+
 /// The map key of a namespaced object.
 fn ns_key(ns: &str, name: &str) -> (String, String) {
     (ns.to_string(), name.to_string())
@@ -509,22 +524,10 @@ impl Cluster {
         let state = State {
             keys,
             namespaces: snap.namespaces.iter().cloned().collect(),
-            service_accounts: snap
-                .service_accounts
-                .iter()
-                .map(|(ns, n, m)| ((ns.clone(), n.clone()), m.clone()))
-                .collect(),
-            pods: snap
-                .pods
-                .iter()
-                .map(|(ns, n, p)| ((ns.clone(), n.clone()), p.clone()))
-                .collect(),
+            service_accounts: restore_namespaced(&snap.service_accounts),
+            pods: restore_namespaced(&snap.pods),
             nodes: snap.nodes.iter().cloned().collect(),
-            secrets: snap
-                .secrets
-                .iter()
-                .map(|(ns, n, s)| ((ns.clone(), n.clone()), s.clone()))
-                .collect(),
+            secrets: restore_namespaced(&snap.secrets),
             bindings: snap
                 .bindings
                 .iter()
@@ -557,26 +560,14 @@ impl Cluster {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
-            service_accounts: st
-                .service_accounts
-                .iter()
-                .map(|((ns, n), m)| (ns.clone(), n.clone(), m.clone()))
-                .collect(),
-            pods: st
-                .pods
-                .iter()
-                .map(|((ns, n), p)| (ns.clone(), n.clone(), p.clone()))
-                .collect(),
+            service_accounts: save_namespaced(&st.service_accounts),
+            pods: save_namespaced(&st.pods),
             nodes: st
                 .nodes
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
-            secrets: st
-                .secrets
-                .iter()
-                .map(|((ns, n), s)| (ns.clone(), n.clone(), s.clone()))
-                .collect(),
+            secrets: save_namespaced(&st.secrets),
             bindings: st
                 .bindings
                 .iter()
