@@ -294,21 +294,9 @@ async fn process_mode_serves_and_takes_controls() {
     assert_eq!(v["status"]["authenticated"], true);
 
     // Controls are for admins only.
-    let a = call(
-        &reviewer,
-        "POST",
-        "/standin/v1/fault",
-        Some(&json!({"kind":"hang"})),
-    )
-    .await;
+    let a = post_fault(&reviewer, json!({"kind":"hang"})).await;
     assert_eq!(a.status, 403);
-    let a = call(
-        &admin,
-        "POST",
-        "/standin/v1/fault",
-        Some(&json!({"kind":"status","code":503,"retry_after":1})),
-    )
-    .await;
+    let a = post_fault(&admin, json!({"kind":"status","code":503,"retry_after":1})).await;
     assert_eq!(a.status, 200, "{}", a.body);
     // kube's default client retries 503s; a raw request shows the first answer.
     let a = call(
@@ -320,34 +308,16 @@ async fn process_mode_serves_and_takes_controls() {
     .await;
     assert_eq!(a.status, 503);
     assert_eq!(a.header("retry-after").as_deref(), Some("1"));
-    let a = call(
-        &admin,
-        "POST",
-        "/standin/v1/fault",
-        Some(&json!({"kind":"none"})),
-    )
-    .await;
+    let a = post_fault(&admin, json!({"kind":"none"})).await;
     assert_eq!(a.status, 200);
-    let a = call(
-        &admin,
-        "POST",
-        "/standin/v1/fault",
-        Some(&json!({"kind":"bogus"})),
-    )
-    .await;
+    let a = post_fault(&admin, json!({"kind":"bogus"})).await;
     assert_eq!(a.status, 400);
     let a = call(&admin, "GET", "/standin/v1/counters", None).await;
     assert_eq!(a.body, r#"{"token_reviews":2}"#);
 
     // Down for a while, then back on the same port (process-mode down/up).
     let addr: std::net::SocketAddr = url.trim_start_matches("https://").parse().unwrap();
-    let a = call(
-        &admin,
-        "POST",
-        "/standin/v1/fault",
-        Some(&json!({"kind":"down","ms":700})),
-    )
-    .await;
+    let a = post_fault(&admin, json!({"kind":"down","ms":700})).await;
     assert_eq!(a.status, 200);
     let every = std::time::Duration::from_millis(10);
     let went_down = wait_for_listener(addr, false, 50, every).await;
@@ -382,6 +352,11 @@ async fn create_demo_app_token(admin: &kube::Client) -> String {
     .await;
     assert_eq!(a.status, 201, "{}", a.body);
     a.json()["status"]["token"].as_str().unwrap().to_string()
+}
+
+/// POSTs `fault` to the control endpoint of a process-mode stand-in.
+async fn post_fault(c: &kube::Client, fault: serde_json::Value) -> common::Answer {
+    call(c, "POST", "/standin/v1/fault", Some(&fault)).await
 }
 
 async fn admin_no_retry(dir: &tempfile::TempDir) -> kube::Client {
