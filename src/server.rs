@@ -13,7 +13,8 @@ use envoy_types::pb::envoy::service::auth::v3::authorization_server::{
     Authorization, AuthorizationServer,
 };
 use envoy_types::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse};
-use tonic::transport::server::TcpIncoming;
+use tonic::codegen::tokio_stream::StreamExt as _;
+use tonic::transport::server::{Connected, TcpConnectInfo, TcpIncoming};
 use tonic::{Request, Response, Status};
 use tonic_health::ServingStatus;
 
@@ -68,7 +69,10 @@ pub async fn run(
             .await;
         let _ = draining_tx.send(true);
     };
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    // One write per batch of responses, not one per response: see `ScalarWrites`.
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .map(|conn| conn.map(ScalarWrites));
     let server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(authz)
@@ -90,5 +94,61 @@ pub async fn run(
             tracing::warn!(grace = ?DRAIN_GRACE, "in-flight checks did not finish in time; stopping anyway");
             Ok(())
         }
+    }
+}
+
+/// An accepted connection that tells h2 it has no vectored writes.
+///
+/// h2 copies a DATA frame's payload into its write buffer only below a "chain threshold":
+/// 256 bytes when the socket supports vectored writes, 1 KiB when it does not. A larger
+/// payload is chained instead, and while a chained frame is pending h2 accepts no other frame
+/// until it has written to the socket. An allow answer with the identity headers is ~400
+/// bytes, so with vectored writes every Check cost its own `writev` (about a third of
+/// tokengate's CPU on a cache hit, ~6 µs per Check on loopback); without them the answers of
+/// concurrent Checks leave in one write. Frames over 1 KiB (rare here) are written in two
+/// plain writes instead of one vectored write. Measured in BENCHMARKS.md.
+struct ScalarWrites(tokio::net::TcpStream);
+
+impl tokio::io::AsyncRead for ScalarWrites {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for ScalarWrites {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+
+    // `is_write_vectored` keeps its default, `false`: that is the point of this type.
+}
+
+impl Connected for ScalarWrites {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.0.connect_info()
     }
 }
