@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use common::{
-    call, claims, client, compact, jwt_parts, raw_field, review, review_error, wait_for_listener,
-    Answer,
+    call, claims, client, compact, jwt_parts, raw_field, review, review_error, status_of,
+    wait_for_listener, Answer,
 };
 use kube_standin::{Fault, KeyAlg, MintRequest, Options, Standin};
 use serde_json::json;
@@ -313,10 +313,7 @@ async fn oidc_discovery_access_shape_and_key_rotation() {
     .await
     .unwrap();
     let admin = client(&plain, Some(&plain.admin_token())).await;
-    assert_eq!(
-        call(&admin, "GET", "/openid/v1/jwks", None).await.status,
-        404
-    );
+    assert_eq!(status_of(&admin, "GET", "/openid/v1/jwks").await, 404);
     plain.shutdown().await;
 }
 
@@ -386,42 +383,34 @@ async fn objects_over_http() {
         "[invalid bearer token, service account token has been invalidated]"
     );
     assert_eq!(
-        call(&admin, "DELETE", "/api/v1/namespaces/shop/pods/p1", None)
-            .await
-            .status,
+        status_of(&admin, "DELETE", "/api/v1/namespaces/shop/pods/p1").await,
         404
     );
     assert_eq!(
-        call(
+        status_of(
             &admin,
             "GET",
-            "/api/v1/namespaces/shop/serviceaccounts/cart",
-            None
+            "/api/v1/namespaces/shop/serviceaccounts/cart"
         )
-        .await
-        .status,
+        .await,
         200
     );
     assert_eq!(
-        call(
+        status_of(
             &admin,
             "DELETE",
-            "/api/v1/namespaces/shop/serviceaccounts/cart",
-            None
+            "/api/v1/namespaces/shop/serviceaccounts/cart"
         )
-        .await
-        .status,
+        .await,
         200
     );
     assert_eq!(
-        call(
+        status_of(
             &admin,
             "GET",
-            "/api/v1/namespaces/shop/serviceaccounts/cart",
-            None
+            "/api/v1/namespaces/shop/serviceaccounts/cart"
         )
-        .await
-        .status,
+        .await,
         404
     );
 
@@ -436,14 +425,12 @@ async fn objects_over_http() {
     assert_eq!(a.status, 201, "{}", a.body);
     assert_eq!(review(&checker_client, &checker, &[]).await.status, 201);
     assert_eq!(
-        call(
+        status_of(
             &admin,
             "DELETE",
-            "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings/checker",
-            None
+            "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings/checker"
         )
-        .await
-        .status,
+        .await,
         200
     );
     assert_eq!(review(&checker_client, &checker, &[]).await.status, 403);
@@ -499,7 +486,7 @@ async fn injected_status_faults_look_like_real_statuses() {
     assert_eq!(a.json()["reason"], "InternalError");
     assert!(a.header("retry-after").is_none());
     // Faults apply to TokenReview only.
-    assert_eq!(call(&admin, "GET", "/version", None).await.status, 200);
+    assert_eq!(status_of(&admin, "GET", "/version").await, 200);
     assert_eq!(s.token_reviews_served(), 3);
 
     s.set_fault(Fault::Latency(Duration::from_millis(300)));

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use common::{
-    call, client, client_from_kubeconfig, mint_seed_token, review, seed_like_standin,
+    call, client, client_from_kubeconfig, mint_seed_token, review, seed_like_standin, status_of,
     wait_for_listener, SeedToken,
 };
 use kube_standin::{MetadataStyle, Options, Standin};
@@ -424,14 +424,7 @@ async fn process_restart_keeps_the_cluster() {
     let after = after.expect("reviews work after the restart");
     assert_eq!(after["status"], before["status"]);
     assert_eq!(
-        call(
-            &admin,
-            "GET",
-            "/api/v1/namespaces/demo/serviceaccounts/app",
-            None
-        )
-        .await
-        .status,
+        status_of(&admin, "GET", "/api/v1/namespaces/demo/serviceaccounts/app").await,
         200
     );
 }

@@ -82,6 +82,11 @@ pub async fn call(
     }
 }
 
+/// The status code of a request without a body.
+pub async fn status_of(c: &kube::Client, method: &str, path: &str) -> u16 {
+    call(c, method, path, None).await.status
+}
+
 /// POSTs a TokenReview and returns the answer.
 pub async fn review(c: &kube::Client, token: &str, audiences: &[&str]) -> Answer {
     let mut spec = serde_json::json!({ "token": token });
