@@ -111,6 +111,25 @@ async fn python_client_token_request_and_review() {
     s.shutdown().await;
 }
 
+/// `kubectl --kubeconfig KUBECONFIG create -f FILE -o OUTPUT`, run off the async runtime
+/// (the stand-in serves on it); returns stdout.
+async fn kubectl_create_from_file(
+    kubectl: &Path,
+    kubeconfig: &Path,
+    file: &Path,
+    output: &str,
+) -> String {
+    let mut cmd = Command::new(kubectl);
+    cmd.arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(["create", "-f"])
+        .arg(file)
+        .args(["-o", output]);
+    tokio::task::spawn_blocking(move || run(&mut cmd))
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn kubectl_create_tokenreview_from_yaml() {
     let kubectl = kubectl();
@@ -128,18 +147,7 @@ async fn kubectl_create_tokenreview_from_yaml() {
         ),
     )
     .unwrap();
-    let kc = s.admin_kubeconfig_path();
-    let (k2, y2, kc2) = (kubectl.clone(), yaml.clone(), kc.clone());
-    let out = tokio::task::spawn_blocking(move || {
-        run(Command::new(k2)
-            .arg("--kubeconfig")
-            .arg(kc2)
-            .args(["create", "-f"])
-            .arg(y2)
-            .args(["-o", "yaml"]))
-    })
-    .await
-    .unwrap();
+    let out = kubectl_create_from_file(&kubectl, &s.admin_kubeconfig_path(), &yaml, "yaml").await;
     let expected = format!(
         "apiVersion: authentication.k8s.io/v1
 kind: TokenReview
@@ -167,17 +175,7 @@ status:
     assert_eq!(out, expected);
 
     // The reviewer kubeconfig (tokenFile) works for kubectl too, with the same answer.
-    let rk = s.kubeconfig_path();
-    let out = tokio::task::spawn_blocking(move || {
-        run(Command::new(kubectl)
-            .arg("--kubeconfig")
-            .arg(rk)
-            .args(["create", "-f"])
-            .arg(yaml)
-            .args(["-o", "json"]))
-    })
-    .await
-    .unwrap();
+    let out = kubectl_create_from_file(&kubectl, &s.kubeconfig_path(), &yaml, "json").await;
     let via_kubectl: serde_json::Value = serde_json::from_str(&out).unwrap();
     let admin = client(&s, Some(&s.admin_token())).await;
     let direct = review(&admin, &token, &[]).await.json();
