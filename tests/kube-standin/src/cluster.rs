@@ -555,29 +555,17 @@ impl Cluster {
         Ok(Snapshot {
             issuer: self.cfg.issuer.clone(),
             keys,
-            namespaces: st
-                .namespaces
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
+            namespaces: st.namespaces.clone().into_iter().collect(),
             service_accounts: save_namespaced(&st.service_accounts),
             pods: save_namespaced(&st.pods),
-            nodes: st
-                .nodes
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
+            nodes: st.nodes.clone().into_iter().collect(),
             secrets: save_namespaced(&st.secrets),
             bindings: st
                 .bindings
                 .iter()
                 .map(|(b, (r, subj))| (b.clone(), r.clone(), subj.clone()))
                 .collect(),
-            static_tokens: st
-                .static_tokens
-                .iter()
-                .map(|(t, u)| (t.clone(), u.clone()))
-                .collect(),
+            static_tokens: st.static_tokens.clone().into_iter().collect(),
             notes,
         })
     }
