@@ -6,8 +6,9 @@
 #   BENCH_QUICK=1 bench/run.sh    # quick run (~2 min): 3 × 3 s rounds, 3 s latency runs, 20k fill
 #
 # Knobs (environment): BENCH_ROUNDS, BENCH_SAT_SECS, BENCH_LAT_SECS, BENCH_RATE (fixed rate for
-# latency, default 2000 rps), BENCH_CONNS (wrk connections, 32), BENCH_ENVOY_CONCURRENCY (Envoy
-# workers, 1; wrk threads follow it), BENCH_MISS_LATENCY_MS (stand-in TokenReview delay, 2),
+# latency, default 2000 rps), BENCH_LAT_ROUNDS (latency runs per scenario, 1), BENCH_CONNS (wrk
+# connections, 32), BENCH_ENVOY_CONCURRENCY (Envoy workers, 1; wrk threads follow it),
+# BENCH_MISS_LATENCY_MS (stand-in TokenReview delay, 2),
 # BENCH_POOL (cache-miss tokens), BENCH_FILL (identities for the RSS measurement, 100000),
 # BENCH_NULL_WORKERS (null server tokio workers, 2; 0 = current-thread), BENCH_TG_WORKERS
 # (tokengate --worker-threads; unset = its default), BENCH_SCENARIOS (space-separated subset),
@@ -30,11 +31,12 @@ else
   FILL=${BENCH_FILL:-100000}; POOL=${BENCH_POOL:-80000}
 fi
 RATE=${BENCH_RATE:-2000}
+LAT_ROUNDS=${BENCH_LAT_ROUNDS:-1}
 CONNS=${BENCH_CONNS:-32}
 CONC=${BENCH_ENVOY_CONCURRENCY:-1}
 MISS_MS=${BENCH_MISS_LATENCY_MS:-2}
 NULL_WORKERS=${BENCH_NULL_WORKERS:-2}
-ALL_SCENARIOS="noauth jwt_nocache jwt_cache extauthz_null tokengate_hit tokengate_miss check_null check_tokengate"
+ALL_SCENARIOS="noauth jwt_nocache jwt_cache extauthz_null extauthz_null_hdrs tokengate_hit tokengate_miss check_null check_tokengate"
 SCENARIOS=${BENCH_SCENARIOS:-$ALL_SCENARIOS}
 ENVOY=${ENVOY_BIN:-$ROOT/.venv/bin/envoy}
 OUT=${BENCH_OUT:-$ROOT/target/bench/$(date -u +%Y%m%dT%H%M%SZ)}
@@ -172,6 +174,12 @@ done
 take_port NULL_PORT
 spawn null-authz "$BIN/null-authz" --listen "127.0.0.1:$NULL_PORT" --workers "$NULL_WORKERS"
 wait_for "null-authz ready" 10 ready_line null-authz
+# The same, answering with seven identity headers like tokengate's allow: separates what Envoy
+# spends applying the headers (the feature) from what tokengate spends producing them.
+take_port NULL_HDRS_PORT
+spawn null-authz-hdrs "$BIN/null-authz" --listen "127.0.0.1:$NULL_HDRS_PORT" --workers "$NULL_WORKERS" \
+  --identity-headers --no-vectored
+wait_for "null-authz-hdrs ready" 10 ready_line null-authz-hdrs
 
 # ---- Envoys -----------------------------------------------------------------------------------
 "$BIN/tokengate-bench" jwt --dir "$OUT/jwt"
@@ -190,6 +198,7 @@ start_envoy noauth noauth
 start_envoy jwt_nocache jwt-nocache
 start_envoy jwt_cache jwt-cache
 start_envoy extauthz_null extauthz "$NULL_PORT"
+start_envoy extauthz_null_hdrs extauthz "$NULL_HDRS_PORT"
 if ((TG)); then
   start_envoy tokengate_hit extauthz "${TG_GRPC[hit]}"
   start_envoy tokengate_miss extauthz "${TG_GRPC[miss]}"
@@ -211,8 +220,9 @@ if ((TG)); then
   [[ $(code "${LISTEN[tokengate_hit]}" -H "Authorization: Bearer $HIT_TOKEN") == 200 ]] ||
     die "tokengate denies a valid token"
 fi
-[[ $(code "${LISTEN[extauthz_null]}" -H "Authorization: Bearer $HIT_TOKEN") == 200 ]] ||
-  die "extauthz_null: not 200"
+for s in extauthz_null extauthz_null_hdrs; do
+  [[ $(code "${LISTEN[$s]}" -H "Authorization: Bearer $HIT_TOKEN") == 200 ]] || die "$s: not 200"
+done
 # What Envoy sends with our published config (allowed_headers: the token headers only).
 "$BIN/tokengate-bench" check-body --tokens "$SDIR/single.txt" --line 0 --out "$OUT/conf/check.bin" \
   --token-header-only
@@ -230,7 +240,7 @@ log "stand-in TokenReview latency +${MISS_MS} ms; pool $(wc -l < "$SDIR/pool.txt
   echo "rustc: $(rustc --version)"
   echo "wrk: $(wrk -v 2>&1 | head -1)"
   echo "h2load: $(h2load --version 2>&1 | head -1)"
-  echo "settings: rounds=$ROUNDS sat=${SAT}s lat=${LAT}s rate=$RATE conns=$CONNS envoy_concurrency=$CONC miss_latency=${MISS_MS}ms pool=$POOL fill=$FILL null_workers=$NULL_WORKERS tokengate_workers=${BENCH_TG_WORKERS:-default}"
+  echo "settings: rounds=$ROUNDS sat=${SAT}s lat=${LAT}s rate=$RATE lat_rounds=$LAT_ROUNDS conns=$CONNS envoy_concurrency=$CONC miss_latency=${MISS_MS}ms pool=$POOL fill=$FILL null_workers=$NULL_WORKERS tokengate_workers=${BENCH_TG_WORKERS:-default}"
 } > "$OUT/env.txt"
 
 # ---- measurement helpers ----------------------------------------------------------------------
@@ -240,6 +250,7 @@ cpu_us() { awk -v t="$TCK" '{print ($14 + $15) * 1000000 / t}' "/proc/$1/stat" 2
 authz_of() { # scenario -> process name of its authz server ("" if none)
   case $1 in
     extauthz_null|check_null) echo null-authz ;;
+    extauthz_null_hdrs) echo null-authz-hdrs ;;
     tokengate_hit|check_tokengate) echo tokengate-hit ;;
     tokengate_miss) echo tokengate-miss ;;
     *) echo "" ;;
@@ -273,7 +284,7 @@ saturate() {
   case $s in
     noauth) out=$("${wrk[@]}" "http://127.0.0.1:${LISTEN[$s]}/") ;;
     jwt_*) out=$("${wrk[@]}" -H "Authorization: Bearer $JWT" "http://127.0.0.1:${LISTEN[$s]}/") ;;
-    extauthz_null|tokengate_hit)
+    extauthz_null|extauthz_null_hdrs|tokengate_hit)
       out=$("${wrk[@]}" -H "Authorization: Bearer $HIT_TOKEN" "http://127.0.0.1:${LISTEN[$s]}/") ;;
     tokengate_miss)
       out=$("${wrk[@]}" -s "$ROOT/bench/pool.lua" "http://127.0.0.1:${LISTEN[$s]}/" -- "$SDIR/pool.txt" "$CONC") ;;
@@ -323,7 +334,7 @@ latency() {
   case $s in
     noauth) load+=(--http "127.0.0.1:${LISTEN[$s]}") ;;
     jwt_*) load+=(--http "127.0.0.1:${LISTEN[$s]}" --tokens "$OUT/conf/jwt-token.txt") ;;
-    extauthz_null|tokengate_hit) load+=(--http "127.0.0.1:${LISTEN[$s]}" --tokens "$SDIR/single.txt" --first 1) ;;
+    extauthz_null|extauthz_null_hdrs|tokengate_hit) load+=(--http "127.0.0.1:${LISTEN[$s]}" --tokens "$SDIR/single.txt" --first 1) ;;
     tokengate_miss) load+=(--http "127.0.0.1:${LISTEN[$s]}" --tokens "$SDIR/pool.txt") ;;
     check_null) load+=(--grpc "http://127.0.0.1:$NULL_PORT" --tokens "$SDIR/single.txt" --first 1) ;;
     check_tokengate) load+=(--grpc "http://127.0.0.1:${TG_GRPC[hit]}" --tokens "$SDIR/single.txt" --first 1) ;;
@@ -344,7 +355,10 @@ for ((r = 1; r <= ROUNDS; r++)); do
     saturate "${SC[$(((i + r - 1) % ${#SC[@]}))]}" "$r"
   done
 done
-for s in "${SC[@]}"; do latency "$s"; done
+# Latency rounds alternate too; the report takes the median p50/p99 over rounds.
+for ((r = 1; r <= LAT_ROUNDS; r++)); do
+  for s in "${SC[@]}"; do latency "$s"; done
+done
 if [[ ${BENCH_PROFILE:-0} == 1 ]]; then
   command -v perf >/dev/null || die "BENCH_PROFILE=1 needs perf (apt-get install -y linux-perf)"
   log "profiling (extra round, not recorded)"
