@@ -97,7 +97,8 @@ pub async fn run(
     }
 }
 
-/// An accepted connection that tells h2 it has no vectored writes.
+/// An accepted connection that tells h2 it has no vectored writes (also used by the bench's
+/// null server, `null-authz --no-vectored`, to measure the same effect).
 ///
 /// h2 copies a DATA frame's payload into its write buffer only below a "chain threshold":
 /// 256 bytes when the socket supports vectored writes, 1 KiB when it does not. A larger
@@ -107,7 +108,7 @@ pub async fn run(
 /// tokengate's CPU on a cache hit, ~6 µs per Check on loopback); without them the answers of
 /// concurrent Checks leave in one write. Frames over 1 KiB (rare here) are written in two
 /// plain writes instead of one vectored write. Measured in BENCHMARKS.md.
-struct ScalarWrites(tokio::net::TcpStream);
+pub struct ScalarWrites(pub tokio::net::TcpStream);
 
 impl tokio::io::AsyncRead for ScalarWrites {
     fn poll_read(

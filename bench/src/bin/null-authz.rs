@@ -168,56 +168,11 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(!args.nagle));
         if args.no_vectored {
             use tokio_stream::StreamExt;
-            let incoming = incoming.map(|conn| conn.map(NoVectored));
+            let incoming = incoming.map(|conn| conn.map(tokengate::server::ScalarWrites));
             router.serve_with_incoming_shutdown(incoming, stop).await?;
         } else {
             router.serve_with_incoming_shutdown(incoming, stop).await?;
         }
     }
     Ok(())
-}
-
-/// A TCP stream that reports no vectored-write support (see `--no-vectored`).
-struct NoVectored(tokio::net::TcpStream);
-
-impl tokio::io::AsyncRead for NoVectored {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
-    }
-}
-
-impl tokio::io::AsyncWrite for NoVectored {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
-    }
-}
-
-impl tonic::transport::server::Connected for NoVectored {
-    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
-
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.0.connect_info()
-    }
 }
