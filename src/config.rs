@@ -79,10 +79,29 @@ pub struct Config {
 /// Listen addresses.
 #[derive(Debug, Clone)]
 pub struct Listen {
-    /// Envoy ext_authz gRPC and grpc.health.v1.
-    pub grpc: SocketAddr,
+    /// Envoy ext_authz gRPC and grpc.health.v1: `IP:port` or `unix:/path/to/socket`.
+    pub grpc: GrpcAddr,
     /// `/healthz`, `/readyz`, `/metrics`.
     pub admin: SocketAddr,
+}
+
+/// Where the gRPC server listens: a TCP address or a Unix domain socket (a sidecar Envoy in
+/// the same pod can reach tokengate through a socket on a shared volume).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GrpcAddr {
+    /// `IP:port`.
+    Tcp(SocketAddr),
+    /// `unix:/path/to/socket`: the socket file's path.
+    Unix(std::path::PathBuf),
+}
+
+impl fmt::Display for GrpcAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            GrpcAddr::Tcp(a) => write!(f, "{a}"),
+            GrpcAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
 }
 
 /// Kubernetes API connection and TokenReview limits.
@@ -520,6 +539,7 @@ fn addr_field(
     field: &str,
     value: &Option<Spanned<String>>,
     default: &str,
+    alternatives: &str,
 ) -> SocketAddr {
     let (text, ln) = match value {
         None => (default, 0),
@@ -529,10 +549,34 @@ fn addr_field(
         p.push(
             field,
             ln,
-            format!("`{text}` is not an IP:port address (e.g. \"0.0.0.0:9001\")"),
+            format!("`{text}` is not an IP:port address (e.g. \"0.0.0.0:9001\"){alternatives}"),
         );
         SocketAddr::from(([0, 0, 0, 0], 0))
     })
+}
+
+/// `listen.grpc`: `IP:port` or `unix:/path` (a non-empty path).
+fn grpc_addr_field(p: &mut Problems, value: &Option<Spanned<String>>) -> GrpcAddr {
+    match value {
+        Some(v) if v.value.starts_with("unix:") => {
+            let path = &v.value["unix:".len()..];
+            if path.is_empty() {
+                p.push(
+                    "listen.grpc",
+                    line(v),
+                    "`unix:` needs a socket path (e.g. \"unix:/run/tokengate/grpc.sock\")",
+                );
+            }
+            GrpcAddr::Unix(path.into())
+        }
+        _ => GrpcAddr::Tcp(addr_field(
+            p,
+            "listen.grpc",
+            value,
+            defaults::LISTEN_GRPC,
+            " or unix:/path/to/socket",
+        )),
+    }
 }
 
 /// A header name tokengate may emit or read: lower-case token characters only, not a pseudo
@@ -568,17 +612,13 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<FieldError>> {
     let mut p = Problems(Vec::new());
 
     let listen = Listen {
-        grpc: addr_field(
-            &mut p,
-            "listen.grpc",
-            &raw.listen.grpc,
-            defaults::LISTEN_GRPC,
-        ),
+        grpc: grpc_addr_field(&mut p, &raw.listen.grpc),
         admin: addr_field(
             &mut p,
             "listen.admin",
             &raw.listen.admin,
             defaults::LISTEN_ADMIN,
+            "",
         ),
     };
 
@@ -984,7 +1024,10 @@ log:
     #[test]
     fn full_example_parses() {
         let c = Config::from_yaml_str(FULL).unwrap();
-        assert_eq!(c.listen.grpc, "127.0.0.1:9001".parse().unwrap());
+        assert_eq!(
+            c.listen.grpc,
+            GrpcAddr::Tcp("127.0.0.1:9001".parse().unwrap())
+        );
         assert_eq!(c.kubernetes.timeout, Duration::from_millis(500));
         assert_eq!(c.kubernetes.retries, 1);
         assert_eq!(c.token_sources[0].header, "authorization");
@@ -1005,7 +1048,10 @@ log:
     #[test]
     fn minimal_gets_defaults() {
         let c = Config::from_yaml_str("routes:\n  - name: all\n    audiences: [a]\n").unwrap();
-        assert_eq!(c.listen.grpc.port(), 9001);
+        assert_eq!(
+            c.listen.grpc,
+            GrpcAddr::Tcp("0.0.0.0:9001".parse().unwrap())
+        );
         assert_eq!(c.listen.admin.port(), 9090);
         assert_eq!(c.kubernetes.timeout, Duration::from_secs(2));
         assert_eq!(c.kubernetes.retries, 2);
@@ -1051,6 +1097,31 @@ log:
         let e = errors("kubernetes:\n  retries: -1\nroutes: []\n");
         assert_eq!(e[0].field, "kubernetes.retries");
         assert_eq!(e[0].line, 2);
+    }
+
+    #[test]
+    fn grpc_listens_on_a_unix_socket() {
+        let c = Config::from_yaml_str(
+            "listen:\n  grpc: unix:/run/tokengate/grpc.sock\nroutes:\n  - name: all\n    audiences: [a]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.listen.grpc,
+            GrpcAddr::Unix("/run/tokengate/grpc.sock".into())
+        );
+        assert_eq!(c.listen.grpc.to_string(), "unix:/run/tokengate/grpc.sock");
+
+        for bad in ["unix:", "/run/tokengate/grpc.sock", "localhost:9001"] {
+            let e = errors(&format!(
+                "routes:\n  - name: all\n    audiences: [a]\nlisten:\n  grpc: \"{bad}\"\n"
+            ));
+            assert_eq!(e.len(), 1, "{bad}: {e:?}");
+            assert_eq!(
+                (e[0].field.as_str(), e[0].line),
+                ("listen.grpc", 5),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -51,6 +51,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 pub use config::Config;
+pub use server::GrpcListener;
 
 /// Library errors.
 #[derive(Debug, thiserror::Error)]
@@ -66,11 +67,12 @@ pub enum Error {
     Transport(tonic::transport::Error),
 }
 
-/// Runs tokengate: Check + health on `grpc`, admin endpoints on `admin`, until `shutdown`
-/// completes; then health goes NOT_SERVING and in-flight Checks drain.
+/// Runs tokengate: Check + health on `grpc` (a TCP listener or a [`GrpcListener`]), admin
+/// endpoints on `admin`, until `shutdown` completes; then health goes NOT_SERVING and
+/// in-flight Checks drain. A Unix socket's file is removed when serving ends.
 pub async fn serve(
     config: Config,
-    grpc: tokio::net::TcpListener,
+    grpc: impl Into<GrpcListener>,
     admin: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
@@ -92,12 +94,19 @@ pub async fn serve(
         },
         admin_stopped,
     ));
+    let grpc = grpc.into();
+    let socket_file = grpc.socket_file();
     tracing::info!(
-        grpc = ?grpc.local_addr().ok(),
+        grpc = %grpc.describe(),
         routes = config.routes.len(),
         "tokengate serving"
     );
     let result = server::run(checker, grpc, ready, shutdown).await;
+    if let Some(path) = socket_file {
+        if let Err(e) = std::fs::remove_file(&path) {
+            tracing::warn!(path = %path.display(), "removing the gRPC socket file: {e}");
+        }
+    }
     let _ = stop_admin.send(true);
     let _ = admin_task.await;
     result?;

@@ -105,7 +105,7 @@ fn runtime(worker_threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runt
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     init_logging(&config);
-    let grpc = tokio::net::TcpListener::bind(config.listen.grpc)
+    let grpc = tokengate::GrpcListener::bind(&config.listen.grpc)
         .await
         .with_context(|| format!("binding gRPC listener {}", config.listen.grpc))?;
     let admin = tokio::net::TcpListener::bind(config.listen.admin)

@@ -13,8 +13,9 @@ use envoy_types::pb::envoy::service::auth::v3::authorization_server::{
     Authorization, AuthorizationServer,
 };
 use envoy_types::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse};
+use tonic::codegen::tokio_stream::Stream;
 use tonic::codegen::tokio_stream::StreamExt as _;
-use tonic::transport::server::{Connected, TcpConnectInfo, TcpIncoming};
+use tonic::transport::server::{Connected, TcpIncoming};
 use tonic::{Request, Response, Status};
 use tonic_health::ServingStatus;
 
@@ -41,11 +42,95 @@ impl Authorization for AuthzService {
     }
 }
 
+/// The gRPC server's listening socket: TCP, or a Unix domain socket (sidecar Envoy in the same
+/// pod, through a shared volume: less CPU per Check than loopback TCP, see BENCHMARKS.md).
+#[derive(Debug)]
+pub enum GrpcListener {
+    /// `IP:port`.
+    Tcp(tokio::net::TcpListener),
+    /// `unix:/path`.
+    Unix(tokio::net::UnixListener),
+}
+
+impl From<tokio::net::TcpListener> for GrpcListener {
+    fn from(l: tokio::net::TcpListener) -> Self {
+        GrpcListener::Tcp(l)
+    }
+}
+
+impl From<tokio::net::UnixListener> for GrpcListener {
+    fn from(l: tokio::net::UnixListener) -> Self {
+        GrpcListener::Unix(l)
+    }
+}
+
+impl GrpcListener {
+    /// Binds `addr`. For a Unix socket, a stale socket file left at the path (a previous run
+    /// that did not shut down cleanly) is removed first; any other kind of file is left alone
+    /// and binding fails.
+    pub async fn bind(addr: &crate::config::GrpcAddr) -> std::io::Result<GrpcListener> {
+        match addr {
+            crate::config::GrpcAddr::Tcp(a) => {
+                Ok(GrpcListener::Tcp(tokio::net::TcpListener::bind(a).await?))
+            }
+            crate::config::GrpcAddr::Unix(path) => {
+                use std::os::unix::fs::FileTypeExt as _;
+                if let Ok(meta) = std::fs::symlink_metadata(path) {
+                    if meta.file_type().is_socket() {
+                        std::fs::remove_file(path)?;
+                    }
+                }
+                Ok(GrpcListener::Unix(tokio::net::UnixListener::bind(path)?))
+            }
+        }
+    }
+
+    /// The socket file of a Unix listener bound to a path.
+    pub fn socket_file(&self) -> Option<std::path::PathBuf> {
+        match self {
+            GrpcListener::Tcp(_) => None,
+            GrpcListener::Unix(l) => l
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(|p| p.to_path_buf())),
+        }
+    }
+
+    /// Where it listens, for the log.
+    pub fn describe(&self) -> String {
+        match self {
+            GrpcListener::Tcp(l) => l
+                .local_addr()
+                .map_or_else(|e| format!("tcp ({e})"), |a| a.to_string()),
+            GrpcListener::Unix(_) => match self.socket_file() {
+                Some(p) => format!("unix:{}", p.display()),
+                None => "unix (unnamed)".to_owned(),
+            },
+        }
+    }
+}
+
+/// Accepted Unix connections as the stream tonic serves.
+struct UnixIncoming(tokio::net::UnixListener);
+
+impl Stream for UnixIncoming {
+    type Item = std::io::Result<ScalarWrites<tokio::net::UnixStream>>;
+
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.0
+            .poll_accept(cx)
+            .map(|r| Some(r.map(|(stream, _)| ScalarWrites(stream))))
+    }
+}
+
 /// Serves Check and health on `listener` until `shutdown` completes, then drains.
 /// `ready` is raised while serving (read by the admin `/readyz`).
 pub async fn run(
     checker: Arc<Checker>,
-    listener: tokio::net::TcpListener,
+    listener: GrpcListener,
     ready: Arc<AtomicBool>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), crate::Error> {
@@ -70,15 +155,23 @@ pub async fn run(
         let _ = draining_tx.send(true);
     };
     // One write per batch of responses, not one per response: see `ScalarWrites`.
-    let incoming = TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .map(|conn| conn.map(ScalarWrites));
-    let server = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .add_service(health_service)
-        .add_service(authz)
-        .serve_with_incoming_shutdown(incoming, signal);
+        .add_service(authz);
+    let mut server: std::pin::Pin<
+        Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>,
+    > = match listener {
+        GrpcListener::Tcp(listener) => {
+            let incoming = TcpIncoming::from(listener)
+                .with_nodelay(Some(true))
+                .map(|conn| conn.map(ScalarWrites));
+            Box::pin(router.serve_with_incoming_shutdown(incoming, signal))
+        }
+        GrpcListener::Unix(listener) => {
+            Box::pin(router.serve_with_incoming_shutdown(UnixIncoming(listener), signal))
+        }
+    };
     ready.store(true, Ordering::SeqCst);
-    tokio::pin!(server);
     let grace = async {
         while !*draining_rx.borrow_and_update() {
             if draining_rx.changed().await.is_err() {
@@ -107,10 +200,11 @@ pub async fn run(
 /// bytes, so with vectored writes every Check cost its own `writev` (about a third of
 /// tokengate's CPU on a cache hit, ~6 µs per Check on loopback); without them the answers of
 /// concurrent Checks leave in one write. Frames over 1 KiB (rare here) are written in two
-/// plain writes instead of one vectored write. Measured in BENCHMARKS.md.
-pub struct ScalarWrites(pub tokio::net::TcpStream);
+/// plain writes instead of one vectored write. Measured in BENCHMARKS.md. Wraps TCP and Unix
+/// streams alike (tokio's `UnixStream` writes vectored too).
+pub struct ScalarWrites<S = tokio::net::TcpStream>(pub S);
 
-impl tokio::io::AsyncRead for ScalarWrites {
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for ScalarWrites<S> {
     fn poll_read(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -120,7 +214,7 @@ impl tokio::io::AsyncRead for ScalarWrites {
     }
 }
 
-impl tokio::io::AsyncWrite for ScalarWrites {
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for ScalarWrites<S> {
     fn poll_write(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -146,8 +240,8 @@ impl tokio::io::AsyncWrite for ScalarWrites {
     // `is_write_vectored` keeps its default, `false`: that is the point of this type.
 }
 
-impl Connected for ScalarWrites {
-    type ConnectInfo = TcpConnectInfo;
+impl<S: Connected> Connected for ScalarWrites<S> {
+    type ConnectInfo = S::ConnectInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
         self.0.connect_info()

@@ -92,6 +92,26 @@ impl Stack {
         tokengate_file: &str,
         options: Options,
     ) -> Result<Stack> {
+        Stack::start_inner(envoy_file, tokengate_file, options, None).await
+    }
+
+    /// Like [`Stack::start`], but tokengate listens on the Unix socket `socket` and the
+    /// published Envoy config's `tokengate` cluster is rewritten to reach it through
+    /// `pipe: {path: socket}` instead of loopback TCP.
+    pub async fn start_uds(
+        envoy_file: &str,
+        tokengate_file: &str,
+        socket: &std::path::Path,
+    ) -> Result<Stack> {
+        Stack::start_inner(envoy_file, tokengate_file, Options::default(), Some(socket)).await
+    }
+
+    async fn start_inner(
+        envoy_file: &str,
+        tokengate_file: &str,
+        options: Options,
+        socket: Option<&std::path::Path>,
+    ) -> Result<Stack> {
         let standin = Standin::start(options).await?;
         let api_uid = standin.create_service_account("api", "api");
         let api_pod_uid = standin.create_pod("api", "api-0", "api", Some("node-1"));
@@ -101,16 +121,38 @@ impl Stack {
         let text = tokengate_config(tokengate_file, &standin.kubeconfig_path())?;
         let config = tokengate::config::Config::from_yaml_str(&text)
             .map_err(|e| anyhow::anyhow!("{tokengate_file}: {e}"))?;
-        let grpc = testkit::ports::listener().await?;
+        let (grpc, grpc_port) = match socket {
+            None => {
+                let l = testkit::ports::listener().await?;
+                let port = l.local_addr()?.port();
+                (tokengate::GrpcListener::from(l), port)
+            }
+            Some(path) => {
+                let addr = tokengate::config::GrpcAddr::Unix(path.to_path_buf());
+                // Any free port: it only marks the cluster address to replace below.
+                let [port] = testkit::ports::free_ports::<1>();
+                (tokengate::GrpcListener::bind(&addr).await?, port)
+            }
+        };
         let admin = testkit::ports::listener().await?;
-        let grpc_port = grpc.local_addr()?.port();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(tokengate::serve(config, grpc, admin, async move {
             let _ = rx.await;
         }));
 
         let echo = spawn_echo(testkit::ports::listener().await?)?;
-        let envoy = Envoy::start_published(envoy_file, Ports::new(grpc_port, echo.addr().port()))
+        let ports = Ports::new(grpc_port, echo.addr().port());
+        let mut envoy_config = testkit::envoy::render(envoy_file, &ports)?;
+        if let Some(path) = socket {
+            let tcp = format!("socket_address: {{address: 127.0.0.1, port_value: {grpc_port}}}");
+            anyhow::ensure!(
+                envoy_config.matches(&tcp).count() == 1,
+                "{envoy_file}: expected exactly one `{tcp}` (the tokengate cluster)"
+            );
+            envoy_config =
+                envoy_config.replace(&tcp, &format!("pipe: {{path: {}}}", path.display()));
+        }
+        let envoy = Envoy::start(&envoy_config, ports)
             .await
             .context("starting envoy")?;
         Ok(Stack {
