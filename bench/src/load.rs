@@ -50,6 +50,21 @@ pub struct Spec {
 }
 
 impl Spec {
+    /// The request shape of one-off Checks (`fill`, `burst`): host `bench`, path `/`, only
+    /// the token header; the token is passed per call, so `tokens` is empty.
+    pub fn one_off() -> Spec {
+        Spec {
+            rate: 0.0,
+            duration: Duration::ZERO,
+            warmup: Duration::ZERO,
+            connections: 1,
+            tokens: Arc::new(Vec::new()),
+            host: "bench".into(),
+            path: "/".into(),
+            all_headers: false,
+        }
+    }
+
     fn token(&self, next: &AtomicUsize) -> Option<&str> {
         if self.tokens.is_empty() {
             return None;

@@ -327,16 +327,7 @@ async fn standin(
 
 async fn fill(uri: &str, tokens: Vec<String>, concurrency: usize) -> Result<()> {
     let client = AuthorizationClient::new(load::channel(uri).await?);
-    let spec = Arc::new(Spec {
-        rate: 0.0,
-        duration: Duration::ZERO,
-        warmup: Duration::ZERO,
-        connections: 1,
-        tokens: Arc::new(Vec::new()),
-        host: "bench".into(),
-        path: "/".into(),
-        all_headers: false,
-    });
+    let spec = Arc::new(Spec::one_off());
     let tokens = Arc::new(tokens);
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let started = Instant::now();
@@ -379,16 +370,7 @@ fn outcome_index(o: Outcome) -> usize {
 
 async fn burst(uri: &str, token: String, n: usize) -> Result<()> {
     let client = AuthorizationClient::new(load::channel(uri).await?);
-    let spec = Arc::new(Spec {
-        rate: 0.0,
-        duration: Duration::ZERO,
-        warmup: Duration::ZERO,
-        connections: 1,
-        tokens: Arc::new(Vec::new()),
-        host: "bench".into(),
-        path: "/".into(),
-        all_headers: false,
-    });
+    let spec = Arc::new(Spec::one_off());
     let token = Arc::new(token);
     let barrier = Arc::new(tokio::sync::Barrier::new(n));
     let mut tasks = Vec::new();
