@@ -8,13 +8,15 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt as _, Full, Limited};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::clock::rfc3339;
 use crate::cluster::{
-    Attributes, AuthOutcome, BoundObjectRef, Cluster, IssueSpec, Issued, Subject, UserInfo,
+    Attributes, AuthOutcome, BoundObjectRef, Cluster, IssueSpec, Issued, Item, Object, PolicyRule,
+    Resource, Subject, UserInfo,
 };
 use crate::discovery;
 use crate::status::ApiError;
@@ -35,8 +37,8 @@ impl std::fmt::Display for CloseConnection {
 
 impl std::error::Error for CloseConnection {}
 
-/// Response type of every handler.
-pub type Resp = Response<Full<Bytes>>;
+/// Response type of every handler: a whole body, or a stream (watches).
+pub type Resp = Response<BoxBody<Bytes, std::convert::Infallible>>;
 
 /// State shared by all connections.
 pub struct Shared {
@@ -50,6 +52,8 @@ pub struct Shared {
     pub down: tokio::sync::watch::Sender<bool>,
     /// `https://host:port` the server is reachable at.
     pub url: String,
+    /// How often a watch with `allowWatchBookmarks=true` gets a BOOKMARK.
+    pub bookmark_interval: std::time::Duration,
 }
 
 impl Shared {
@@ -65,8 +69,9 @@ impl Shared {
     }
 }
 
-fn respond(code: u16, content_type: &str, body: Vec<u8>) -> Resp {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
+/// A response with a whole body.
+pub fn respond(code: u16, content_type: &str, body: Vec<u8>) -> Resp {
+    let mut r = Response::new(Full::new(Bytes::from(body)).boxed());
     *r.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     if let Ok(v) = HeaderValue::from_str(content_type) {
         r.headers_mut().insert(header::CONTENT_TYPE, v);
@@ -265,6 +270,7 @@ async fn read_object(
         name: obj.metadata.name,
         service_account_name: spec.service_account_name,
         node_name: spec.node_name,
+        termination_grace_seconds: spec.termination_grace_seconds,
     })
 }
 
@@ -284,7 +290,22 @@ async fn route(
     req: Request<hyper::body::Incoming>,
 ) -> Result<Resp, ApiError> {
     let get = *method == Method::GET;
+    let query = req.uri().query().map(str::to_string);
+    let accept = req
+        .headers()
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let accept = accept.as_deref();
     match segs {
+        ["api", "v1", res @ ("pods" | "serviceaccounts")] if get => {
+            let res = resource_of(res);
+            list_or_watch(shared, user, res, None, query.as_deref(), accept)
+        }
+        ["api", "v1", "namespaces", ns, res @ ("pods" | "serviceaccounts")] if get => {
+            let res = resource_of(res);
+            list_or_watch(shared, user, res, Some(ns), query.as_deref(), accept)
+        }
         ["healthz"] | ["livez"] | ["readyz"] if get => {
             authorize_path(shared, user, path)?;
             Ok(respond(200, "text/plain; charset=utf-8", b"ok".to_vec()))
@@ -344,9 +365,14 @@ async fn route(
                 read_new_object(shared, user, ("serviceaccounts", ns), "ServiceAccount", req)
                     .await?;
             let meta = shared.cluster.create_service_account(ns, &name)?;
-            Ok(json_resp(201, &sa_json(ns, &name, &meta)))
+            Ok(crate::watch::object_resp(
+                201,
+                &item(ns, &name, Object::ServiceAccount(meta)),
+                crate::watch::Shape::Full,
+            ))
         }
         ["api", "v1", "namespaces", ns, "serviceaccounts", name] => {
+            let shape = single_shape(method, accept)?;
             let meta = get_or_delete(
                 shared,
                 user,
@@ -355,7 +381,11 @@ async fn route(
                 |c| c.get_service_account(ns, name),
                 |c| c.delete_service_account(ns, name),
             )?;
-            Ok(json_resp(200, &sa_json(ns, name, &meta)))
+            Ok(crate::watch::object_resp(
+                200,
+                &item(ns, name, Object::ServiceAccount(meta)),
+                shape,
+            ))
         }
         ["api", "v1", "namespaces", ns, "pods"] if *method == Method::POST => {
             let (name, obj) = read_new_object(shared, user, ("pods", ns), "Pod", req).await?;
@@ -379,10 +409,45 @@ async fn route(
                 ));
             }
             let node = obj.node_name.filter(|n| !n.is_empty());
-            let pod = shared.cluster.create_pod(ns, &name, &sa, node.as_deref())?;
-            Ok(json_resp(201, &pod_json(ns, &name, &pod)))
+            let grace = obj
+                .termination_grace_seconds
+                .unwrap_or(crate::cluster::DEFAULT_TERMINATION_GRACE_SECONDS);
+            if grace < 0 {
+                return Err(ApiError::invalid(
+                    "Pod",
+                    "",
+                    &name,
+                    "spec.terminationGracePeriodSeconds",
+                    &grace.to_string(),
+                    "must be greater than or equal to 0",
+                ));
+            }
+            let pod =
+                shared
+                    .cluster
+                    .create_pod_with_grace(ns, &name, &sa, node.as_deref(), grace)?;
+            Ok(crate::watch::object_resp(
+                201,
+                &item(ns, &name, Object::Pod(pod)),
+                crate::watch::Shape::Full,
+            ))
+        }
+        ["api", "v1", "namespaces", ns, "pods", name] if *method == Method::DELETE => {
+            authorize_resource(shared, user, "delete", "", "pods", name, Some(ns))?;
+            let shape = single_shape(method, accept)?;
+            let grace = grace_period(query.as_deref(), req).await?;
+            let pod = shared
+                .cluster
+                .delete_pod_graceful(ns, name, grace)
+                .ok_or_else(|| ApiError::not_found("pods", "", name))?;
+            Ok(crate::watch::object_resp(
+                200,
+                &item(ns, name, Object::Pod(pod)),
+                shape,
+            ))
         }
         ["api", "v1", "namespaces", ns, "pods", name] => {
+            let shape = single_shape(method, accept)?;
             let pod = get_or_delete(
                 shared,
                 user,
@@ -391,7 +456,45 @@ async fn route(
                 |c| c.get_pod(ns, name),
                 |c| c.delete_pod(ns, name),
             )?;
-            Ok(json_resp(200, &pod_json(ns, name, &pod)))
+            Ok(crate::watch::object_resp(
+                200,
+                &item(ns, name, Object::Pod(pod)),
+                shape,
+            ))
+        }
+        ["apis", "rbac.authorization.k8s.io", "v1", "clusterroles"] if *method == Method::POST => {
+            const G: &str = "rbac.authorization.k8s.io";
+            authorize_resource(shared, user, "create", G, "clusterroles", "", None)?;
+            require_json(&req)?;
+            let body = read_body(req.into_body()).await?;
+            let cr: ClusterRoleIn = decode(&body, "ClusterRole")?;
+            let name = cr.metadata.name.clone().unwrap_or_default();
+            if name.is_empty() {
+                return Err(required_name("ClusterRole", G));
+            }
+            if shared.cluster.has_cluster_role(&name) {
+                return Err(ApiError::already_exists("clusterroles", G, &name));
+            }
+            shared.cluster.put_cluster_role(&name, cr.rules.clone());
+            Ok(json_resp(
+                201,
+                &json!({"kind":"ClusterRole","apiVersion":"rbac.authorization.k8s.io/v1",
+                    "metadata":{"name":name},"rules":cr.rules}),
+            ))
+        }
+        ["apis", "rbac.authorization.k8s.io", "v1", "clusterroles", name]
+            if *method == Method::DELETE =>
+        {
+            const G: &str = "rbac.authorization.k8s.io";
+            authorize_resource(shared, user, "delete", G, "clusterroles", name, None)?;
+            if !shared.cluster.delete_cluster_role(name) {
+                return Err(ApiError::not_found("clusterroles", G, name));
+            }
+            Ok(json_resp(
+                200,
+                &json!({"kind":"Status","apiVersion":"v1","metadata":{},"status":"Success",
+                    "details":{"name":name,"group":G,"kind":"clusterroles"}}),
+            ))
         }
         ["apis", "rbac.authorization.k8s.io", "v1", "clusterrolebindings"]
             if *method == Method::POST =>
@@ -462,6 +565,89 @@ async fn route(
             }
             Ok(json_resp(200, &json!({"ok": true})))
         }
+        ["standin", "v1", "keys"] if get => {
+            require_admin(shared, user, path)?;
+            Ok(json_resp(200, &keys_json(shared)))
+        }
+        ["standin", "v1", "keys"] if *method == Method::POST => {
+            require_admin(shared, user, path)?;
+            let body = read_body(req.into_body()).await?;
+            let k: KeyIn = if body.is_empty() {
+                KeyIn::default()
+            } else {
+                decode(&body, "key")?
+            };
+            let alg = match k
+                .alg
+                .as_deref()
+                .unwrap_or("rs256")
+                .to_ascii_lowercase()
+                .as_str()
+            {
+                "rs256" => crate::KeyAlg::Rs256,
+                "es256" => crate::KeyAlg::Es256,
+                other => {
+                    return Err(ApiError::bad_request(format!(
+                        "key: unknown alg {other:?} (rs256|es256)"
+                    )))
+                }
+            };
+            let kid = if k.sign {
+                shared.cluster.add_key(alg)
+            } else {
+                shared.cluster.publish_key(alg)
+            }
+            .map_err(|e| ApiError::internal(&e.to_string()))?;
+            Ok(json_resp(
+                201,
+                &json!({"kid": kid, "keys": keys_json(shared)}),
+            ))
+        }
+        ["standin", "v1", "keys", kid, "sign"] if *method == Method::POST => {
+            require_admin(shared, user, path)?;
+            if !shared.cluster.sign_with(kid) {
+                return Err(ApiError::not_found("keys", "", kid));
+            }
+            Ok(json_resp(200, &keys_json(shared)))
+        }
+        ["standin", "v1", "keys", kid] if *method == Method::DELETE => {
+            require_admin(shared, user, path)?;
+            if !shared.cluster.retire_key(kid) {
+                return Err(ApiError::not_found("keys", "", kid));
+            }
+            Ok(json_resp(200, &keys_json(shared)))
+        }
+        ["standin", "v1", "bulk"] if *method == Method::POST => {
+            require_admin(shared, user, path)?;
+            let body = read_body(req.into_body()).await?;
+            let b: crate::Bulk = decode(&body, "bulk")?;
+            let cluster = shared.clone();
+            let created = tokio::task::spawn_blocking(move || cluster.cluster.bulk_create_spec(&b))
+                .await
+                .map_err(|e| ApiError::internal(&e.to_string()))?;
+            Ok(json_resp(201, &created))
+        }
+        ["standin", "v1", "clock"] if *method == Method::POST => {
+            require_admin(shared, user, path)?;
+            let body = read_body(req.into_body()).await?;
+            let c: ClockIn = decode(&body, "clock")?;
+            let now = shared.cluster.advance_clock(c.advance_seconds);
+            Ok(json_resp(200, &json!({"now": now, "time": rfc3339(now)})))
+        }
+        ["standin", "v1", "reaper"] if *method == Method::POST => {
+            require_admin(shared, user, path)?;
+            let body = read_body(req.into_body()).await?;
+            let r: ReaperIn = decode(&body, "reaper")?;
+            shared.cluster.set_reaping(r.enabled);
+            Ok(json_resp(200, &json!({"enabled": r.enabled})))
+        }
+        ["standin", "v1", "history"] if *method == Method::POST => {
+            require_admin(shared, user, path)?;
+            let body = read_body(req.into_body()).await?;
+            let h: HistoryIn = decode(&body, "history")?;
+            shared.cluster.set_history_capacity(h.capacity);
+            Ok(json_resp(200, &json!({"capacity": h.capacity.max(1)})))
+        }
         ["standin", "v1", "counters"] if get => {
             require_admin(shared, user, path)?;
             Ok(json_resp(
@@ -486,6 +672,134 @@ fn require_admin(shared: &Shared, user: &UserInfo, path: &str) -> Result<(), Api
     } else {
         Err(ApiError::forbidden_path(&user.username, "post", path))
     }
+}
+
+fn resource_of(name: &str) -> Resource {
+    if name == "pods" {
+        Resource::Pods
+    } else {
+        Resource::ServiceAccounts
+    }
+}
+
+fn item(ns: &str, name: &str, object: Object) -> Item {
+    Item {
+        namespace: ns.to_string(),
+        name: name.to_string(),
+        object,
+    }
+}
+
+/// The shape a GET or DELETE of one object is answered in (methods other than those are
+/// left to the 405 that follows).
+fn single_shape(method: &Method, accept: Option<&str>) -> Result<crate::watch::Shape, ApiError> {
+    if *method == Method::GET || *method == Method::DELETE {
+        crate::watch::negotiate(accept, false)
+    } else {
+        Ok(crate::watch::Shape::Full)
+    }
+}
+
+/// `GET` of a collection: RBAC `list` or `watch`, then the list or the event stream.
+fn list_or_watch(
+    shared: &Arc<Shared>,
+    user: &UserInfo,
+    res: Resource,
+    ns: Option<&str>,
+    query: Option<&str>,
+    accept: Option<&str>,
+) -> Result<Resp, ApiError> {
+    let q = crate::watch::Query::parse(query)?;
+    let verb = if q.watch { "watch" } else { "list" };
+    authorize_resource(shared, user, verb, "", res.name(), "", ns)?;
+    if q.watch {
+        if q.send_initial_events {
+            return Err(ApiError::invalid(
+                "ListOptions",
+                "meta.k8s.io",
+                "",
+                "sendInitialEvents",
+                "true",
+                "sendInitialEvents is not supported by kube-standin (the WatchList feature is off)",
+            ));
+        }
+        let shape = crate::watch::negotiate(accept, false)?;
+        crate::watch::watch(shared.clone(), res, ns.map(str::to_string), &q, shape)
+    } else {
+        let shape = crate::watch::negotiate(accept, true)?;
+        crate::watch::list(shared, res, ns, &q, shape)
+    }
+}
+
+/// `gracePeriodSeconds` of a DELETE: from the `DeleteOptions` body if it has it, else the
+/// query parameter.
+async fn grace_period(
+    query: Option<&str>,
+    req: Request<hyper::body::Incoming>,
+) -> Result<Option<i64>, ApiError> {
+    let body = read_body(req.into_body()).await?;
+    if !body.is_empty() {
+        let opts: DeleteOptionsIn = decode(&body, "DeleteOptions")?;
+        if opts.grace_period_seconds.is_some() {
+            return Ok(opts.grace_period_seconds);
+        }
+    }
+    for (k, v) in crate::watch::query_pairs(query) {
+        if k == "gracePeriodSeconds" {
+            return v.parse::<i64>().map(Some).map_err(|_| {
+                ApiError::bad_request(format!("invalid value for gracePeriodSeconds: {v:?}"))
+            });
+        }
+    }
+    Ok(None)
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct DeleteOptionsIn {
+    #[serde(rename = "gracePeriodSeconds", default)]
+    grace_period_seconds: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct ClusterRoleIn {
+    #[serde(default)]
+    metadata: MetaIn,
+    #[serde(default)]
+    rules: Vec<PolicyRule>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct KeyIn {
+    #[serde(default)]
+    alg: Option<String>,
+    /// Publish and sign at once (the old `add_signing_key`).
+    #[serde(default)]
+    sign: bool,
+}
+
+#[derive(Debug, Deserialize)]
+struct ClockIn {
+    advance_seconds: i64,
+}
+
+#[derive(Debug, Deserialize)]
+struct ReaperIn {
+    enabled: bool,
+}
+
+#[derive(Debug, Deserialize)]
+struct HistoryIn {
+    capacity: usize,
+}
+
+fn keys_json(shared: &Shared) -> serde_json::Value {
+    let kids: Vec<String> = shared
+        .cluster
+        .keys()
+        .iter()
+        .map(|k| k.kid().to_string())
+        .collect();
+    json!({"keys": kids, "signing": shared.cluster.signing_kid()})
 }
 
 /// The body of a create (POST) of one namespaced core object, `(resource, namespace)`:
@@ -574,6 +888,8 @@ struct PodSpecIn {
     service_account_name: Option<String>,
     #[serde(rename = "nodeName", default)]
     node_name: Option<String>,
+    #[serde(rename = "terminationGracePeriodSeconds", default)]
+    termination_grace_seconds: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -612,24 +928,6 @@ struct CrbIn {
     role_ref: RoleRef,
     #[serde(default)]
     subjects: Vec<SubjectIn>,
-}
-
-fn sa_json(ns: &str, name: &str, meta: &crate::cluster::Meta) -> serde_json::Value {
-    json!({"kind":"ServiceAccount","apiVersion":"v1",
-        "metadata":{"name":name,"namespace":ns,"uid":meta.uid,
-                    "creationTimestamp":rfc3339(meta.created)}})
-}
-
-fn pod_json(ns: &str, name: &str, pod: &crate::cluster::Pod) -> serde_json::Value {
-    let mut spec = serde_json::Map::new();
-    spec.insert("serviceAccountName".into(), json!(pod.service_account));
-    if let Some(n) = &pod.node {
-        spec.insert("nodeName".into(), json!(n));
-    }
-    json!({"kind":"Pod","apiVersion":"v1",
-        "metadata":{"name":name,"namespace":ns,"uid":pod.meta.uid,
-                    "creationTimestamp":rfc3339(pod.meta.created)},
-        "spec":spec})
 }
 
 // ------------------------------------------------------------------ faults

@@ -7,7 +7,8 @@
 //! holding it, and a single lock makes "delete a pod, then review its token" trivially
 //! linearizable, like the API server's informer-backed lookups after they catch up.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -33,6 +34,8 @@ pub const EXTENDED_EXPIRATION_SECONDS: i64 = 365 * 24 * 3600;
 pub const LEEWAY_SECONDS: i64 = 60;
 /// Issuer of legacy secret-based tokens.
 pub const LEGACY_ISSUER: &str = "kubernetes/serviceaccount";
+/// Default capacity of each resource's watch history.
+pub const DEFAULT_HISTORY: usize = 1000;
 /// Bearer authenticator's error when no token authenticator had an opinion.
 pub const INVALID_BEARER_TOKEN: &str = "invalid bearer token";
 
@@ -125,15 +128,22 @@ pub struct Meta {
     pub uid: String,
     /// Creation time (unix seconds).
     pub created: i64,
+    /// `metadata.resourceVersion`: the global revision of the object's last change.
+    #[serde(default)]
+    pub rv: u64,
+    /// `metadata.deletionTimestamp` (unix seconds) of an object being deleted gracefully.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deletion_timestamp: Option<i64>,
+    /// `metadata.deletionGracePeriodSeconds`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deletion_grace_seconds: Option<i64>,
 }
 
-impl Meta {
-    fn fresh() -> Meta {
-        Meta {
-            uid: uuid::Uuid::new_v4().to_string(),
-            created: now_unix(),
-        }
-    }
+/// Default `spec.terminationGracePeriodSeconds` of a pod.
+pub const DEFAULT_TERMINATION_GRACE_SECONDS: i64 = 30;
+
+fn default_grace() -> i64 {
+    DEFAULT_TERMINATION_GRACE_SECONDS
 }
 
 /// A pod.
@@ -145,6 +155,9 @@ pub struct Pod {
     pub service_account: String,
     /// `spec.nodeName`.
     pub node: Option<String>,
+    /// `spec.terminationGracePeriodSeconds`: the grace period of a DELETE that names none.
+    #[serde(default = "default_grace")]
+    pub termination_grace_seconds: i64,
 }
 
 /// A secret (only what token binding and legacy tokens need).
@@ -169,10 +182,189 @@ pub enum Subject {
     Group(String),
 }
 
+/// The resources that can be listed and watched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Resource {
+    /// `pods`.
+    Pods,
+    /// `serviceaccounts`.
+    ServiceAccounts,
+}
+
+impl Resource {
+    /// The resource name in URLs and RBAC.
+    pub fn name(self) -> &'static str {
+        match self {
+            Resource::Pods => "pods",
+            Resource::ServiceAccounts => "serviceaccounts",
+        }
+    }
+    /// The object kind.
+    pub fn kind(self) -> &'static str {
+        match self {
+            Resource::Pods => "Pod",
+            Resource::ServiceAccounts => "ServiceAccount",
+        }
+    }
+    fn index(self) -> usize {
+        match self {
+            Resource::Pods => 0,
+            Resource::ServiceAccounts => 1,
+        }
+    }
+}
+
+/// A listed or watched object.
+#[derive(Debug, Clone)]
+pub enum Object {
+    /// A pod.
+    Pod(Pod),
+    /// A service account.
+    ServiceAccount(Meta),
+}
+
+impl Object {
+    /// The object's metadata.
+    pub fn meta(&self) -> &Meta {
+        match self {
+            Object::Pod(p) => &p.meta,
+            Object::ServiceAccount(m) => m,
+        }
+    }
+}
+
+/// A namespaced object with its name, as lists and watch events carry it.
+#[derive(Debug, Clone)]
+pub struct Item {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// The object.
+    pub object: Object,
+}
+
+/// Watch event types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventType {
+    /// `ADDED`.
+    Added,
+    /// `MODIFIED`.
+    Modified,
+    /// `DELETED`.
+    Deleted,
+}
+
+impl EventType {
+    /// The `type` field of the watch event.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::Added => "ADDED",
+            EventType::Modified => "MODIFIED",
+            EventType::Deleted => "DELETED",
+        }
+    }
+}
+
+/// One change in a resource's event history.
+#[derive(Debug, Clone)]
+pub struct Change {
+    /// Revision of the change (the object's `resourceVersion` in the event).
+    pub rv: u64,
+    /// Event type.
+    pub kind: EventType,
+    /// The object after the change (before it, for deletions, with the deletion's RV).
+    pub item: Arc<Item>,
+}
+
+/// The bounded event history of one resource, like the API server's watch cache.
+#[derive(Debug, Default)]
+struct History {
+    changes: VecDeque<Change>,
+    /// Watches from a revision below this fail with 410 (`oldest - 1` of the watch cache).
+    floor: u64,
+}
+
+/// A watch could not start: the revision is older than the history holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TooOld {
+    /// The requested revision.
+    pub requested: u64,
+    /// The oldest revision a watch can start from.
+    pub oldest: u64,
+}
+
+/// One rule of a ClusterRole.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyRule {
+    /// `apiGroups` (`""` is core, `*` any).
+    #[serde(rename = "apiGroups", default)]
+    pub api_groups: Vec<String>,
+    /// `resources` (`*` any).
+    #[serde(default)]
+    pub resources: Vec<String>,
+    /// `verbs` (`*` any).
+    #[serde(default)]
+    pub verbs: Vec<String>,
+}
+
+impl PolicyRule {
+    /// A rule for `verbs` on core-group `resources`.
+    pub fn core(resources: &[&str], verbs: &[&str]) -> PolicyRule {
+        PolicyRule {
+            api_groups: vec![String::new()],
+            resources: resources.iter().map(|s| s.to_string()).collect(),
+            verbs: verbs.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn allows(&self, attrs: &Attributes<'_>) -> bool {
+        let has = |list: &[String], v: &str| list.iter().any(|x| x == "*" || x == v);
+        match attrs {
+            Attributes::Resource {
+                verb,
+                group,
+                resource,
+                ..
+            } => {
+                has(&self.verbs, verb)
+                    && has(&self.api_groups, group)
+                    && has(&self.resources, resource)
+            }
+            Attributes::NonResource { .. } => false,
+        }
+    }
+}
+
+/// How many objects [`Cluster::bulk_create`] made, and the revision after them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct BulkCreated {
+    /// Namespaces used.
+    pub namespaces: usize,
+    /// Service accounts created.
+    #[serde(rename = "serviceAccounts")]
+    pub service_accounts: usize,
+    /// Pods created.
+    pub pods: usize,
+    /// The global resource version after the last object.
+    #[serde(rename = "resourceVersion")]
+    pub resource_version: String,
+}
+
 #[derive(Default)]
 struct State {
-    /// Verification keys; the last one signs.
+    /// Verification keys, in publication order.
     keys: Vec<Arc<SigningKey>>,
+    /// Kid of the key that signs; `None` means the last key.
+    signing_kid: Option<String>,
+    /// The global revision counter (etcd's revision): last assigned resourceVersion.
+    rv: u64,
+    /// Event histories, indexed by [`Resource::index`].
+    history: [History; 2],
+    /// Capacity of each history.
+    history_capacity: usize,
+    /// ClusterRoles created through the API (built-in roles are in [`role_allows`]).
+    cluster_roles: BTreeMap<String, Vec<PolicyRule>>,
     namespaces: BTreeMap<String, Meta>,
     service_accounts: BTreeMap<(String, String), Meta>,
     pods: BTreeMap<(String, String), Pod>,
@@ -183,6 +375,100 @@ struct State {
     static_tokens: BTreeMap<String, UserInfo>,
 }
 
+impl State {
+    /// A new object's metadata, at the next revision.
+    fn fresh(&mut self, now: i64) -> Meta {
+        self.rv += 1;
+        Meta {
+            uid: uuid::Uuid::new_v4().to_string(),
+            created: now,
+            rv: self.rv,
+            deletion_timestamp: None,
+            deletion_grace_seconds: None,
+        }
+    }
+
+    /// Appends a change to the resource's history, evicting the oldest beyond capacity.
+    fn record(&mut self, res: Resource, kind: EventType, ns: &str, name: &str, object: Object) {
+        let rv = object.meta().rv;
+        let cap = self.history_capacity.max(1);
+        let h = &mut self.history[res.index()];
+        h.changes.push_back(Change {
+            rv,
+            kind,
+            item: Arc::new(Item {
+                namespace: ns.to_string(),
+                name: name.to_string(),
+                object,
+            }),
+        });
+        let mut evicted = false;
+        while h.changes.len() > cap {
+            h.changes.pop_front();
+            evicted = true;
+        }
+        if evicted {
+            if let Some(front) = h.changes.front() {
+                h.floor = front.rv - 1;
+            }
+        }
+    }
+
+    fn insert_sa(&mut self, ns: &str, name: &str, meta: Meta) {
+        if let Some(old) = self.service_accounts.remove(&ns_key(ns, name)) {
+            self.delete_recorded(
+                Resource::ServiceAccounts,
+                ns,
+                name,
+                Object::ServiceAccount(old),
+            );
+        }
+        self.service_accounts.insert(ns_key(ns, name), meta.clone());
+        self.record(
+            Resource::ServiceAccounts,
+            EventType::Added,
+            ns,
+            name,
+            Object::ServiceAccount(meta),
+        );
+    }
+
+    fn insert_pod(&mut self, ns: &str, name: &str, pod: Pod) {
+        if let Some(old) = self.pods.remove(&ns_key(ns, name)) {
+            self.delete_recorded(Resource::Pods, ns, name, Object::Pod(old));
+        }
+        self.pods.insert(ns_key(ns, name), pod.clone());
+        self.record(Resource::Pods, EventType::Added, ns, name, Object::Pod(pod));
+    }
+
+    /// Records the DELETED event of an object already removed from its map.
+    fn delete_recorded(&mut self, res: Resource, ns: &str, name: &str, mut object: Object) {
+        self.rv += 1;
+        match &mut object {
+            Object::Pod(p) => p.meta.rv = self.rv,
+            Object::ServiceAccount(m) => m.rv = self.rv,
+        }
+        self.record(res, EventType::Deleted, ns, name, object);
+    }
+
+    fn remove_pod(&mut self, ns: &str, name: &str) -> Option<Pod> {
+        let pod = self.pods.remove(&ns_key(ns, name))?;
+        self.delete_recorded(Resource::Pods, ns, name, Object::Pod(pod.clone()));
+        Some(pod)
+    }
+
+    fn remove_sa(&mut self, ns: &str, name: &str) -> Option<Meta> {
+        let sa = self.service_accounts.remove(&ns_key(ns, name))?;
+        self.delete_recorded(
+            Resource::ServiceAccounts,
+            ns,
+            name,
+            Object::ServiceAccount(sa.clone()),
+        );
+        Some(sa)
+    }
+}
+
 /// The cluster: configuration plus state.
 pub struct Cluster {
     /// Fixed configuration.
@@ -190,6 +476,12 @@ pub struct Cluster {
     state: Mutex<State>,
     /// Where every change is saved (process mode), with the notes saved along.
     persist: Mutex<Option<(std::path::PathBuf, BTreeMap<String, String>)>>,
+    /// Seconds added to the wall clock ([`Cluster::advance_clock`]).
+    clock_offset: AtomicI64,
+    /// Whether terminating pods are removed when their grace period ends (the kubelet).
+    reaping: AtomicBool,
+    /// The latest revision, for watches to wait on.
+    revision: tokio::sync::watch::Sender<u64>,
 }
 
 /// A saved signing key.
@@ -213,6 +505,12 @@ pub struct Snapshot {
     secrets: Vec<(String, String, Secret)>,
     bindings: Vec<(String, String, Vec<Subject>)>,
     static_tokens: Vec<(String, UserInfo)>,
+    #[serde(default)]
+    signing_kid: Option<String>,
+    #[serde(default)]
+    rv: u64,
+    #[serde(default)]
+    cluster_roles: Vec<(String, Vec<PolicyRule>)>,
     /// Values the embedding server keeps with the state.
     pub notes: BTreeMap<String, String>,
 }
@@ -417,10 +715,23 @@ fn intersect(requested: &[String], token: &[String]) -> Vec<String> {
         .collect()
 }
 
-/// An object a token is bound to (`kind` is `secret`, `pod` or `node`) must still exist
-/// with the UID the token claims; the errors are kube-apiserver's.
-fn check_bound_object(kind: &str, found: Option<&Meta>, claimed_uid: &str) -> Result<(), String> {
-    let meta = found.ok_or_else(|| "service account token has been invalidated".to_string())?;
+/// An object a token is bound to (`kind` is `secret`, `pod` or `node`) must still exist,
+/// not be deleted for longer than the 60 s leeway (a `deletionTimestamp` before `now - 60`),
+/// and have the UID the token claims; the errors are kube-apiserver's.
+fn check_bound_object(
+    kind: &str,
+    found: Option<&Meta>,
+    claimed_uid: &str,
+    now: i64,
+) -> Result<(), String> {
+    let invalidated = || "service account token has been invalidated".to_string();
+    let meta = found.ok_or_else(invalidated)?;
+    if meta
+        .deletion_timestamp
+        .is_some_and(|t| t < now - LEEWAY_SECONDS)
+    {
+        return Err(invalidated());
+    }
     if meta.uid != claimed_uid {
         return Err(format!(
             "{kind} UID ({}) does not match service account {kind} ref claim ({claimed_uid})",
@@ -485,13 +796,10 @@ impl Cluster {
         let key = SigningKey::generate(alg)?;
         let state = State {
             keys: vec![Arc::new(key)],
+            history_capacity: DEFAULT_HISTORY,
             ..Default::default()
         };
-        let c = Cluster {
-            cfg,
-            state: Mutex::new(state),
-            persist: Mutex::new(None),
-        };
+        let c = Cluster::with_state(cfg, state);
         // Default bootstrap bindings (plugin/pkg/auth/authorizer/rbac/bootstrappolicy).
         c.bind(
             "cluster-admin",
@@ -504,6 +812,212 @@ impl Cluster {
             Subject::Group("system:serviceaccounts".to_string()),
         );
         Ok(c)
+    }
+
+    fn with_state(cfg: ClusterConfig, state: State) -> Cluster {
+        let rv = state.rv;
+        Cluster {
+            cfg,
+            state: Mutex::new(state),
+            persist: Mutex::new(None),
+            clock_offset: AtomicI64::new(0),
+            reaping: AtomicBool::new(true),
+            revision: tokio::sync::watch::channel(rv).0,
+        }
+    }
+
+    /// Sets how many changes each resource's history keeps (at least 1); older watches
+    /// get 410 Expired.
+    pub fn set_history_capacity(&self, n: usize) {
+        let mut st = lock(&self.state);
+        st.history_capacity = n.max(1);
+        let cap = st.history_capacity;
+        for h in &mut st.history {
+            let mut evicted = false;
+            while h.changes.len() > cap {
+                h.changes.pop_front();
+                evicted = true;
+            }
+            if let (true, Some(front)) = (evicted, h.changes.front()) {
+                h.floor = front.rv - 1;
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- clock
+
+    /// The server's clock in unix seconds: the wall clock plus [`Cluster::advance_clock`]s.
+    pub fn now(&self) -> i64 {
+        now_unix() + self.clock_offset.load(Ordering::SeqCst)
+    }
+
+    /// Moves the server's clock forward (or back) by `secs`, then removes pods whose grace
+    /// period has ended.
+    pub fn advance_clock(&self, secs: i64) -> i64 {
+        self.clock_offset.fetch_add(secs, Ordering::SeqCst);
+        self.reap();
+        self.now()
+    }
+
+    /// Turns the removal of terminating pods at their `deletionTimestamp` on or off (off is
+    /// a kubelet that never confirms: the pod stays, terminating, past its deadline).
+    pub fn set_reaping(&self, on: bool) {
+        self.reaping.store(on, Ordering::SeqCst);
+        if on {
+            self.reap();
+        }
+    }
+
+    /// Removes the terminating pods whose `deletionTimestamp` has passed (DELETED events);
+    /// returns how many. Runs periodically and after every clock change.
+    pub fn reap(&self) -> usize {
+        if !self.reaping.load(Ordering::SeqCst) {
+            return 0;
+        }
+        let now = self.now();
+        let mut st = lock(&self.state);
+        let due: Vec<(String, String)> = st
+            .pods
+            .iter()
+            .filter(|(_, p)| p.meta.deletion_timestamp.is_some_and(|t| t <= now))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for (ns, name) in &due {
+            st.remove_pod(ns, name);
+        }
+        drop(st);
+        if !due.is_empty() {
+            self.save();
+        }
+        due.len()
+    }
+
+    // ---------------------------------------------------------------- list and watch
+
+    /// The last assigned resource version.
+    pub fn resource_version(&self) -> u64 {
+        lock(&self.state).rv
+    }
+
+    /// A receiver of the latest revision, for watches to wait on.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.revision.subscribe()
+    }
+
+    /// One page of a list: objects of `res` (in `namespace`, or all) in key order after
+    /// `after`, at most `limit`; returns the current revision, the objects and whether more
+    /// follow.
+    pub fn list(
+        &self,
+        res: Resource,
+        namespace: Option<&str>,
+        after: Option<&(String, String)>,
+        limit: Option<usize>,
+    ) -> (u64, Vec<Item>, bool) {
+        use std::ops::Bound;
+        let st = lock(&self.state);
+        let lower = match (after, namespace) {
+            (Some(k), _) => Bound::Excluded(k.clone()),
+            (None, Some(ns)) => Bound::Included(ns_key(ns, "")),
+            (None, None) => Bound::Unbounded,
+        };
+        let limit = limit.filter(|l| *l > 0).unwrap_or(usize::MAX);
+        let in_ns = |k: &(String, String)| namespace.is_none_or(|ns| k.0 == ns);
+        let mut items = Vec::new();
+        let mut more = false;
+        macro_rules! collect {
+            ($map:expr, $wrap:expr) => {
+                for (k, v) in $map.range((lower, Bound::Unbounded)) {
+                    if !in_ns(k) {
+                        break;
+                    }
+                    if items.len() == limit {
+                        more = true;
+                        break;
+                    }
+                    items.push(Item {
+                        namespace: k.0.clone(),
+                        name: k.1.clone(),
+                        object: $wrap(v.clone()),
+                    });
+                }
+            };
+        }
+        match res {
+            Resource::Pods => collect!(st.pods, Object::Pod),
+            Resource::ServiceAccounts => collect!(st.service_accounts, Object::ServiceAccount),
+        }
+        (st.rv, items, more)
+    }
+
+    /// The changes of `res` after revision `since`, and the current revision; `Err` when
+    /// the history no longer reaches back to `since`.
+    pub fn changes_since(&self, res: Resource, since: u64) -> Result<(Vec<Change>, u64), TooOld> {
+        let st = lock(&self.state);
+        let h = &st.history[res.index()];
+        if since < h.floor {
+            return Err(TooOld {
+                requested: since,
+                oldest: h.floor,
+            });
+        }
+        let start = h.changes.partition_point(|c| c.rv <= since);
+        Ok((h.changes.range(start..).cloned().collect(), st.rv))
+    }
+
+    /// Creates `service_accounts` service accounts and `pods` pods spread over `namespaces`
+    /// namespaces `{prefix}-{i}` (SA `sa-{j}` in namespace `j % namespaces`, pod `pod-{k}`
+    /// running as SA `k % service_accounts` in that SA's namespace, on `node` if given),
+    /// under one lock and with one save. Existing objects of those names are replaced.
+    pub fn bulk_create(
+        &self,
+        prefix: &str,
+        namespaces: usize,
+        service_accounts: usize,
+        pods: usize,
+        node: Option<&str>,
+    ) -> BulkCreated {
+        let namespaces = namespaces.max(1);
+        let now = self.now();
+        let mut st = lock(&self.state);
+        let ns_names: Vec<String> = (0..namespaces).map(|i| format!("{prefix}-{i}")).collect();
+        for ns in &ns_names {
+            Self::ensure_namespace_locked(&mut st, ns, now);
+        }
+        if let Some(n) = node {
+            if !st.nodes.contains_key(n) {
+                let meta = st.fresh(now);
+                st.nodes.insert(n.to_string(), meta);
+            }
+        }
+        for j in 0..service_accounts {
+            let meta = st.fresh(now);
+            st.insert_sa(&ns_names[j % namespaces], &format!("sa-{j}"), meta);
+        }
+        for k in 0..pods {
+            let (ns, sa) = if service_accounts == 0 {
+                (&ns_names[k % namespaces], "default".to_string())
+            } else {
+                let j = k % service_accounts;
+                (&ns_names[j % namespaces], format!("sa-{j}"))
+            };
+            let pod = Pod {
+                meta: st.fresh(now),
+                service_account: sa,
+                node: node.map(str::to_string),
+                termination_grace_seconds: DEFAULT_TERMINATION_GRACE_SECONDS,
+            };
+            st.insert_pod(ns, &format!("pod-{k}"), pod);
+        }
+        let rv = st.rv;
+        drop(st);
+        self.save();
+        BulkCreated {
+            namespaces,
+            service_accounts,
+            pods,
+            resource_version: rv.to_string(),
+        }
     }
 
     // ---------------------------------------------------------------- persistence
@@ -521,8 +1035,11 @@ impl Cluster {
             keys.push(Arc::new(SigningKey::from_pkcs8(alg, &der)?));
         }
         anyhow::ensure!(!keys.is_empty(), "saved state has no signing key");
-        let state = State {
+        let mut state = State {
             keys,
+            signing_kid: snap.signing_kid.clone(),
+            history_capacity: DEFAULT_HISTORY,
+            cluster_roles: snap.cluster_roles.iter().cloned().collect(),
             namespaces: snap.namespaces.iter().cloned().collect(),
             service_accounts: restore_namespaced(&snap.service_accounts),
             pods: restore_namespaced(&snap.pods),
@@ -534,12 +1051,22 @@ impl Cluster {
                 .map(|(b, r, subj)| (b.clone(), (r.clone(), subj.clone())))
                 .collect(),
             static_tokens: snap.static_tokens.iter().cloned().collect(),
+            ..Default::default()
         };
-        Ok(Cluster {
-            cfg,
-            state: Mutex::new(state),
-            persist: Mutex::new(None),
-        })
+        // The revision goes on from where it was (as etcd's does); the watch history starts
+        // empty, so watches from before the restart get 410, as from a new watch cache.
+        let max_rv = state
+            .pods
+            .values()
+            .map(|p| p.meta.rv)
+            .chain(state.service_accounts.values().map(|m| m.rv))
+            .max()
+            .unwrap_or(0);
+        state.rv = snap.rv.max(max_rv);
+        for h in &mut state.history {
+            h.floor = state.rv;
+        }
+        Ok(Cluster::with_state(cfg, state))
     }
 
     /// The current state as a snapshot, with `notes` attached.
@@ -566,6 +1093,9 @@ impl Cluster {
                 .map(|(b, (r, subj))| (b.clone(), r.clone(), subj.clone()))
                 .collect(),
             static_tokens: st.static_tokens.clone().into_iter().collect(),
+            signing_kid: st.signing_kid.clone(),
+            rv: st.rv,
+            cluster_roles: st.cluster_roles.clone().into_iter().collect(),
             notes,
         })
     }
@@ -592,6 +1122,7 @@ impl Cluster {
     /// Saves the state if persistence is on. Failures are logged, not fatal: the server
     /// keeps serving from memory.
     fn save(&self) {
+        self.revision.send_replace(lock(&self.state).rv);
         let target = self
             .persist
             .lock()
@@ -619,39 +1150,44 @@ impl Cluster {
 
     /// Ensures a namespace exists, with its `default` service account.
     pub fn ensure_namespace(&self, ns: &str) {
-        self.change(|st| Self::ensure_namespace_locked(st, ns));
+        let now = self.now();
+        self.change(|st| Self::ensure_namespace_locked(st, ns, now));
     }
 
-    fn ensure_namespace_locked(st: &mut State, ns: &str) {
+    fn ensure_namespace_locked(st: &mut State, ns: &str, now: i64) {
         if !st.namespaces.contains_key(ns) {
-            st.namespaces.insert(ns.to_string(), Meta::fresh());
-            st.service_accounts
-                .entry(ns_key(ns, "default"))
-                .or_insert_with(Meta::fresh);
+            let meta = st.fresh(now);
+            st.namespaces.insert(ns.to_string(), meta);
+            if !st.service_accounts.contains_key(&ns_key(ns, "default")) {
+                let meta = st.fresh(now);
+                st.insert_sa(ns, "default", meta);
+            }
         }
     }
 
     /// Creates a service account; `Err` if it exists.
     pub fn create_service_account(&self, ns: &str, name: &str) -> Result<Meta, ApiError> {
+        let now = self.now();
         let mut st = lock(&self.state);
-        Self::ensure_namespace_locked(&mut st, ns);
-        let key = ns_key(ns, name);
-        if st.service_accounts.contains_key(&key) {
+        Self::ensure_namespace_locked(&mut st, ns, now);
+        if st.service_accounts.contains_key(&ns_key(ns, name)) {
             return Err(ApiError::already_exists("serviceaccounts", "", name));
         }
-        let meta = Meta::fresh();
-        st.service_accounts.insert(key, meta.clone());
+        let meta = st.fresh(now);
+        st.insert_sa(ns, name, meta.clone());
         drop(st);
         self.save();
         Ok(meta)
     }
 
-    /// Creates or replaces a service account (new UID).
+    /// Creates or replaces a service account (new UID; a replacement is a DELETED then an
+    /// ADDED event, as delete-and-recreate is).
     pub fn recreate_service_account(&self, ns: &str, name: &str) -> Meta {
+        let now = self.now();
         self.change(|st| {
-            Self::ensure_namespace_locked(st, ns);
-            let meta = Meta::fresh();
-            st.service_accounts.insert(ns_key(ns, name), meta.clone());
+            Self::ensure_namespace_locked(st, ns, now);
+            let meta = st.fresh(now);
+            st.insert_sa(ns, name, meta.clone());
             meta
         })
     }
@@ -666,7 +1202,7 @@ impl Cluster {
 
     /// Deletes a service account; returns it if it existed.
     pub fn delete_service_account(&self, ns: &str, name: &str) -> Option<Meta> {
-        self.change(|st| st.service_accounts.remove(&ns_key(ns, name)))
+        self.change(|st| st.remove_sa(ns, name))
     }
 
     /// Creates a pod (and its node object, if named and new); `Err` if it exists.
@@ -677,21 +1213,43 @@ impl Cluster {
         service_account: &str,
         node: Option<&str>,
     ) -> Result<Pod, ApiError> {
+        self.create_pod_with_grace(
+            ns,
+            name,
+            service_account,
+            node,
+            DEFAULT_TERMINATION_GRACE_SECONDS,
+        )
+    }
+
+    /// [`Cluster::create_pod`] with `spec.terminationGracePeriodSeconds`.
+    pub fn create_pod_with_grace(
+        &self,
+        ns: &str,
+        name: &str,
+        service_account: &str,
+        node: Option<&str>,
+        termination_grace_seconds: i64,
+    ) -> Result<Pod, ApiError> {
+        let now = self.now();
         let mut st = lock(&self.state);
-        Self::ensure_namespace_locked(&mut st, ns);
-        let key = ns_key(ns, name);
-        if st.pods.contains_key(&key) {
+        Self::ensure_namespace_locked(&mut st, ns, now);
+        if st.pods.contains_key(&ns_key(ns, name)) {
             return Err(ApiError::already_exists("pods", "", name));
         }
         if let Some(n) = node {
-            st.nodes.entry(n.to_string()).or_insert_with(Meta::fresh);
+            if !st.nodes.contains_key(n) {
+                let meta = st.fresh(now);
+                st.nodes.insert(n.to_string(), meta);
+            }
         }
         let pod = Pod {
-            meta: Meta::fresh(),
+            meta: st.fresh(now),
             service_account: service_account.to_string(),
             node: node.map(str::to_string),
+            termination_grace_seconds,
         };
-        st.pods.insert(key, pod.clone());
+        st.insert_pod(ns, name, pod.clone());
         drop(st);
         self.save();
         Ok(pod)
@@ -704,7 +1262,44 @@ impl Cluster {
 
     /// Deletes a pod immediately (grace period 0); returns it if it existed.
     pub fn delete_pod(&self, ns: &str, name: &str) -> Option<Pod> {
-        self.change(|st| st.pods.remove(&ns_key(ns, name)))
+        self.change(|st| st.remove_pod(ns, name))
+    }
+
+    /// Deletes a pod as `DELETE` with `gracePeriodSeconds` does (`None`: the pod's
+    /// `terminationGracePeriodSeconds`). A pod not scheduled to a node, or a grace of 0, is
+    /// removed at once; otherwise the pod gets `deletionTimestamp` = now + grace and
+    /// `deletionGracePeriodSeconds` (a MODIFIED event) and is removed when that time comes.
+    /// A second delete can only shorten the grace. Returns the pod as the DELETE answers it.
+    pub fn delete_pod_graceful(&self, ns: &str, name: &str, grace: Option<i64>) -> Option<Pod> {
+        let now = self.now();
+        let r = self.change(|st| {
+            let pod = st.pods.get(&ns_key(ns, name))?.clone();
+            let grace = grace.unwrap_or(pod.termination_grace_seconds).max(0);
+            if grace == 0 || pod.node.is_none() {
+                return st.remove_pod(ns, name);
+            }
+            let deadline = now + grace;
+            if pod.meta.deletion_timestamp.is_some_and(|t| t <= deadline) {
+                return Some(pod);
+            }
+            st.rv += 1;
+            let rv = st.rv;
+            let p = st.pods.get_mut(&ns_key(ns, name))?;
+            p.meta.rv = rv;
+            p.meta.deletion_timestamp = Some(deadline);
+            p.meta.deletion_grace_seconds = Some(grace);
+            let p = p.clone();
+            st.record(
+                Resource::Pods,
+                EventType::Modified,
+                ns,
+                name,
+                Object::Pod(p.clone()),
+            );
+            Some(p)
+        });
+        self.reap();
+        r
     }
 
     /// Creates or replaces a secret.
@@ -715,9 +1310,10 @@ impl Cluster {
         service_account: Option<&str>,
         token: Option<String>,
     ) -> Meta {
+        let now = self.now();
         self.change(|st| {
-            Self::ensure_namespace_locked(st, ns);
-            let meta = Meta::fresh();
+            Self::ensure_namespace_locked(st, ns, now);
+            let meta = st.fresh(now);
             st.secrets.insert(
                 ns_key(ns, name),
                 Secret {
@@ -758,6 +1354,21 @@ impl Cluster {
         self.change(|st| st.bindings.remove(binding).is_some())
     }
 
+    /// Creates or replaces a ClusterRole with these rules.
+    pub fn put_cluster_role(&self, name: &str, rules: Vec<PolicyRule>) {
+        self.change(|st| st.cluster_roles.insert(name.to_string(), rules));
+    }
+
+    /// Whether a ClusterRole was created through [`Cluster::put_cluster_role`].
+    pub fn has_cluster_role(&self, name: &str) -> bool {
+        lock(&self.state).cluster_roles.contains_key(name)
+    }
+
+    /// Deletes a ClusterRole created through [`Cluster::put_cluster_role`].
+    pub fn delete_cluster_role(&self, name: &str) -> bool {
+        self.change(|st| st.cluster_roles.remove(name).is_some())
+    }
+
     /// Registers a static token (`--token-auth-file`).
     pub fn add_static_token(&self, token: &str, user: UserInfo) {
         self.change(|st| st.static_tokens.insert(token.to_string(), user));
@@ -769,12 +1380,45 @@ impl Cluster {
     pub fn add_key(&self, alg: KeyAlg) -> anyhow::Result<String> {
         let key = SigningKey::generate(alg)?;
         let kid = key.kid().to_string();
-        self.change(|st| st.keys.push(Arc::new(key)));
+        self.change(|st| {
+            st.keys.push(Arc::new(key));
+            st.signing_kid = Some(kid.clone());
+        });
         Ok(kid)
     }
 
+    /// Publishes a new key (JWKS, verification) without signing with it; returns its kid.
+    pub fn publish_key(&self, alg: KeyAlg) -> anyhow::Result<String> {
+        let key = SigningKey::generate(alg)?;
+        let kid = key.kid().to_string();
+        self.change(|st| {
+            if st.signing_kid.is_none() {
+                st.signing_kid = st.keys.last().map(|k| k.kid().to_string());
+            }
+            st.keys.push(Arc::new(key));
+        });
+        Ok(kid)
+    }
+
+    /// Signs with the published key `kid` from now on; `false` if no such key.
+    pub fn sign_with(&self, kid: &str) -> bool {
+        self.change(|st| {
+            let known = st.keys.iter().any(|k| k.kid() == kid);
+            if known {
+                st.signing_kid = Some(kid.to_string());
+            }
+            known
+        })
+    }
+
+    /// Kid of the key that signs.
+    pub fn signing_kid(&self) -> Option<String> {
+        self.signing_key().ok().map(|k| k.kid().to_string())
+    }
+
     /// Removes a key from verification and publication. The last remaining key cannot be
-    /// retired (the server needs a signing key); returns whether a key was removed.
+    /// retired (the server needs a signing key); retiring the signing key makes the newest
+    /// remaining key sign. Returns whether a key was removed.
     pub fn retire_key(&self, kid: &str) -> bool {
         let mut st = lock(&self.state);
         let before = st.keys.len();
@@ -783,6 +1427,9 @@ impl Cluster {
             return false;
         }
         st.keys = remaining;
+        if st.signing_kid.as_deref() == Some(kid) {
+            st.signing_kid = None;
+        }
         let removed = st.keys.len() != before;
         drop(st);
         self.save();
@@ -795,9 +1442,13 @@ impl Cluster {
     }
 
     fn signing_key(&self) -> Result<Arc<SigningKey>, ApiError> {
-        lock(&self.state)
-            .keys
-            .last()
+        let st = lock(&self.state);
+        let by_kid = st
+            .signing_kid
+            .as_deref()
+            .and_then(|kid| st.keys.iter().find(|k| k.kid() == kid));
+        by_kid
+            .or(st.keys.last())
             .cloned()
             .ok_or_else(|| ApiError::internal("no signing key"))
     }
@@ -977,7 +1628,7 @@ impl Cluster {
             }
         }
 
-        let now = now_unix();
+        let now = self.now();
         let iat = spec.issued_at.unwrap_or(now);
         let mut exp = iat + expiration_seconds;
         // --service-account-extend-token-expiration (default true), §2.4.
@@ -1182,7 +1833,7 @@ impl Cluster {
 
     /// `pkg/serviceaccount/claims.go` `validator.Validate`.
     fn validate_bound(&self, c: &VerifiedClaims) -> Result<UserInfo, String> {
-        let now = now_unix();
+        let now = self.now();
         if let Some(nbf) = c.nbf {
             if now + LEEWAY_SECONDS < nbf {
                 return Err("service account token is not valid yet".to_string());
@@ -1216,16 +1867,25 @@ impl Cluster {
                 sa.uid, k.serviceaccount.uid
             ));
         }
+        if sa
+            .deletion_timestamp
+            .is_some_and(|t| t < now - LEEWAY_SECONDS)
+        {
+            return Err(format!(
+                "service account {ns}/{} has been deleted",
+                k.serviceaccount.name
+            ));
+        }
         if let Some(sref) = &k.secret {
             let secret = st.secrets.get(&ns_key(ns, &sref.name));
-            check_bound_object("secret", secret.map(|s| &s.meta), &sref.uid)?;
+            check_bound_object("secret", secret.map(|s| &s.meta), &sref.uid, now)?;
         }
         if let Some(pref) = &k.pod {
             let pod = st.pods.get(&ns_key(ns, &pref.name));
-            check_bound_object("pod", pod.map(|p| &p.meta), &pref.uid)?;
+            check_bound_object("pod", pod.map(|p| &p.meta), &pref.uid, now)?;
         }
         if let (Some(nref), None) = (&k.node, &k.pod) {
-            check_bound_object("node", st.nodes.get(&nref.name), &nref.uid)?;
+            check_bound_object("node", st.nodes.get(&nref.name), &nref.uid, now)?;
         }
         drop(st);
         let mut user = sa_user(ns, &k.serviceaccount.name, &k.serviceaccount.uid);
@@ -1325,7 +1985,13 @@ impl Cluster {
             roles.push("system:discovery");
         }
         roles.push("system:public-info-viewer");
-        roles.iter().any(|r| role_allows(r, attrs))
+        roles.iter().any(|r| {
+            role_allows(r, attrs)
+                || st
+                    .cluster_roles
+                    .get(*r)
+                    .is_some_and(|rules| rules.iter().any(|rule| rule.allows(attrs)))
+        })
     }
 }
 
@@ -1333,6 +1999,19 @@ impl Cluster {
 fn role_allows(role: &str, attrs: &Attributes<'_>) -> bool {
     match (role, attrs) {
         ("cluster-admin", _) => true,
+        // The read part of the default `view` role, for the resources served here.
+        (
+            "view",
+            Attributes::Resource {
+                verb,
+                group: "",
+                resource,
+                ..
+            },
+        ) => {
+            matches!(*verb, "get" | "list" | "watch")
+                && matches!(*resource, "pods" | "serviceaccounts" | "namespaces")
+        }
         (
             "system:auth-delegator",
             Attributes::Resource {
@@ -1386,13 +2065,24 @@ mod tests {
 
     #[test]
     fn bound_object_errors_are_kube_apiservers() {
-        let meta = Meta {
+        let mut meta = Meta {
             uid: "now".to_string(),
             created: 0,
+            rv: 1,
+            deletion_timestamp: None,
+            deletion_grace_seconds: None,
         };
-        assert_eq!(check_bound_object("pod", Some(&meta), "now"), Ok(()));
+        assert_eq!(check_bound_object("pod", Some(&meta), "now", 1000), Ok(()));
+        // Terminating: valid up to deletionTimestamp + 60 s, invalidated after.
+        meta.deletion_timestamp = Some(940);
+        assert_eq!(check_bound_object("pod", Some(&meta), "now", 1000), Ok(()));
         assert_eq!(
-            check_bound_object("pod", None, "then"),
+            check_bound_object("pod", Some(&meta), "now", 1001),
+            Err("service account token has been invalidated".to_string())
+        );
+        meta.deletion_timestamp = None;
+        assert_eq!(
+            check_bound_object("pod", None, "then", 1000),
             Err("service account token has been invalidated".to_string())
         );
         for (kind, message) in [
@@ -1410,7 +2100,7 @@ mod tests {
             ),
         ] {
             assert_eq!(
-                check_bound_object(kind, Some(&meta), "then"),
+                check_bound_object(kind, Some(&meta), "then", 1000),
                 Err(message.to_string())
             );
         }

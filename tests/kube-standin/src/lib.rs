@@ -48,6 +48,7 @@ pub mod protobuf;
 pub mod server;
 pub mod status;
 pub mod tls;
+pub mod watch;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -58,7 +59,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
-use tokio::sync::watch;
+use tokio::sync::watch as signal;
 use tokio::task::JoinHandle;
 
 use crate::api::Shared;
@@ -103,6 +104,59 @@ pub struct Options {
     pub dir: Option<PathBuf>,
     /// Address to listen on.
     pub bind: SocketAddr,
+    /// How many changes each resource's (pods, serviceaccounts) watch history keeps; a
+    /// watch from an older `resourceVersion` gets a 410 `Expired` ERROR event.
+    pub watch_history: usize,
+    /// Interval of BOOKMARK events on watches with `allowWatchBookmarks=true` (the real
+    /// server sends about one a minute).
+    pub bookmark_interval: Duration,
+    /// How often terminating pods whose grace period ended are removed (the kubelet's
+    /// confirmation). The clock is the server's ([`Standin::advance_clock`]).
+    pub reap_interval: Duration,
+}
+
+/// Objects for [`Standin::bulk_create`] and `POST /standin/v1/bulk`: `service_accounts`
+/// SAs `sa-{j}` spread round-robin over `namespaces` namespaces `{prefix}-{i}`, and `pods`
+/// pods `pod-{k}` running as SA `sa-{k % service_accounts}` in that SA's namespace (as
+/// `default` when there are no SAs), on `node` if given.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct Bulk {
+    /// Namespace name prefix.
+    pub prefix: String,
+    /// Number of namespaces.
+    pub namespaces: usize,
+    /// Number of service accounts.
+    pub service_accounts: usize,
+    /// Number of pods.
+    pub pods: usize,
+    /// `spec.nodeName` of the pods.
+    pub node: Option<String>,
+}
+
+impl Default for Bulk {
+    fn default() -> Self {
+        Bulk {
+            prefix: "bulk".to_string(),
+            namespaces: 10,
+            service_accounts: 0,
+            pods: 0,
+            node: Some("bulk-node".to_string()),
+        }
+    }
+}
+
+impl Cluster {
+    /// [`Cluster::bulk_create`] from a [`Bulk`].
+    pub fn bulk_create_spec(&self, b: &Bulk) -> cluster::BulkCreated {
+        self.bulk_create(
+            &b.prefix,
+            b.namespaces,
+            b.service_accounts,
+            b.pods,
+            b.node.as_deref(),
+        )
+    }
 }
 
 impl Default for Options {
@@ -117,6 +171,9 @@ impl Default for Options {
             metadata_style: MetadataStyle::V133,
             dir: None,
             bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+            watch_history: cluster::DEFAULT_HISTORY,
+            bookmark_interval: Duration::from_secs(60),
+            reap_interval: Duration::from_millis(100),
         }
     }
 }
@@ -193,6 +250,8 @@ impl MintRequest {
 
 /// Namespace and name of the reviewer service account written to the kubeconfig.
 pub const REVIEWER_SA: (&str, &str) = ("tokengate", "tokengate");
+/// Name of the ClusterRole and ClusterRoleBinding [`Standin::grant_reviewer_watch`] creates.
+pub const WATCH_ROLE: &str = "tokengate-watch";
 /// Username of the admin kubeconfig's static token (group `system:masters`).
 pub const ADMIN_USER: &str = "kubernetes-admin";
 /// Lifetime of reviewer tokens (one year, as for a long-lived credential).
@@ -213,8 +272,9 @@ pub struct Standin {
     ca_pem: String,
     admin_token: String,
     reviewer: Mutex<Reviewer>,
-    shutdown_tx: watch::Sender<bool>,
+    shutdown_tx: signal::Sender<bool>,
     task: Option<JoinHandle<()>>,
+    reaper: Option<JoinHandle<()>>,
 }
 
 fn random_token() -> String {
@@ -360,15 +420,17 @@ impl Standin {
             cluster.persist_to(state_path, notes);
         }
 
-        let (down_tx, down_rx) = watch::channel(false);
+        cluster.set_history_capacity(opts.watch_history);
+        let (down_tx, down_rx) = signal::channel(false);
         let shared = Arc::new(Shared {
             cluster,
             reviews: AtomicU64::new(0),
             fault: Mutex::new(Fault::None),
             down: down_tx,
             url: url.clone(),
+            bookmark_interval: opts.bookmark_interval,
         });
-        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let (shutdown_tx, shutdown_rx) = signal::channel(false);
         let mut standin = Standin {
             shared: shared.clone(),
             addr,
@@ -379,11 +441,22 @@ impl Standin {
             reviewer: Mutex::new(reviewer),
             shutdown_tx,
             task: None,
+            reaper: None,
         };
         if !(resume_reviewer && standin.reviewer_token_path().exists()) {
             standin.issue_reviewer_token()?;
         }
         standin.write_files()?;
+        let reap_every = opts.reap_interval.max(Duration::from_millis(10));
+        let reaper_shared = shared.clone();
+        standin.reaper = Some(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(reap_every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                reaper_shared.cluster.reap();
+            }
+        }));
         let acceptor = tokio_rustls::TlsAcceptor::from(pki.server_config);
         standin.task = Some(tokio::spawn(server::run(
             shared,
@@ -545,6 +618,70 @@ impl Standin {
         self.shared.cluster.delete_pod(ns, name);
     }
 
+    /// Deletes a pod gracefully, as `DELETE` with `gracePeriodSeconds` does (`None`: the
+    /// pod's `terminationGracePeriodSeconds`, 30 s): it gets `deletionTimestamp` = now +
+    /// grace (MODIFIED) and is removed at that time (DELETED); tokens bound to it stay
+    /// valid until then, and past it only while the object lingers for at most 60 s more.
+    /// A grace of 0, or a pod without a node, is deleted at once. Returns whether it existed.
+    pub fn delete_pod_graceful(&self, ns: &str, name: &str, grace_seconds: Option<i64>) -> bool {
+        self.shared
+            .cluster
+            .delete_pod_graceful(ns, name, grace_seconds)
+            .is_some()
+    }
+
+    /// The server's clock (unix seconds), which token times and deletion deadlines use.
+    pub fn now(&self) -> i64 {
+        self.shared.cluster.now()
+    }
+
+    /// Moves the server's clock by `secs` (tokens age, grace periods end; terminating pods
+    /// past their deadline are removed at once). Returns the new time.
+    pub fn advance_clock(&self, secs: i64) -> i64 {
+        self.shared.cluster.advance_clock(secs)
+    }
+
+    /// Whether terminating pods are removed when their grace period ends (default on). Off
+    /// models a kubelet that never confirms: the pod stays past its `deletionTimestamp`.
+    pub fn set_pod_reaping(&self, on: bool) {
+        self.shared.cluster.set_reaping(on);
+    }
+
+    /// The global `resourceVersion` (last assigned revision).
+    pub fn resource_version(&self) -> u64 {
+        self.shared.cluster.resource_version()
+    }
+
+    /// Sets the capacity of each watch history (at least 1), evicting older changes.
+    pub fn set_watch_history(&self, capacity: usize) {
+        self.shared.cluster.set_history_capacity(capacity);
+    }
+
+    /// Creates many service accounts and pods quickly (one lock, one save), for memory and
+    /// scale benchmarks; see [`Bulk`].
+    pub fn bulk_create(&self, spec: &Bulk) -> cluster::BulkCreated {
+        self.shared.cluster.bulk_create_spec(spec)
+    }
+
+    /// Creates or replaces a ClusterRole (as `POST .../clusterroles` does).
+    pub fn create_cluster_role(&self, name: &str, rules: Vec<cluster::PolicyRule>) {
+        self.shared.cluster.put_cluster_role(name, rules);
+    }
+
+    /// Grants the reviewer service account `get`/`list`/`watch` on pods and service
+    /// accounts (ClusterRole and ClusterRoleBinding [`WATCH_ROLE`]), as tokengate's
+    /// deployment does for local verification with watch-driven revocation.
+    pub fn grant_reviewer_watch(&self) {
+        self.create_cluster_role(
+            WATCH_ROLE,
+            vec![cluster::PolicyRule::core(
+                &["pods", "serviceaccounts"],
+                &["get", "list", "watch"],
+            )],
+        );
+        self.bind_cluster_role(WATCH_ROLE, WATCH_ROLE, REVIEWER_SA);
+    }
+
     /// Creates (or replaces) ClusterRoleBinding `binding` of `cluster_role` to the service
     /// account `subject_sa = (namespace, name)`.
     pub fn bind_cluster_role(&self, binding: &str, cluster_role: &str, subject_sa: (&str, &str)) {
@@ -617,7 +754,9 @@ impl Standin {
         }
     }
 
-    /// Adds a signing key that signs from now on (older keys still verify); returns its kid.
+    /// Adds a key that is published and signs from now on (older keys still verify);
+    /// returns its kid. For the real rotation order use [`Standin::publish_key`], then
+    /// [`Standin::sign_with_key`].
     pub fn add_signing_key(&self, alg: KeyAlg) -> String {
         match self.shared.cluster.add_key(alg) {
             Ok(kid) => kid,
@@ -625,12 +764,33 @@ impl Standin {
         }
     }
 
-    /// Retires a key: removed from JWKS and no longer verifies. The last key is kept.
-    pub fn retire_key(&self, kid: &str) {
-        self.shared.cluster.retire_key(kid);
+    /// Publishes a new key in `/openid/v1/jwks` (and for verification) without signing
+    /// with it; returns its kid.
+    pub fn publish_key(&self, alg: KeyAlg) -> String {
+        match self.shared.cluster.publish_key(alg) {
+            Ok(kid) => kid,
+            Err(e) => panic!("kube-standin: key generation failed: {e:#}"),
+        }
     }
 
-    /// Kids of the current keys, oldest first; the last one signs.
+    /// Signs new tokens with the published key `kid`; `false` if it is not published.
+    pub fn sign_with_key(&self, kid: &str) -> bool {
+        self.shared.cluster.sign_with(kid)
+    }
+
+    /// Kid of the key that signs new tokens.
+    pub fn signing_key_id(&self) -> String {
+        self.shared.cluster.signing_kid().unwrap_or_default()
+    }
+
+    /// Retires a key: removed from JWKS and no longer verifies (its tokens then fail with
+    /// `invalid signature, no keys found`). The last key is kept; retiring the signing key
+    /// makes the newest remaining key sign. Returns whether a key was removed.
+    pub fn retire_key(&self, kid: &str) -> bool {
+        self.shared.cluster.retire_key(kid)
+    }
+
+    /// Kids of the current keys, in publication order (see [`Standin::signing_key_id`]).
     pub fn key_ids(&self) -> Vec<String> {
         self.shared
             .cluster
@@ -642,6 +802,9 @@ impl Standin {
 
     /// Stops the server and waits for it.
     pub async fn shutdown(mut self) {
+        if let Some(r) = self.reaper.take() {
+            r.abort();
+        }
         self.shutdown_tx.send_replace(true);
         if let Some(task) = self.task.take() {
             let _ = task.await;
@@ -651,6 +814,9 @@ impl Standin {
 
 impl Drop for Standin {
     fn drop(&mut self) {
+        if let Some(r) = self.reaper.take() {
+            r.abort();
+        }
         self.shutdown_tx.send_replace(true);
         if let Some(task) = self.task.take() {
             task.abort();

@@ -7,7 +7,8 @@
 //! `{"kind":"latency","ms":50}`, `{"kind":"status","code":503,"retry_after":1}`,
 //! `{"kind":"hang"}`, `{"kind":"close"}`, `{"kind":"down","ms":2000}` (stop listening for
 //! that long, then listen again on the same port) or `{"kind":"none"}`; and
-//! `GET /standin/v1/counters` → `{"token_reviews":N}`.
+//! `GET /standin/v1/counters` → `{"token_reviews":N}`; key rotation, bulk objects, the
+//! clock, pod reaping and the watch history (see the README).
 //!
 //! The whole state (CA, keys, objects, tokens) is kept in `DIR/state.json`: a process
 //! restarted on the same `--dir` (and `--listen` port) is the same cluster, so a stop and
@@ -76,6 +77,12 @@ enum Command {
         /// Ignore (and overwrite) DIR/state.json instead of resuming from it.
         #[arg(long)]
         fresh: bool,
+        /// Changes kept per resource for watches; older resourceVersions get 410 Expired.
+        #[arg(long, default_value_t = kube_standin::cluster::DEFAULT_HISTORY)]
+        watch_history: usize,
+        /// Interval of watch BOOKMARK events, in milliseconds.
+        #[arg(long, default_value_t = 60_000)]
+        bookmark_interval_ms: u64,
     },
 }
 
@@ -103,6 +110,8 @@ async fn main() -> anyhow::Result<()> {
         allow_short_tokens,
         metadata_style,
         fresh,
+        watch_history,
+        bookmark_interval_ms,
     } = Cli::parse().command;
     let opts = Options {
         issuer,
@@ -120,6 +129,9 @@ async fn main() -> anyhow::Result<()> {
         },
         dir: Some(dir),
         bind: listen,
+        watch_history,
+        bookmark_interval: std::time::Duration::from_millis(bookmark_interval_ms),
+        ..Options::default()
     };
     if fresh {
         let state = dir_state(&opts);

@@ -174,6 +174,8 @@ pub struct ObjectBody {
     pub service_account_name: Option<String>,
     /// Pod `spec.nodeName` (field 10).
     pub node_name: Option<String>,
+    /// Pod `spec.terminationGracePeriodSeconds` (field 4).
+    pub termination_grace_seconds: Option<i64>,
 }
 
 /// Decodes a protobuf ServiceAccount or Pod body.
@@ -190,6 +192,7 @@ pub fn decode_object(body: &[u8]) -> Result<ObjectBody, String> {
                     match (sf, sv) {
                         (8, Value::Bytes(x)) => out.service_account_name = Some(string(x)?),
                         (10, Value::Bytes(x)) => out.node_name = Some(string(x)?),
+                        (4, Value::Varint(x)) => out.termination_grace_seconds = Some(x as i64),
                         _ => {}
                     }
                 }

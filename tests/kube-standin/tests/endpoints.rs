@@ -376,7 +376,32 @@ async fn objects_over_http() {
         json!(["n1"])
     );
 
+    // A DELETE without a grace period is graceful (30 s, the pod's default): the pod is
+    // terminating and its token still valid; gracePeriodSeconds=0 removes it at once.
     let a = call(&admin, "DELETE", "/api/v1/namespaces/shop/pods/p1", None).await;
+    assert_eq!(a.status, 200);
+    assert_eq!(
+        a.json()["metadata"]["deletionGracePeriodSeconds"],
+        30,
+        "{}",
+        a.body
+    );
+    assert!(
+        a.json()["metadata"]["deletionTimestamp"].is_string(),
+        "{}",
+        a.body
+    );
+    assert_eq!(
+        review(&admin, &token, &["shop"]).await.json()["status"]["authenticated"],
+        true
+    );
+    let a = call(
+        &admin,
+        "DELETE",
+        "/api/v1/namespaces/shop/pods/p1",
+        Some(&json!({"kind":"DeleteOptions","apiVersion":"v1","gracePeriodSeconds":0})),
+    )
+    .await;
     assert_eq!(a.status, 200);
     assert_eq!(
         review_error(&admin, &token, &["shop"]).await,
