@@ -648,6 +648,14 @@ async fn route(
             shared.cluster.set_history_capacity(h.capacity);
             Ok(json_resp(200, &json!({"capacity": h.capacity.max(1)})))
         }
+        ["standin", "v1", "sync"] if *method == Method::POST => {
+            require_admin(shared, user, path)?;
+            let cluster = shared.clone();
+            tokio::task::spawn_blocking(move || cluster.cluster.flush())
+                .await
+                .map_err(|e| ApiError::internal(&e.to_string()))?;
+            Ok(json_resp(200, &json!({"ok": true})))
+        }
         ["standin", "v1", "counters"] if get => {
             require_admin(shared, user, path)?;
             Ok(json_resp(

@@ -34,6 +34,39 @@ pub const EXTENDED_EXPIRATION_SECONDS: i64 = 365 * 24 * 3600;
 pub const LEEWAY_SECONDS: i64 = 60;
 /// Issuer of legacy secret-based tokens.
 pub const LEGACY_ISSUER: &str = "kubernetes/serviceaccount";
+/// Above this many pods plus service accounts, state saves happen in the background.
+pub const BACKGROUND_SAVE_OBJECTS: usize = 10_000;
+
+/// The background state writer: the latest snapshot wins.
+struct Saver {
+    tx: std::sync::mpsc::Sender<(std::path::PathBuf, Snapshot)>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Saver {
+    fn start() -> Saver {
+        let (tx, rx) = std::sync::mpsc::channel::<(std::path::PathBuf, Snapshot)>();
+        let thread = std::thread::spawn(move || {
+            while let Ok(mut job) = rx.recv() {
+                while let Ok(newer) = rx.try_recv() {
+                    job = newer;
+                }
+                write_snapshot(&job.0, &job.1);
+            }
+        });
+        Saver { tx, thread }
+    }
+}
+
+fn write_snapshot(path: &std::path::Path, snap: &Snapshot) {
+    let result = serde_json::to_vec(snap)
+        .map_err(anyhow::Error::from)
+        .and_then(|bytes| Ok(crate::kubeconfig::write_atomic(path, &bytes)?));
+    if let Err(e) = result {
+        tracing::error!(path = %path.display(), error = %e, "saving the stand-in state failed");
+    }
+}
+
 /// Default capacity of each resource's watch history.
 pub const DEFAULT_HISTORY: usize = 1000;
 /// Bearer authenticator's error when no token authenticator had an opinion.
@@ -476,6 +509,8 @@ pub struct Cluster {
     state: Mutex<State>,
     /// Where every change is saved (process mode), with the notes saved along.
     persist: Mutex<Option<(std::path::PathBuf, BTreeMap<String, String>)>>,
+    /// Background writer of large states ([`BACKGROUND_SAVE_OBJECTS`]).
+    saver: Mutex<Option<Saver>>,
     /// Seconds added to the wall clock ([`Cluster::advance_clock`]).
     clock_offset: AtomicI64,
     /// Whether terminating pods are removed when their grace period ends (the kubelet).
@@ -820,6 +855,7 @@ impl Cluster {
             cfg,
             state: Mutex::new(state),
             persist: Mutex::new(None),
+            saver: Mutex::new(None),
             clock_offset: AtomicI64::new(0),
             reaping: AtomicBool::new(true),
             revision: tokio::sync::watch::channel(rv).0,
@@ -1120,21 +1156,51 @@ impl Cluster {
     }
 
     /// Saves the state if persistence is on. Failures are logged, not fatal: the server
-    /// keeps serving from memory.
+    /// keeps serving from memory. Small states are written before this returns; once the
+    /// cluster holds more than [`BACKGROUND_SAVE_OBJECTS`] pods and service accounts (bulk
+    /// benchmarks), snapshots go to a background writer that keeps only the latest, so a
+    /// change does not wait for a many-megabyte write ([`Cluster::flush`] waits for it).
     fn save(&self) {
-        self.revision.send_replace(lock(&self.state).rv);
+        let (rv, big) = {
+            let st = lock(&self.state);
+            (
+                st.rv,
+                st.pods.len() + st.service_accounts.len() > BACKGROUND_SAVE_OBJECTS,
+            )
+        };
+        self.revision.send_replace(rv);
         let target = self
             .persist
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         let Some((path, notes)) = target else { return };
-        let result = self
-            .snapshot(notes)
-            .and_then(|snap| Ok(serde_json::to_vec(&snap)?))
-            .and_then(|bytes| Ok(crate::kubeconfig::write_atomic(&path, &bytes)?));
-        if let Err(e) = result {
-            tracing::error!(path = %path.display(), error = %e, "saving the stand-in state failed");
+        let snap = match self.snapshot(notes) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "snapshotting the stand-in state failed");
+                return;
+            }
+        };
+        let mut saver = self.saver.lock().unwrap_or_else(|e| e.into_inner());
+        if big || saver.is_some() {
+            let s = saver.get_or_insert_with(Saver::start);
+            if s.tx.send((path, snap)).is_ok() {
+                return;
+            }
+            tracing::error!("the background state writer is gone");
+        } else {
+            drop(saver);
+            write_snapshot(&path, &snap);
+        }
+    }
+
+    /// Waits until the background writer (if any) has saved the latest state.
+    pub fn flush(&self) {
+        let saver = self.saver.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(s) = saver {
+            drop(s.tx);
+            let _ = s.thread.join();
         }
     }
 

@@ -93,8 +93,9 @@ pub fn core_v1_resources() -> Value {
         "groupVersion": "v1",
         "resources": [
             resource("namespaces", "Namespace", false, &["get"], None),
-            resource("pods", "Pod", true, &["create", "delete", "get"], None),
-            resource("serviceaccounts", "ServiceAccount", true, &["create", "delete", "get"], None),
+            resource("pods", "Pod", true, &["create", "delete", "get", "list", "watch"], None),
+            resource("serviceaccounts", "ServiceAccount", true,
+                     &["create", "delete", "get", "list", "watch"], None),
             resource("serviceaccounts/token", "TokenRequest", true, &["create"],
                      Some("authentication.k8s.io")),
         ]
@@ -111,13 +112,22 @@ pub fn group_v1_resources(group: &str) -> Option<Value> {
             &["create"],
             None,
         )],
-        "rbac.authorization.k8s.io" => vec![resource(
-            "clusterrolebindings",
-            "ClusterRoleBinding",
-            false,
-            &["create", "delete"],
-            None,
-        )],
+        "rbac.authorization.k8s.io" => vec![
+            resource(
+                "clusterrolebindings",
+                "ClusterRoleBinding",
+                false,
+                &["create", "delete"],
+                None,
+            ),
+            resource(
+                "clusterroles",
+                "ClusterRole",
+                false,
+                &["create", "delete"],
+                None,
+            ),
+        ],
         _ => return None,
     };
     Some(json!({

@@ -805,6 +805,7 @@ impl Standin {
         if let Some(r) = self.reaper.take() {
             r.abort();
         }
+        self.shared.cluster.flush();
         self.shutdown_tx.send_replace(true);
         if let Some(task) = self.task.take() {
             let _ = task.await;
@@ -817,6 +818,7 @@ impl Drop for Standin {
         if let Some(r) = self.reaper.take() {
             r.abort();
         }
+        self.shared.cluster.flush();
         self.shutdown_tx.send_replace(true);
         if let Some(task) = self.task.take() {
             task.abort();

@@ -83,6 +83,10 @@ enum Command {
         /// Interval of watch BOOKMARK events, in milliseconds.
         #[arg(long, default_value_t = 60_000)]
         bookmark_interval_ms: u64,
+        /// Grant the reviewer get/list/watch on pods and service accounts (ClusterRole and
+        /// ClusterRoleBinding `tokengate-watch`), as tokengate's local verification needs.
+        #[arg(long)]
+        grant_reviewer_watch: bool,
     },
 }
 
@@ -112,6 +116,7 @@ async fn main() -> anyhow::Result<()> {
         fresh,
         watch_history,
         bookmark_interval_ms,
+        grant_reviewer_watch,
     } = Cli::parse().command;
     let opts = Options {
         issuer,
@@ -140,6 +145,9 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let standin = Standin::start_persistent(opts).await?;
+    if grant_reviewer_watch {
+        standin.grant_reviewer_watch();
+    }
     {
         let mut out = std::io::stdout().lock();
         writeln!(out, "ready {}", standin.url())?;

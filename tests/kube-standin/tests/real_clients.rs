@@ -426,3 +426,208 @@ async fn process_restart_keeps_the_cluster() {
         200
     );
 }
+
+/// Reads a child's stdout lines on a thread, for tests that follow a long-running command.
+fn lines_of(stdout: std::process::ChildStdout) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+async fn next_line(rx: &std::sync::mpsc::Receiver<String>, what: &str) -> String {
+    for _ in 0..200 {
+        if let Ok(l) = rx.try_recv() {
+            return l;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("no output line for {what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_get_pods_all_namespaces_watch() {
+    let s = Standin::start(Options::default()).await.unwrap();
+    s.create_pod("a", "p0", "default", None);
+    let mut child = Command::new(kubectl())
+        .arg("--kubeconfig")
+        .arg(s.admin_kubeconfig_path())
+        .args(["get", "pods", "-A", "-w", "-o", "name"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn kubectl");
+    let rx = lines_of(child.stdout.take().unwrap());
+    let guard = ChildGuard(child);
+    assert_eq!(next_line(&rx, "the listed pod").await, "pod/p0");
+    s.create_pod("b", "p1", "default", Some("n1"));
+    assert_eq!(next_line(&rx, "the added pod").await, "pod/p1");
+    // Graceful deletion: the MODIFIED (terminating) and the DELETED event.
+    assert!(s.delete_pod_graceful("b", "p1", Some(30)));
+    assert_eq!(next_line(&rx, "the terminating pod").await, "pod/p1");
+    s.advance_clock(31);
+    assert_eq!(next_line(&rx, "the deleted pod").await, "pod/p1");
+    drop(guard);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn process_mode_watch_bulk_clock_keys_and_restart() {
+    use futures::StreamExt as _;
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::core::PartialObjectMeta;
+    use kube::runtime::{reflector, watcher, WatchStreamExt as _};
+    use std::time::{Duration, Instant};
+
+    let dir = tempfile::tempdir().unwrap();
+    let (guard, url) = serve(
+        dir.path(),
+        &["--grant-reviewer-watch", "--bookmark-interval-ms", "200"],
+    )
+    .await;
+    let port = url.rsplit(':').next().unwrap().to_string();
+    let admin = client_from_kubeconfig(&dir.path().join("admin.kubeconfig")).await;
+    let reviewer = client_from_kubeconfig(&dir.path().join("kubeconfig")).await;
+
+    // Bulk objects through the control.
+    let t = Instant::now();
+    let a = call(
+        &admin,
+        "POST",
+        "/standin/v1/bulk",
+        Some(&json!({"namespaces": 4, "serviceAccounts": 2000, "pods": 20000})),
+    )
+    .await;
+    assert_eq!(a.status, 201, "{}", a.body);
+    assert_eq!(a.json()["pods"], 20000);
+    let bulk_time = t.elapsed();
+    // A change after the bulk (the state file is rewritten on every change).
+    let t = Instant::now();
+    let a = call(
+        &admin,
+        "POST",
+        "/api/v1/namespaces/bulk-0/pods",
+        Some(&json!({"metadata":{"name":"extra"},"spec":{"serviceAccountName":"sa-0","nodeName":"n1"}})),
+    )
+    .await;
+    assert_eq!(a.status, 201, "{}", a.body);
+    let change_time = t.elapsed();
+    eprintln!("process bulk {bulk_time:?}, one change after it {change_time:?}");
+    assert!(change_time < Duration::from_secs(3), "{change_time:?}");
+
+    // The reviewer (granted by --grant-reviewer-watch) runs the reflector tokengate runs.
+    let (store, writer) = reflector::store::<PartialObjectMeta<Pod>>();
+    let events = watcher(
+        kube::Api::<PartialObjectMeta<Pod>>::all(reviewer.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff();
+    let task = tokio::spawn(reflector(writer, events).for_each(|_| futures::future::ready(())));
+    tokio::time::timeout(Duration::from_secs(60), store.wait_until_ready())
+        .await
+        .expect("store ready")
+        .unwrap();
+    let has = |name: &str| {
+        store
+            .state()
+            .iter()
+            .any(|p| p.metadata.name.as_deref() == Some(name))
+    };
+    let converge = |what: &'static str, f: &dyn Fn() -> bool| {
+        let ok = (0..400).any(|_| {
+            if f() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+            false
+        });
+        assert!(ok, "store did not converge: {what}");
+    };
+    tokio::task::block_in_place(|| converge("all pods", &|| store.len() == 20001));
+
+    // Graceful deletion over HTTP, ended with the clock control.
+    let a = call(
+        &admin,
+        "DELETE",
+        "/api/v1/namespaces/bulk-0/pods/extra",
+        None,
+    )
+    .await;
+    assert_eq!(a.json()["metadata"]["deletionGracePeriodSeconds"], 30);
+    let a = call(
+        &admin,
+        "POST",
+        "/standin/v1/clock",
+        Some(&json!({"advance_seconds": 31})),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(
+        status_of(&admin, "GET", "/api/v1/namespaces/bulk-0/pods/extra").await,
+        404
+    );
+    tokio::task::block_in_place(|| converge("extra deleted", &|| !has("extra")));
+
+    // Key controls.
+    let a = call(
+        &admin,
+        "POST",
+        "/standin/v1/keys",
+        Some(&json!({"alg":"es256"})),
+    )
+    .await;
+    let kid = a.json()["kid"].as_str().unwrap().to_string();
+    let jwks = call(&admin, "GET", "/openid/v1/jwks", None).await.json();
+    assert!(jwks["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|k| k["kid"] == kid.as_str()));
+    let a = call(&admin, "GET", "/standin/v1/keys", None).await.json();
+    assert_ne!(a["signing"], kid.as_str(), "published, not signing");
+
+    // Restart on the same dir and port: the reflector carries on. A large state is saved
+    // in the background; /standin/v1/sync waits for it before the kill.
+    assert_eq!(
+        call(&admin, "POST", "/standin/v1/sync", None).await.status,
+        200
+    );
+    drop(guard);
+    let (_guard, url2) = serve(dir.path(), &["--listen", &format!("127.0.0.1:{port}")]).await;
+    assert_eq!(url2, url);
+    let mut created = false;
+    for _ in 0..50 {
+        let a = call(
+            &admin,
+            "POST",
+            "/api/v1/namespaces/bulk-1/pods",
+            Some(
+                &json!({"metadata":{"name":"after-restart"},"spec":{"serviceAccountName":"sa-1"}}),
+            ),
+        )
+        .await;
+        if a.status == 201 {
+            created = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(created);
+    tokio::task::block_in_place(|| converge("pod after restart", &|| has("after-restart")));
+    assert_eq!(store.len(), 20001);
+    let a = call(&admin, "GET", "/standin/v1/keys", None).await.json();
+    assert!(
+        a["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|k| *k == kid.as_str()),
+        "keys persist"
+    );
+    task.abort();
+}
