@@ -32,9 +32,14 @@
 //! clients need to connect; [`keys`] signs and verifies. The binary (`kube-standin serve`)
 //! runs the same server as a process for the demo and the Envoy tests.
 //!
+//! * **List and watch** of pods and service accounts ([`watch`]): global resourceVersion,
+//!   bounded history with 410 `Expired`, bookmarks, metadata-only `PartialObjectMetadata`
+//!   answers, graceful pod deletion on the server's clock ([`Standin::advance_clock`]).
+//!
 //! Deliberate simplifications: one issuer; no token cache (the real server caches
-//! successes for 10 s, see §7 of the doc); deletions are immediate (no grace period);
-//! namespaces are created on first use with their `default` service account.
+//! successes for 10 s, see §7 of the doc); terminating pods are removed exactly at their
+//! `deletionTimestamp`; namespaces are created on first use with their `default` service
+//! account.
 
 #![warn(missing_docs)]
 

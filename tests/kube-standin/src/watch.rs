@@ -432,7 +432,22 @@ pub fn list(
     shape: Shape,
 ) -> Result<Resp, ApiError> {
     let filter = Filter::parse(res, q)?;
-    q.rv_number()?;
+    if let Some(n) = q.rv_number()?.filter(|n| *n > 0) {
+        let current = shared.cluster.resource_version();
+        if n > current {
+            return Err(too_large(n, current));
+        }
+        // No snapshots are kept: an exact read of an older revision is answered as etcd
+        // answers a compacted one.
+        if q.resource_version_match.as_deref() == Some("Exact") && n != current {
+            return Err(ApiError::new(
+                410,
+                "Expired",
+                "The resourceVersion for the provided list is too old.".to_string(),
+                None,
+            ));
+        }
+    }
     let after = match &q.continue_token {
         None => None,
         Some(t) => {
@@ -547,6 +562,26 @@ fn bookmark_json(shared: &Shared, res: Resource, shape: Shape, rv: u64) -> Vec<u
         .unwrap_or_default()
 }
 
+/// The cacher's answer to a revision it has not reached (after its 3 s wait).
+fn too_large(requested: u64, current: u64) -> ApiError {
+    let mut e = ApiError::new(
+        504,
+        "Timeout",
+        format!("Too large resource version: {requested}, current: {current}"),
+        Some(crate::status::Details {
+            causes: vec![crate::status::Cause {
+                reason: "ResourceVersionTooLarge".to_string(),
+                message: "Too large resource version".to_string(),
+                field: String::new(),
+            }],
+            retry_after_seconds: 1,
+            ..Default::default()
+        }),
+    );
+    e.retry_after = Some(1);
+    e
+}
+
 /// Default `timeoutSeconds` of a watch that names none (the server picks 30–60 min).
 pub const DEFAULT_WATCH_TIMEOUT: Duration = Duration::from_secs(1800);
 
@@ -596,6 +631,11 @@ async fn run_watch(
     let ns = namespace.as_deref();
     let visible = |i: &Item| ns.is_none_or(|n| i.namespace == n) && filter.matches(i);
     let mut last = match start {
+        Some(rv) if rv > shared.cluster.resource_version() => {
+            let e = too_large(rv, shared.cluster.resource_version());
+            let _ = tx.send(event_line("ERROR", &e.body())).await;
+            return;
+        }
         Some(rv) => rv,
         None => {
             // Synthetic ADDED events for the current state, then changes after it.

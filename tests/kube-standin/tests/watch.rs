@@ -286,6 +286,53 @@ async fn paged_list_keeps_its_resource_version_and_covers_everything() {
     assert_eq!(seen.len(), 7);
     let a = call(&admin, "GET", "/api/v1/pods?limit=2&continue=garbage", None).await;
     assert_eq!(a.status, 400, "{}", a.body);
+
+    // resourceVersion semantics of a list: "0" and any RV up to now are served (current
+    // state); an exact older RV is 410 (no snapshots kept); a future RV is 504.
+    let now = s.resource_version();
+    for q in [
+        "resourceVersion=0".to_string(),
+        "resourceVersion=1&resourceVersionMatch=NotOlderThan".to_string(),
+        format!("resourceVersion={now}&resourceVersionMatch=Exact"),
+    ] {
+        let a = call(&admin, "GET", &format!("/api/v1/pods?{q}"), None).await;
+        assert_eq!((a.status, rv(&a.json())), (200, now), "{q}");
+    }
+    let a = call(
+        &admin,
+        "GET",
+        "/api/v1/pods?resourceVersion=1&resourceVersionMatch=Exact",
+        None,
+    )
+    .await;
+    assert_eq!(
+        (a.status, a.json()["reason"].as_str()),
+        (410, Some("Expired"))
+    );
+    let future = now + 100;
+    let a = call(
+        &admin,
+        "GET",
+        &format!("/api/v1/pods?resourceVersion={future}"),
+        None,
+    )
+    .await;
+    assert_eq!(a.status, 504);
+    assert_eq!(
+        a.json()["message"],
+        format!("Too large resource version: {future}, current: {now}")
+    );
+    let mut w = watch(
+        &admin,
+        &format!("/api/v1/pods?watch=true&resourceVersion={future}"),
+        None,
+    )
+    .await;
+    let e = w.next(T).await.unwrap();
+    assert_eq!(
+        (e["type"].as_str(), e["object"]["code"].as_u64()),
+        (Some("ERROR"), Some(504))
+    );
 }
 
 #[tokio::test]
