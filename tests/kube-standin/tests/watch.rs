@@ -911,6 +911,112 @@ async fn list_and_watch_need_rbac_grants() {
     .await
     .json();
     assert_eq!(names(&v).len(), 2);
+    // Watches filter with the same selector.
+    let mut w = watch(
+        &reviewer,
+        "/api/v1/pods?watch=true&fieldSelector=spec.nodeName%3Dn2",
+        None,
+    )
+    .await;
+    let e = w.next_change(T).await.unwrap();
+    assert_eq!(e["object"]["metadata"]["name"], "on-n2");
+    s.create_pod("a", "n1-again", "default", Some("n1"));
+    s.create_pod("a", "n2-again", "default", Some("n2"));
+    let e = w.next_change(T).await.unwrap();
+    assert_eq!(
+        e["object"]["metadata"]["name"], "n2-again",
+        "n1 pods are filtered out"
+    );
+}
+
+#[tokio::test]
+async fn test_controls_are_admin_only_and_drive_clock_reaper_and_history() {
+    let (s, admin) = start(Options::default()).await;
+    s.grant_reviewer_watch();
+    let reviewer = common::client_from_kubeconfig(&s.kubeconfig_path()).await;
+    for (path, body) in [
+        ("/standin/v1/clock", json!({"advance_seconds": 1})),
+        ("/standin/v1/reaper", json!({"enabled": false})),
+        ("/standin/v1/history", json!({"capacity": 1})),
+        ("/standin/v1/bulk", json!({"pods": 1})),
+        ("/standin/v1/keys", json!({})),
+        ("/standin/v1/sync", json!({})),
+    ] {
+        assert_eq!(
+            call(&reviewer, "POST", path, Some(&body)).await.status,
+            403,
+            "{path}"
+        );
+    }
+    s.create_pod("c", "p", "default", Some("n1"));
+    let t0 = s.now();
+    let a = call(
+        &admin,
+        "POST",
+        "/standin/v1/reaper",
+        Some(&json!({"enabled": false})),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    call(
+        &admin,
+        "DELETE",
+        "/api/v1/namespaces/c/pods/p?gracePeriodSeconds=5",
+        None,
+    )
+    .await;
+    let a = call(
+        &admin,
+        "POST",
+        "/standin/v1/clock",
+        Some(&json!({"advance_seconds": 100})),
+    )
+    .await;
+    let now = a.json()["now"].as_i64().unwrap();
+    assert!((t0 + 100..t0 + 103).contains(&now), "{now} vs {t0}");
+    assert_eq!(
+        call(&admin, "GET", "/api/v1/namespaces/c/pods/p", None)
+            .await
+            .status,
+        200,
+        "reaping off: the pod lingers"
+    );
+    call(
+        &admin,
+        "POST",
+        "/standin/v1/reaper",
+        Some(&json!({"enabled": true})),
+    )
+    .await;
+    assert_eq!(
+        call(&admin, "GET", "/api/v1/namespaces/c/pods/p", None)
+            .await
+            .status,
+        404
+    );
+
+    let before = s.resource_version();
+    let a = call(
+        &admin,
+        "POST",
+        "/standin/v1/history",
+        Some(&json!({"capacity": 1})),
+    )
+    .await;
+    assert_eq!(a.json()["capacity"], 1);
+    s.create_pod("c", "x", "default", None);
+    s.create_pod("c", "y", "default", None);
+    let mut w = watch(
+        &admin,
+        &format!("/api/v1/pods?watch=true&resourceVersion={before}"),
+        None,
+    )
+    .await;
+    let e = w.next(T).await.unwrap();
+    assert_eq!(
+        (e["type"].as_str(), e["object"]["code"].as_u64()),
+        (Some("ERROR"), Some(410))
+    );
 }
 
 #[tokio::test]
