@@ -546,6 +546,8 @@ pub struct Snapshot {
     rv: u64,
     #[serde(default)]
     cluster_roles: Vec<(String, Vec<PolicyRule>)>,
+    #[serde(default)]
+    clock_offset: i64,
     /// Values the embedding server keeps with the state.
     pub notes: BTreeMap<String, String>,
 }
@@ -891,7 +893,10 @@ impl Cluster {
     /// period has ended.
     pub fn advance_clock(&self, secs: i64) -> i64 {
         self.clock_offset.fetch_add(secs, Ordering::SeqCst);
-        self.reap();
+        if self.reap() == 0 {
+            // Saved with the state, so a restarted process keeps the advanced clock.
+            self.save();
+        }
         self.now()
     }
 
@@ -1102,7 +1107,9 @@ impl Cluster {
         for h in &mut state.history {
             h.floor = state.rv;
         }
-        Ok(Cluster::with_state(cfg, state))
+        let c = Cluster::with_state(cfg, state);
+        c.clock_offset.store(snap.clock_offset, Ordering::SeqCst);
+        Ok(c)
     }
 
     /// The current state as a snapshot, with `notes` attached.
@@ -1132,6 +1139,7 @@ impl Cluster {
             signing_kid: st.signing_kid.clone(),
             rv: st.rv,
             cluster_roles: st.cluster_roles.clone().into_iter().collect(),
+            clock_offset: self.clock_offset.load(Ordering::SeqCst),
             notes,
         })
     }

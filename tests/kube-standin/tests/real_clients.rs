@@ -629,5 +629,19 @@ async fn process_mode_watch_bulk_clock_keys_and_restart() {
             .any(|k| *k == kid.as_str()),
         "keys persist"
     );
+    // The advanced clock persists too: the pod deleted at +31 s stays gone and new tokens
+    // are not "issued in the future" relative to old ones.
+    let a = call(
+        &admin,
+        "POST",
+        "/standin/v1/clock",
+        Some(&json!({"advance_seconds": 0})),
+    )
+    .await;
+    let now = a.json()["now"].as_i64().unwrap();
+    assert!(
+        now >= common::now() + 30,
+        "clock offset survives the restart: {now}"
+    );
     task.abort();
 }
