@@ -722,13 +722,25 @@ fn list_or_watch(
     authorize_resource(shared, user, verb, "", res.name(), "", ns)?;
     if q.watch {
         if q.send_initial_events {
-            return Err(ApiError::invalid(
-                "ListOptions",
-                "meta.k8s.io",
-                "",
-                "sendInitialEvents",
-                "true",
-                "sendInitialEvents is not supported by kube-standin (the WatchList feature is off)",
+            // As kube-apiserver with the WatchList feature gate off (kube-runtime's default
+            // ListWatch strategy never asks for it).
+            let why = "sendInitialEvents is forbidden for watch unless the WatchList feature gate is enabled";
+            return Err(ApiError::new(
+                422,
+                "Invalid",
+                format!(
+                    "ListOptions.meta.k8s.io \"\" is invalid: sendInitialEvents: Forbidden: {why}"
+                ),
+                Some(crate::status::Details {
+                    group: "meta.k8s.io".to_string(),
+                    kind: "ListOptions".to_string(),
+                    causes: vec![crate::status::Cause {
+                        reason: "FieldValueForbidden".to_string(),
+                        message: format!("Forbidden: {why}"),
+                        field: "sendInitialEvents".to_string(),
+                    }],
+                    ..Default::default()
+                }),
             ));
         }
         let shape = crate::watch::negotiate(accept, false)?;

@@ -322,6 +322,13 @@ async fn paged_list_keeps_its_resource_version_and_covers_everything() {
         a.json()["message"],
         format!("Too large resource version: {future}, current: {now}")
     );
+    let a = watch(
+        &admin,
+        "/api/v1/pods?watch=true&sendInitialEvents=true&resourceVersionMatch=NotOlderThan",
+        None,
+    )
+    .await;
+    assert_eq!(a.status, 422, "WatchList is off");
     let mut w = watch(
         &admin,
         &format!("/api/v1/pods?watch=true&resourceVersion={future}"),
