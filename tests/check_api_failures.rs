@@ -104,13 +104,19 @@ async fn reviewer_token_rotation_is_picked_up_without_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_401_makes_tokengate_reread_its_token_file_and_retry() {
-    // tokengate reads its own copy of the token file, which we update in place keeping size
-    // and mtime, so only the 401 path can notice the change.
+    // tokengate reads its own copy of the token file, which we update in place keeping size,
+    // inode and mtime, so only the 401 path can notice the change. The copy is padded with
+    // whitespace (which tokengate trims) to a width any rotated token fits in.
+    const WIDTH: usize = 8192;
+    let pad = |token: &str| {
+        assert!(token.len() < WIDTH, "token longer than the padding");
+        format!("{token:<WIDTH$}")
+    };
     let s = world().await;
     let dir = tempfile::tempdir().unwrap();
     let token_copy = dir.path().join("token");
     let original = std::fs::read_to_string(s.standin.reviewer_token_path()).unwrap();
-    std::fs::write(&token_copy, &original).unwrap();
+    std::fs::write(&token_copy, pad(&original)).unwrap();
     let kubeconfig = std::fs::read_to_string(s.standin.kubeconfig_path())
         .unwrap()
         .replace(
@@ -131,32 +137,31 @@ async fn a_401_makes_tokengate_reread_its_token_file_and_retry() {
 
     h.world.standin.rotate_reviewer_token();
     let rotated = std::fs::read_to_string(h.world.standin.reviewer_token_path()).unwrap();
-    // Same size when the new token is not longer (pad with whitespace, which tokengate
-    // trims), same inode, same mtime: then nothing but the 401 can reveal the change.
-    let same_size = rotated.len() <= original.len();
-    let width = original.len().max(rotated.len());
-    let mtime = std::fs::metadata(&token_copy).unwrap().modified().unwrap();
+    let before = std::fs::metadata(&token_copy).unwrap();
     let file = std::fs::OpenOptions::new()
         .write(true)
         .truncate(true)
         .open(&token_copy)
         .unwrap();
     use std::io::Write as _;
-    (&file)
-        .write_all(format!("{rotated:<width$}").as_bytes())
-        .unwrap();
-    file.set_modified(mtime).unwrap();
+    (&file).write_all(pad(&rotated).as_bytes()).unwrap();
+    file.set_modified(before.modified().unwrap()).unwrap();
     drop(file);
+    let after = std::fs::metadata(&token_copy).unwrap();
+    use std::os::unix::fs::MetadataExt as _;
+    assert_eq!(
+        (after.len(), after.ino(), after.modified().unwrap()),
+        (before.len(), before.ino(), before.modified().unwrap()),
+        "the token file must look unchanged"
+    );
 
     let second = h.world.api_token(AUD);
     allowed_headers(&h.check_ok(data_store(&[("x-client-id", &second)])).await);
-    if same_size {
-        let (_, metrics) = h.admin_get("/metrics").await;
-        assert!(
-            metrics.contains(r#"tokengate_tokenreview_errors_total{kind="unauthorized"} 1"#),
-            "expected exactly one 401 before the re-read: {metrics}"
-        );
-    }
+    let (_, metrics) = h.admin_get("/metrics").await;
+    assert!(
+        metrics.contains(r#"tokengate_tokenreview_errors_total{kind="unauthorized"} 1"#),
+        "expected exactly one 401 before the re-read: {metrics}"
+    );
     h.stop().await;
 }
 

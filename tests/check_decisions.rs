@@ -225,16 +225,13 @@ async fn spoofed_identity_headers_are_overwritten_or_removed() {
         assert!(!removed.contains(name), "{name} both set and removed");
     }
     // Every identity header overwrites on every Envoy version.
-    if let Some(
-        envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse::OkResponse(ok),
-    ) = &r.http_response
-    {
-        for h in &ok.headers {
-            #[allow(deprecated)]
-            let append = h.append.as_ref().map(|b| b.value);
-            assert_eq!(append, Some(false));
-            assert_eq!(h.append_action, 2, "OVERWRITE_IF_EXISTS_OR_ADD");
-        }
+    let set = &ok_response(&r).headers;
+    assert_eq!(set.len(), 5, "the five service-account headers: {set:?}");
+    for h in set {
+        #[allow(deprecated)]
+        let append = h.append.as_ref().map(|b| b.value);
+        assert_eq!(append, Some(false), "{h:?}");
+        assert_eq!(h.append_action, 2, "OVERWRITE_IF_EXISTS_OR_ADD: {h:?}");
     }
     h.stop().await;
 }
@@ -362,9 +359,13 @@ async fn shutdown_turns_not_ready_and_drains_in_flight_checks() {
             .map(|r| r.into_inner())
     });
     // Wait until the Check is inside TokenReview.
-    while h.world.standin.token_reviews_served() == before {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while h.world.standin.token_reviews_served() == before {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the Check did not reach TokenReview within 10 s");
     h.gate.begin_shutdown();
     let mut not_ready = false;
     for _ in 0..100 {

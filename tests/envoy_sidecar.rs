@@ -196,18 +196,10 @@ async fn api_server_down_is_503_not_200() {
     );
     // The 503s came from Envoy's error path (gRPC UNAVAILABLE -> status_on_error), which is
     // what failure_mode_allow would act on, not from a tokengate denial.
-    let errors = stack
-        .envoy
-        .stat("http.ingress.ext_authz.error")
-        .await
-        .unwrap();
-    assert_eq!(errors, Some(2), "ext_authz.error counter");
-    let denied = stack
-        .envoy
-        .stat("http.ingress.ext_authz.denied")
-        .await
-        .unwrap();
-    assert_eq!(denied.unwrap_or(0), 0);
+    let errors = stack.counter("http.ingress.ext_authz.error").await;
+    assert_eq!(errors, 2, "ext_authz.error counter");
+    let denied = stack.counter("http.ingress.ext_authz.denied").await;
+    assert_eq!(denied, 0, "ext_authz.denied counter");
 
     // Recovery: the same token works once the API server answers again (errors not cached).
     stack.world.standin.set_fault(Fault::None);
@@ -232,12 +224,8 @@ async fn tokengate_down_fails_closed() {
             "tokengate down must fail closed: {resp:?}"
         );
     }
-    let errors = stack
-        .envoy
-        .stat("http.ingress.ext_authz.error")
-        .await
-        .unwrap();
-    assert_eq!(errors, Some(2), "ext_authz.error counter");
+    let errors = stack.counter("http.ingress.ext_authz.error").await;
+    assert_eq!(errors, 2, "ext_authz.error counter");
     assert_eq!(stack.echo.requests_seen(), 1);
     stack.finish().await;
 }

@@ -43,12 +43,9 @@ async fn envoy_reaches_tokengate_over_a_unix_socket() {
     );
     assert_api_identity(&echo, &stack.world);
     // Both answers came from tokengate over the socket, not from Envoy's error path.
-    let errors = stack
-        .envoy
-        .stat("http.ingress.ext_authz.error")
-        .await
-        .unwrap();
-    assert_eq!(errors.unwrap_or(0), 0, "ext_authz.error counter");
+    assert_eq!(stack.counter("http.ingress.ext_authz.error").await, 0);
+    assert_eq!(stack.counter("http.ingress.ext_authz.denied").await, 1);
+    assert_eq!(stack.counter("http.ingress.ext_authz.ok").await, 1);
 
     stack.finish().await;
     assert!(!socket.exists(), "socket file left after shutdown");

@@ -114,6 +114,16 @@ impl Stack {
             .unwrap_or_else(|e| panic!("GET {path}: {e:#}\n{}", self.envoy.diagnostics()))
     }
 
+    /// One Envoy counter, which must exist: a misspelt or never-created counter fails the
+    /// test instead of reading as 0.
+    pub async fn counter(&self, name: &str) -> u64 {
+        self.envoy
+            .stat(name)
+            .await
+            .unwrap_or_else(|e| panic!("reading Envoy stat {name}: {e:#}"))
+            .unwrap_or_else(|| panic!("Envoy has no stat {name}\n{}", self.envoy.diagnostics()))
+    }
+
     /// Stops tokengate (graceful shutdown) and fails if it ended with an error or panic.
     pub async fn stop_tokengate(&mut self) {
         self.gate.stop().await;
