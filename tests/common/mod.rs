@@ -172,6 +172,16 @@ impl Tokengate {
     }
 }
 
+impl Drop for Tokengate {
+    /// A test must end with [`Tokengate::stop`] (through `Harness::stop` or `Stack::finish`):
+    /// only awaiting the serve task reveals a server error or panic.
+    fn drop(&mut self) {
+        if self.task.is_some() && !std::thread::panicking() {
+            panic!("tokengate dropped without stop(): its errors and panics went unchecked");
+        }
+    }
+}
+
 /// The seeded world + tokengate in-process on `127.0.0.1:0` + a gRPC client.
 pub struct Harness {
     /// The seeded Kubernetes API stand-in.
