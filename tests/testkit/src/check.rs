@@ -107,3 +107,38 @@ pub fn allowed_headers(r: &CheckResponse) -> Vec<(String, String)> {
 pub fn removed_headers(r: &CheckResponse) -> Vec<String> {
     ok_response(r).headers_to_remove.clone()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::service::auth::v3::DeniedHttpResponse;
+
+    #[test]
+    fn request_puts_each_part_where_envoy_does() {
+        let r = request(
+            "data-store:8080",
+            "/items?x=1",
+            &[("x-client-id", "t")],
+            &[("route", "data-store")],
+        );
+        let attrs = r.attributes.unwrap();
+        let http = attrs.request.unwrap().http.unwrap();
+        assert_eq!(
+            (http.host.as_str(), http.path.as_str()),
+            ("data-store:8080", "/items?x=1")
+        );
+        assert_eq!(http.headers["x-client-id"], "t");
+        assert_eq!(attrs.context_extensions["route"], "data-store");
+    }
+
+    #[test]
+    #[should_panic(expected = "expected OK")]
+    fn ok_response_refuses_a_denial() {
+        let denied = CheckResponse {
+            http_response: Some(HttpResponse::DeniedResponse(DeniedHttpResponse::default())),
+            ..Default::default()
+        };
+        assert_eq!(denied_status(&denied), None);
+        removed_headers(&denied);
+    }
+}
