@@ -28,7 +28,7 @@ async fn assert_unavailable(h: &Harness, token: &str) {
 async fn api_server_failures_are_unavailable_and_not_cached() {
     // A short attempt timeout so Hang fails fast: 2 attempts × 500 ms + backoff.
     let h = Harness::start_with_timeout("500ms").await;
-    let token = h.api_token(AUD);
+    let token = h.world.api_token(AUD);
 
     for fault in [
         Fault::Status {
@@ -47,17 +47,21 @@ async fn api_server_failures_are_unavailable_and_not_cached() {
         Fault::CloseConnection,
         Fault::Down,
     ] {
-        h.standin.set_fault(fault.clone());
-        let before = h.standin.token_reviews_served();
+        h.world.standin.set_fault(fault.clone());
+        let before = h.world.standin.token_reviews_served();
         assert_unavailable(&h, &token).await;
         if matches!(fault, Fault::Status { .. }) {
             // One retry (retries: 1).
-            assert_eq!(h.standin.token_reviews_served(), before + 2, "{fault:?}");
+            assert_eq!(
+                h.world.standin.token_reviews_served(),
+                before + 2,
+                "{fault:?}"
+            );
         }
     }
 
     // Back up: the same token is allowed (the errors were not cached).
-    h.standin.set_fault(Fault::None);
+    h.world.standin.set_fault(Fault::None);
     let r = h.check_ok(data_store(&[("x-client-id", &token)])).await;
     allowed_headers(&r);
 
@@ -73,8 +77,9 @@ async fn api_server_failures_are_unavailable_and_not_cached() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reviewer_without_rbac_is_unavailable_not_a_denial() {
     let h = Harness::start().await;
-    let token = h.api_token(AUD);
-    h.standin
+    let token = h.world.api_token(AUD);
+    h.world
+        .standin
         .delete_cluster_role_binding("tokengate-auth-delegator");
     assert_unavailable(&h, &token).await;
     h.stop().await;
@@ -83,33 +88,42 @@ async fn reviewer_without_rbac_is_unavailable_not_a_denial() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reviewer_token_rotation_is_picked_up_without_restart() {
     let h = Harness::start().await;
-    let first = h.api_token(AUD);
+    let first = h.world.api_token(AUD);
     allowed_headers(&h.check_ok(data_store(&[("x-client-id", &first)])).await);
 
     // The stand-in writes a new token file (atomic rename) and revokes the old token.
-    h.standin.rotate_reviewer_token();
-    let second = h.api_token(AUD);
+    h.world.standin.rotate_reviewer_token();
+    let second = h.world.api_token(AUD);
     allowed_headers(&h.check_ok(data_store(&[("x-client-id", &second)])).await);
 
-    h.standin.rotate_reviewer_token();
-    let third = h.api_token(AUD);
+    h.world.standin.rotate_reviewer_token();
+    let third = h.world.api_token(AUD);
     allowed_headers(&h.check_ok(data_store(&[("x-client-id", &third)])).await);
     h.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_401_makes_tokengate_reread_its_token_file_and_retry() {
-    // tokengate reads its own copy of the token file, which we update in place keeping size
-    // and mtime, so only the 401 path can notice the change.
-    let s = standin().await;
+    // tokengate reads its own copy of the token file, which we update in place keeping size,
+    // inode and mtime, so only the 401 path can notice the change. The copy is padded with
+    // whitespace (which tokengate trims) to a width any rotated token fits in.
+    const WIDTH: usize = 8192;
+    let pad = |token: &str| {
+        assert!(token.len() < WIDTH, "token longer than the padding");
+        format!("{token:<WIDTH$}")
+    };
+    let s = world().await;
     let dir = tempfile::tempdir().unwrap();
     let token_copy = dir.path().join("token");
-    let original = std::fs::read_to_string(s.reviewer_token_path()).unwrap();
-    std::fs::write(&token_copy, &original).unwrap();
-    let kubeconfig = std::fs::read_to_string(s.kubeconfig_path())
+    let original = std::fs::read_to_string(s.standin.reviewer_token_path()).unwrap();
+    std::fs::write(&token_copy, pad(&original)).unwrap();
+    let kubeconfig = std::fs::read_to_string(s.standin.kubeconfig_path())
         .unwrap()
         .replace(
-            &s.reviewer_token_path().to_string_lossy().into_owned(),
+            &s.standin
+                .reviewer_token_path()
+                .to_string_lossy()
+                .into_owned(),
             &token_copy.to_string_lossy(),
         );
     assert!(kubeconfig.contains(&*token_copy.to_string_lossy()));
@@ -118,37 +132,36 @@ async fn a_401_makes_tokengate_reread_its_token_file_and_retry() {
     let yaml = config(&kubeconfig_path, "");
     let h = Harness::start_with(s, &yaml).await;
 
-    let first = h.api_token(AUD);
+    let first = h.world.api_token(AUD);
     allowed_headers(&h.check_ok(data_store(&[("x-client-id", &first)])).await);
 
-    h.standin.rotate_reviewer_token();
-    let rotated = std::fs::read_to_string(h.standin.reviewer_token_path()).unwrap();
-    // Same size when the new token is not longer (pad with whitespace, which tokengate
-    // trims), same inode, same mtime: then nothing but the 401 can reveal the change.
-    let same_size = rotated.len() <= original.len();
-    let width = original.len().max(rotated.len());
-    let mtime = std::fs::metadata(&token_copy).unwrap().modified().unwrap();
+    h.world.standin.rotate_reviewer_token();
+    let rotated = std::fs::read_to_string(h.world.standin.reviewer_token_path()).unwrap();
+    let before = std::fs::metadata(&token_copy).unwrap();
     let file = std::fs::OpenOptions::new()
         .write(true)
         .truncate(true)
         .open(&token_copy)
         .unwrap();
     use std::io::Write as _;
-    (&file)
-        .write_all(format!("{rotated:<width$}").as_bytes())
-        .unwrap();
-    file.set_modified(mtime).unwrap();
+    (&file).write_all(pad(&rotated).as_bytes()).unwrap();
+    file.set_modified(before.modified().unwrap()).unwrap();
     drop(file);
+    let after = std::fs::metadata(&token_copy).unwrap();
+    use std::os::unix::fs::MetadataExt as _;
+    assert_eq!(
+        (after.len(), after.ino(), after.modified().unwrap()),
+        (before.len(), before.ino(), before.modified().unwrap()),
+        "the token file must look unchanged"
+    );
 
-    let second = h.api_token(AUD);
+    let second = h.world.api_token(AUD);
     allowed_headers(&h.check_ok(data_store(&[("x-client-id", &second)])).await);
-    if same_size {
-        let (_, metrics) = h.admin_get("/metrics").await;
-        assert!(
-            metrics.contains(r#"tokengate_tokenreview_errors_total{kind="unauthorized"} 1"#),
-            "expected exactly one 401 before the re-read: {metrics}"
-        );
-    }
+    let (_, metrics) = h.admin_get("/metrics").await;
+    assert!(
+        metrics.contains(r#"tokengate_tokenreview_errors_total{kind="unauthorized"} 1"#),
+        "expected exactly one 401 before the re-read: {metrics}"
+    );
     h.stop().await;
 }
 
@@ -156,15 +169,16 @@ async fn a_401_makes_tokengate_reread_its_token_file_and_retry() {
 async fn token_reviews_in_flight_are_capped() {
     // One TokenReview at a time, each taking 1.5 s; a Check that cannot get a slot within the
     // 2 s attempt timeout is UNAVAILABLE (the API server never sees it).
-    let s = standin().await;
-    let yaml = config(&s.kubeconfig_path(), "")
+    let s = world().await;
+    let yaml = config(&s.standin.kubeconfig_path(), "")
         .replace("max_in_flight: 16", "max_in_flight: 1")
         .replace("retries: 1", "retries: 0");
     let h = Harness::start_with(s, &yaml).await;
-    let tokens: Vec<String> = (0..3).map(|_| h.api_token(AUD)).collect();
-    h.standin
+    let tokens: Vec<String> = (0..3).map(|_| h.world.api_token(AUD)).collect();
+    h.world
+        .standin
         .set_fault(Fault::Latency(Duration::from_millis(1500)));
-    let before = h.standin.token_reviews_served();
+    let before = h.world.standin.token_reviews_served();
     let mut tasks = Vec::new();
     for t in tokens {
         let mut client = h.client.clone();
@@ -187,12 +201,12 @@ async fn token_reviews_in_flight_are_capped() {
         }
     }
     assert_eq!((ok, unavailable), (2, 1));
-    assert_eq!(h.standin.token_reviews_served(), before + 2);
+    assert_eq!(h.world.standin.token_reviews_served(), before + 2);
     let (_, metrics) = h.admin_get("/metrics").await;
     assert!(
         metrics.contains(r#"tokengate_tokenreview_errors_total{kind="overloaded"} 1"#),
         "{metrics}"
     );
-    h.standin.set_fault(Fault::None);
+    h.world.standin.set_fault(Fault::None);
     h.stop().await;
 }

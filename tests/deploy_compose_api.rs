@@ -4,13 +4,12 @@
 //! compose demo that is our own code gets exercised: it must obtain its token through the
 //! TokenRequest API, refresh it at 80% of its lifetime, and be let through by tokengate.
 
-#[path = "envoy_support/mod.rs"]
-mod envoy_support;
+mod common;
 
 use std::process::Command;
 use std::time::Duration;
 
-use envoy_support::Stack;
+use common::envoy::Stack;
 use kube_standin::Options;
 use testkit::process::ChildGuard;
 
@@ -32,7 +31,7 @@ async fn api_service_mints_refreshes_and_is_authenticated() {
 
     let dir = tempfile::tempdir().unwrap();
     let minter = dir.path().join("minter.token");
-    std::fs::write(&minter, stack.standin.admin_token()).unwrap();
+    std::fs::write(&minter, stack.world.standin.admin_token()).unwrap();
     let token_path = dir.path().join("tokens/api-token");
     let python = testkit::workspace_root().join(".venv/bin/python");
     assert!(
@@ -43,8 +42,8 @@ async fn api_service_mints_refreshes_and_is_authenticated() {
     let mut cmd = Command::new(python);
     cmd.arg("-u")
         .arg(testkit::workspace_root().join("deploy/compose/api.py"))
-        .env("APISERVER", stack.standin.url())
-        .env("CA_FILE", stack.standin.dir().join("ca.crt"))
+        .env("APISERVER", stack.world.standin.url())
+        .env("CA_FILE", stack.world.standin.dir().join("ca.crt"))
         .env("MINTER_TOKEN_FILE", &minter)
         .env("NAMESPACE", "api")
         .env("SERVICE_ACCOUNT", "api")
@@ -67,7 +66,7 @@ async fn api_service_mints_refreshes_and_is_authenticated() {
     // "One curl shows authenticated": the api calls the data-store with its token.
     let resp = testkit::http::get(addr, "/", &[]).await.unwrap();
     assert_eq!(resp.status, 200, "{resp:?}\n{}", api.diagnostics());
-    let echo = envoy_support::echo_of(&resp);
+    let echo = common::envoy::echo_of(&resp);
     assert_eq!(
         echo.message,
         "authenticated as system:serviceaccount:api:api"

@@ -3,9 +3,9 @@
 //! context_extensions, no validate_mutations), with tokengate routing on host and path
 //! (`envoy/tokengate-istio.yaml`).
 
-mod envoy_support;
+mod common;
 
-use envoy_support::{assert_api_identity, assert_identity, echo_of, with_spoofed, Stack};
+use common::envoy::{assert_api_identity, assert_identity, echo_of, with_spoofed, Stack};
 use kube_standin::Fault;
 
 const ENVOY: &str = "envoy/istio.yaml";
@@ -30,12 +30,12 @@ async fn seeds_scenario_without_context_extensions() {
     let resp = stack.get("/", &[HOST, ("x-client-id", "dummy")]).await;
     assert_eq!(resp.status, 403, "dummy: {resp:?}");
 
-    let vault = stack.api_token("vault");
+    let vault = stack.world.api_token("vault");
     let resp = stack.get("/", &[HOST, ("x-client-id", &vault)]).await;
     assert_eq!(resp.status, 403, "audience vault: {resp:?}");
     assert_eq!(stack.echo.requests_seen(), 0);
 
-    let token = stack.api_token("data-store");
+    let token = stack.world.api_token("data-store");
     let bearer = format!("Bearer {token}");
     for auth in [
         ("x-client-id", token.as_str()),
@@ -46,7 +46,7 @@ async fn seeds_scenario_without_context_extensions() {
         let echo = echo_of(&resp);
         // Without validate_mutations (istiod does not set it) the headers must still be
         // overwritten, never appended.
-        assert_api_identity(&echo, &stack);
+        assert_api_identity(&echo, &stack.world);
         assert!(
             !echo.has(auth.0),
             "token header not stripped: {:?}",
@@ -59,8 +59,8 @@ async fn seeds_scenario_without_context_extensions() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_are_chosen_by_host_and_path() {
     let stack = stack().await;
-    let data_store = stack.api_token("data-store");
-    let other = stack.api_token("other");
+    let data_store = stack.world.api_token("data-store");
+    let other = stack.world.api_token("other");
 
     // Every spelling of the data-store host reaches the data-store route.
     for host in [
@@ -120,11 +120,11 @@ async fn paths_outside_the_policy_skip_authz_without_spoofed_identity() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_server_down_is_503_and_tokengate_down_fails_closed() {
     let mut stack = stack().await;
-    let token = stack.api_token("data-store");
-    stack.standin.set_fault(Fault::Down);
+    let token = stack.world.api_token("data-store");
+    stack.world.standin.set_fault(Fault::Down);
     let resp = stack.get("/items", &[HOST, ("x-client-id", &token)]).await;
     assert_eq!(resp.status, 503, "statusOnError: {resp:?}");
-    stack.standin.set_fault(Fault::None);
+    stack.world.standin.set_fault(Fault::None);
     let resp = stack.get("/items", &[HOST, ("x-client-id", &token)]).await;
     assert_eq!(resp.status, 200, "{resp:?}");
 
@@ -132,11 +132,9 @@ async fn api_server_down_is_503_and_tokengate_down_fails_closed() {
     let resp = stack.get("/items", &[HOST, ("x-client-id", &token)]).await;
     assert_eq!(resp.status, 503, "failOpen false: {resp:?}");
     let errors = stack
-        .envoy
-        .stat("http.inbound_0.0.0.0_8080.ext_authz.error")
-        .await
-        .unwrap();
-    assert_eq!(errors, Some(2), "both 503s took Envoy's error path");
+        .counter("http.inbound_0.0.0.0_8080.ext_authz.error")
+        .await;
+    assert_eq!(errors, 2, "both 503s took Envoy's error path");
     assert_eq!(stack.echo.requests_seen(), 1);
     stack.finish().await;
 }

@@ -3,9 +3,9 @@
 //! the ways it must not break open (spoofed identity headers, the ext_authz-disabled route,
 //! path tricks, API server down, tokengate down).
 
-mod envoy_support;
+mod common;
 
-use envoy_support::{assert_api_identity, assert_identity, echo_of, with_spoofed, Stack};
+use common::envoy::{assert_api_identity, assert_identity, echo_of, with_spoofed, Stack};
 use kube_standin::Fault;
 
 const ENVOY: &str = "envoy/sidecar.yaml";
@@ -58,7 +58,7 @@ async fn dummy_token_is_403() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_for_another_audience_is_403() {
     let stack = stack().await;
-    let vault = stack.api_token("vault");
+    let vault = stack.world.api_token("vault");
     assert_forbidden(&stack, &[HOST, ("x-client-id", &vault)]).await;
     stack.finish().await;
 }
@@ -67,7 +67,7 @@ async fn token_for_another_audience_is_403() {
 async fn service_account_not_allowed_is_403() {
     let stack = stack().await;
     // Valid token, right audience, but the data-store route allows only api/api.
-    let intruder = stack.token("default", "intruder", "data-store");
+    let intruder = stack.world.token("default", "intruder", "data-store");
     assert_forbidden(&stack, &[HOST, ("x-client-id", &intruder)]).await;
     stack.finish().await;
 }
@@ -75,7 +75,7 @@ async fn service_account_not_allowed_is_403() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn valid_x_client_id_reaches_upstream_with_one_true_identity() {
     let stack = stack().await;
-    let token = stack.api_token("data-store");
+    let token = stack.world.api_token("data-store");
     let headers = with_spoofed(&[HOST, ("x-client-id", &token)]);
     let resp = stack.get("/items?id=7", &headers).await;
     assert_eq!(resp.status, 200, "{resp:?}\n{}", stack.envoy.diagnostics());
@@ -85,7 +85,7 @@ async fn valid_x_client_id_reaches_upstream_with_one_true_identity() {
         echo.message,
         "authenticated as system:serviceaccount:api:api"
     );
-    assert_api_identity(&echo, &stack);
+    assert_api_identity(&echo, &stack.world);
     // strip_token: true on this route: the data-store never sees the caller's token.
     assert!(
         !echo.has("x-client-id"),
@@ -103,13 +103,13 @@ async fn valid_x_client_id_reaches_upstream_with_one_true_identity() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn valid_bearer_token_reaches_upstream_and_is_stripped() {
     let stack = stack().await;
-    let token = stack.api_token("data-store");
+    let token = stack.world.api_token("data-store");
     let bearer = format!("Bearer {token}");
     let headers = with_spoofed(&[HOST, ("authorization", &bearer)]);
     let resp = stack.get("/", &headers).await;
     assert_eq!(resp.status, 200, "{resp:?}");
     let echo = echo_of(&resp);
-    assert_api_identity(&echo, &stack);
+    assert_api_identity(&echo, &stack.world);
     assert!(
         !echo.has("authorization"),
         "token forwarded: {:?}",
@@ -122,7 +122,7 @@ async fn valid_bearer_token_reaches_upstream_and_is_stripped() {
 async fn internal_route_has_its_own_audience_and_keeps_the_token() {
     let stack = stack().await;
     // context_extensions {route: data-store-internal} => audience `other`.
-    let data_store = stack.api_token("data-store");
+    let data_store = stack.world.api_token("data-store");
     let resp = stack
         .get("/internal/stats", &[HOST, ("x-client-id", &data_store)])
         .await;
@@ -131,7 +131,7 @@ async fn internal_route_has_its_own_audience_and_keeps_the_token() {
         "data-store token accepted on /internal/: {resp:?}"
     );
 
-    let other = stack.token("default", "intruder", "other");
+    let other = stack.world.token("default", "intruder", "other");
     let headers = with_spoofed(&[HOST, ("x-client-id", &other)]);
     let resp = stack.get("/internal/stats", &headers).await;
     assert_eq!(resp.status, 200, "{resp:?}");
@@ -179,11 +179,11 @@ async fn healthz_bypasses_authz_but_never_passes_spoofed_identity() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_server_down_is_503_not_200() {
     let stack = stack().await;
-    let token = stack.api_token("data-store");
-    stack.standin.set_fault(Fault::Down);
+    let token = stack.world.api_token("data-store");
+    stack.world.standin.set_fault(Fault::Down);
     let resp = stack.get("/items", &[HOST, ("x-client-id", &token)]).await;
     assert_eq!(resp.status, 503, "{resp:?}");
-    stack.standin.set_fault(Fault::Status {
+    stack.world.standin.set_fault(Fault::Status {
         code: 503,
         retry_after: None,
     });
@@ -196,21 +196,13 @@ async fn api_server_down_is_503_not_200() {
     );
     // The 503s came from Envoy's error path (gRPC UNAVAILABLE -> status_on_error), which is
     // what failure_mode_allow would act on, not from a tokengate denial.
-    let errors = stack
-        .envoy
-        .stat("http.ingress.ext_authz.error")
-        .await
-        .unwrap();
-    assert_eq!(errors, Some(2), "ext_authz.error counter");
-    let denied = stack
-        .envoy
-        .stat("http.ingress.ext_authz.denied")
-        .await
-        .unwrap();
-    assert_eq!(denied.unwrap_or(0), 0);
+    let errors = stack.counter("http.ingress.ext_authz.error").await;
+    assert_eq!(errors, 2, "ext_authz.error counter");
+    let denied = stack.counter("http.ingress.ext_authz.denied").await;
+    assert_eq!(denied, 0, "ext_authz.denied counter");
 
     // Recovery: the same token works once the API server answers again (errors not cached).
-    stack.standin.set_fault(Fault::None);
+    stack.world.standin.set_fault(Fault::None);
     let resp = stack.get("/items", &[HOST, ("x-client-id", &token)]).await;
     assert_eq!(resp.status, 200, "{resp:?}");
     stack.finish().await;
@@ -219,12 +211,12 @@ async fn api_server_down_is_503_not_200() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokengate_down_fails_closed() {
     let mut stack = stack().await;
-    let token = stack.api_token("data-store");
+    let token = stack.world.api_token("data-store");
     let resp = stack.get("/items", &[HOST, ("x-client-id", &token)]).await;
     assert_eq!(resp.status, 200, "baseline: {resp:?}");
 
     stack.stop_tokengate().await;
-    let fresh = stack.api_token("data-store");
+    let fresh = stack.world.api_token("data-store");
     for t in [&token, &fresh] {
         let resp = stack.get("/items", &[HOST, ("x-client-id", t)]).await;
         assert_eq!(
@@ -232,12 +224,8 @@ async fn tokengate_down_fails_closed() {
             "tokengate down must fail closed: {resp:?}"
         );
     }
-    let errors = stack
-        .envoy
-        .stat("http.ingress.ext_authz.error")
-        .await
-        .unwrap();
-    assert_eq!(errors, Some(2), "ext_authz.error counter");
+    let errors = stack.counter("http.ingress.ext_authz.error").await;
+    assert_eq!(errors, 2, "ext_authz.error counter");
     assert_eq!(stack.echo.requests_seen(), 1);
     stack.finish().await;
 }

@@ -4,9 +4,9 @@
 //! no token is 401, a stale socket file is replaced at start and the file is removed on
 //! shutdown.
 
-mod envoy_support;
+mod common;
 
-use envoy_support::{assert_api_identity, echo_of, with_spoofed, Stack};
+use common::envoy::{assert_api_identity, echo_of, with_spoofed, Stack};
 
 const ENVOY: &str = "envoy/sidecar.yaml";
 const TOKENGATE: &str = "envoy/tokengate-sidecar.yaml";
@@ -32,7 +32,7 @@ async fn envoy_reaches_tokengate_over_a_unix_socket() {
         "a denied request reached the upstream"
     );
 
-    let token = stack.api_token("data-store");
+    let token = stack.world.api_token("data-store");
     let headers = with_spoofed(&[HOST, ("x-client-id", &token)]);
     let resp = stack.get("/items?id=7", &headers).await;
     assert_eq!(resp.status, 200, "{resp:?}\n{}", stack.envoy.diagnostics());
@@ -41,14 +41,11 @@ async fn envoy_reaches_tokengate_over_a_unix_socket() {
         echo.message,
         "authenticated as system:serviceaccount:api:api"
     );
-    assert_api_identity(&echo, &stack);
+    assert_api_identity(&echo, &stack.world);
     // Both answers came from tokengate over the socket, not from Envoy's error path.
-    let errors = stack
-        .envoy
-        .stat("http.ingress.ext_authz.error")
-        .await
-        .unwrap();
-    assert_eq!(errors.unwrap_or(0), 0, "ext_authz.error counter");
+    assert_eq!(stack.counter("http.ingress.ext_authz.error").await, 0);
+    assert_eq!(stack.counter("http.ingress.ext_authz.denied").await, 1);
+    assert_eq!(stack.counter("http.ingress.ext_authz.ok").await, 1);
 
     stack.finish().await;
     assert!(!socket.exists(), "socket file left after shutdown");

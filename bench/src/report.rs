@@ -7,11 +7,14 @@
 //! - `cpu.tsv`: `scenario<TAB>round<TAB>envoy<TAB>authz<TAB>standin`, CPU µs per request of
 //!   each process (from /proc/PID/stat around each saturation run: where the time goes);
 //! - `extra.txt`: free-form lines (single-flight, RSS) copied verbatim.
+//!
+//! A missing file means those runs were not made; a sample that is there but does not parse
+//! fails the report (naming file and line) rather than entering a median as 0.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use anyhow::Result;
+use anyhow::{anyhow, bail, Context, Result};
 
 /// Scenario keys in table order, with the row title.
 const SCENARIOS: &[(&str, &str)] = &[
@@ -52,32 +55,111 @@ fn ratio(a: Option<f64>, b: Option<f64>) -> String {
     }
 }
 
+/// One saturation run (a line of `sat.tsv`).
+#[derive(Debug, PartialEq)]
+struct SatRun {
+    scenario: String,
+    rps: f64,
+    bad: u64,
+}
+
+fn sat_run(line: &str) -> Result<SatRun> {
+    let [scenario, _round, rps, bad] = fields(line)?;
+    Ok(SatRun {
+        scenario: scenario.to_string(),
+        rps: number("rps", rps)?,
+        bad: count("bad", bad)?,
+    })
+}
+
+/// CPU µs per request of Envoy, the authz server and the stand-in (a line of `cpu.tsv`).
+#[derive(Debug, PartialEq)]
+struct CpuRun {
+    scenario: String,
+    us_per_request: [f64; 3],
+}
+
+fn cpu_run(line: &str) -> Result<CpuRun> {
+    let [scenario, _round, envoy, authz, standin] = fields(line)?;
+    Ok(CpuRun {
+        scenario: scenario.to_string(),
+        us_per_request: [
+            number("envoy", envoy)?,
+            number("authz", authz)?,
+            number("standin", standin)?,
+        ],
+    })
+}
+
+/// One fixed-rate run (a line of `lat.jsonl`): its label and the JSON, checked to carry every
+/// field the report reads.
+fn lat_run(line: &str) -> Result<(String, serde_json::Value)> {
+    let v: serde_json::Value = serde_json::from_str(line).context("not JSON")?;
+    let label = v["label"].as_str().ok_or_else(|| anyhow!("no label"))?;
+    for field in ["target_rps", "p50_us", "p99_us"] {
+        if !v[field].as_f64().is_some_and(f64::is_finite) {
+            bail!("{field} is not a number");
+        }
+    }
+    if v["errors"].as_u64().is_none() {
+        bail!("errors is not a count");
+    }
+    Ok((label.to_string(), v))
+}
+
+/// The tab-separated fields of `line`, exactly `N` of them.
+fn fields<const N: usize>(line: &str) -> Result<[&str; N]> {
+    let f: Vec<&str> = line.split('\t').collect();
+    let n = f.len();
+    f.try_into()
+        .map_err(|_| anyhow!("{n} tab-separated fields, expected {N}"))
+}
+
+/// A non-negative number (a NaN or infinite rate is a broken sample, not a value).
+fn number(what: &str, s: &str) -> Result<f64> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        _ => bail!("{what} {s:?} is not a non-negative number"),
+    }
+}
+
+/// A count.
+fn count(what: &str, s: &str) -> Result<u64> {
+    s.parse()
+        .map_err(|_| anyhow!("{what} {s:?} is not a count"))
+}
+
+/// The rows of `dir/name`, one per non-empty line; none if the file does not exist.
+fn rows<T>(dir: &Path, name: &str, parse: impl Fn(&str) -> Result<T>) -> Result<Vec<T>> {
+    let path = dir.join(name);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    parse_rows(name, &text, parse)
+}
+
+fn parse_rows<T>(name: &str, text: &str, parse: impl Fn(&str) -> Result<T>) -> Result<Vec<T>> {
+    text.lines()
+        .enumerate()
+        .filter(|(_, line)| !line.trim().is_empty())
+        .map(|(i, line)| parse(line).with_context(|| format!("{name} line {}: {line:?}", i + 1)))
+        .collect()
+}
+
 /// Prints the Markdown report for `dir` on stdout.
 pub fn print(dir: &Path) -> Result<()> {
     let mut runs: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     let mut bad: BTreeMap<String, u64> = BTreeMap::new();
-    if let Ok(text) = std::fs::read_to_string(dir.join("sat.tsv")) {
-        for line in text.lines() {
-            let f: Vec<&str> = line.split('\t').collect();
-            if f.len() < 4 {
-                continue;
-            }
-            if let Ok(rps) = f[2].parse::<f64>() {
-                runs.entry(f[0].to_string()).or_default().push(rps);
-            }
-            *bad.entry(f[0].to_string()).or_default() += f[3].parse::<u64>().unwrap_or(0);
-        }
+    for run in rows(dir, "sat.tsv", sat_run)? {
+        runs.entry(run.scenario.clone()).or_default().push(run.rps);
+        *bad.entry(run.scenario).or_default() += run.bad;
     }
     // Latency: possibly several runs per scenario; keep the median p50 and p99 (and the list).
     let mut lat_runs: BTreeMap<String, Vec<serde_json::Value>> = BTreeMap::new();
-    if let Ok(text) = std::fs::read_to_string(dir.join("lat.jsonl")) {
-        for line in text.lines() {
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
-                if let Some(l) = v["label"].as_str() {
-                    lat_runs.entry(l.to_string()).or_default().push(v);
-                }
-            }
-        }
+    for (label, run) in rows(dir, "lat.jsonl", lat_run)? {
+        lat_runs.entry(label).or_default().push(run);
     }
     let lat: BTreeMap<String, serde_json::Value> = lat_runs
         .iter()
@@ -99,15 +181,10 @@ pub fn print(dir: &Path) -> Result<()> {
         })
         .collect();
     let mut cpu: BTreeMap<String, [Vec<f64>; 3]> = BTreeMap::new();
-    if let Ok(text) = std::fs::read_to_string(dir.join("cpu.tsv")) {
-        for line in text.lines() {
-            let f: Vec<&str> = line.split('\t').collect();
-            let entry = cpu.entry(f[0].to_string()).or_default();
-            for (i, column) in entry.iter_mut().enumerate() {
-                if let Some(v) = f.get(2 + i) {
-                    column.push(v.parse().unwrap_or(0.0));
-                }
-            }
+    for run in rows(dir, "cpu.tsv", cpu_run)? {
+        let entry = cpu.entry(run.scenario).or_default();
+        for (column, v) in entry.iter_mut().zip(run.us_per_request) {
+            column.push(v);
         }
     }
     let medians: BTreeMap<String, f64> = runs
@@ -208,4 +285,79 @@ pub fn print(dir: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err<T: std::fmt::Debug>(r: Result<T>) -> String {
+        format!("{:#}", r.unwrap_err())
+    }
+
+    #[test]
+    fn samples_parse_and_blank_lines_are_skipped() {
+        let sat = parse_rows(
+            "sat.tsv",
+            "noauth\t1\t1234.5\t0\n\nnoauth\t2\t1300\t3\n",
+            sat_run,
+        );
+        assert_eq!(
+            sat.unwrap(),
+            vec![
+                SatRun {
+                    scenario: "noauth".into(),
+                    rps: 1234.5,
+                    bad: 0
+                },
+                SatRun {
+                    scenario: "noauth".into(),
+                    rps: 1300.0,
+                    bad: 3
+                },
+            ]
+        );
+        let cpu = parse_rows("cpu.tsv", "noauth\t1\t10.5\t0.0\t1.2\n", cpu_run).unwrap();
+        assert_eq!(cpu[0].us_per_request, [10.5, 0.0, 1.2]);
+        let line = r#"{"label":"noauth","target_rps":2000,"errors":0,"p50_us":80,"p99_us":300}"#;
+        let lat = parse_rows("lat.jsonl", line, lat_run).unwrap();
+        assert_eq!(lat[0].0, "noauth");
+    }
+
+    #[test]
+    fn a_sample_that_does_not_parse_fails_the_report() {
+        let e = err(parse_rows(
+            "sat.tsv",
+            "noauth\t1\t1000\t0\nnoauth\t2\t\t0\n",
+            sat_run,
+        ));
+        assert!(e.contains("sat.tsv line 2") && e.contains("rps"), "{e}");
+        let e = err(parse_rows("sat.tsv", "noauth\t1\t1000\tmany\n", sat_run));
+        assert!(e.contains("bad \"many\""), "{e}");
+        let e = err(parse_rows("sat.tsv", "noauth\t1\tnan\t0\n", sat_run));
+        assert!(e.contains("rps \"nan\""), "{e}");
+        let e = err(parse_rows("sat.tsv", "noauth\t1\t1000\n", sat_run));
+        assert!(e.contains("3 tab-separated fields, expected 4"), "{e}");
+        let e = err(parse_rows("cpu.tsv", "noauth\t1\t10.5\t-\t1.2\n", cpu_run));
+        assert!(
+            e.contains("cpu.tsv line 1") && e.contains("authz \"-\""),
+            "{e}"
+        );
+        let e = err(parse_rows("cpu.tsv", "noauth\t1\t10.5\n", cpu_run));
+        assert!(e.contains("expected 5"), "{e}");
+        let e = err(parse_rows("lat.jsonl", "{\"label\":\"noauth\"", lat_run));
+        assert!(
+            e.contains("lat.jsonl line 1") && e.contains("not JSON"),
+            "{e}"
+        );
+        let no_p99 = r#"{"label":"noauth","target_rps":2000,"errors":0,"p50_us":80}"#;
+        let e = err(parse_rows("lat.jsonl", no_p99, lat_run));
+        assert!(e.contains("p99_us is not a number"), "{e}");
+    }
+
+    #[test]
+    fn a_missing_file_is_no_runs() {
+        let dir = std::env::temp_dir().join("tokengate-bench-report-no-such-dir");
+        assert!(rows(&dir, "sat.tsv", sat_run).unwrap().is_empty());
+    }
 }

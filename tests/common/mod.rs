@@ -1,29 +1,43 @@
-//! Shared helpers for tokengate's integration tests: the Kubernetes API stand-in in-process,
-//! tokengate in-process on 127.0.0.1:0 (via `tokengate::serve`), a real gRPC client, and the
-//! built binary's `check-config` for published config files.
-#![allow(dead_code)]
+//! The one harness of tokengate's integration tests. Everything runs for real on loopback:
+//!
+//! ```text
+//! gRPC client (Harness)  or  HTTP client -> Envoy (envoy::Stack) -> echo upstream
+//!            \                                 | ext_authz gRPC
+//!             `--------------------------------v
+//!                           tokengate::serve (in-process, [`Tokengate`])
+//!                              |  TokenReview over HTTPS
+//!                              v
+//!                           testkit::world::World (the seeded Kubernetes API stand-in)
+//! ```
+//!
+//! [`Tokengate`] is the only place tokengate is started and stopped: stopping awaits the serve
+//! task, so a server error or panic fails the test. The seeded world, CheckRequests and
+//! responses come from `testkit` ([`testkit::world`], [`testkit::check`]).
+#![allow(dead_code)] // each test binary uses a different subset
+
+pub mod envoy;
 
 use std::path::Path;
 use std::time::Duration;
 
+use anyhow::{anyhow, Context, Result};
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
-use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
-use envoy_types::pb::envoy::service::auth::v3::{attribute_context, AttributeContext};
 use envoy_types::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse};
-use kube_standin::{MintRequest, Options, Standin};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use kube_standin::Options;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 
-/// The seeds' audience.
+pub use testkit::check::*;
+pub use testkit::world::World;
+
+/// The audience of the data-store routes.
 pub const AUD: &str = "data-store";
 
-/// tokengate configuration used by most tests: the seeds' routes, fast failure settings.
-/// `{kubeconfig}` and `{cache}` are substituted.
+/// tokengate configuration used by the gRPC tests: the data-store's routes, fast failure
+/// settings. `{cache}` is substituted; the kubeconfig is added by [`with_kubeconfig`].
 pub const BASE_CONFIG: &str = r#"
 kubernetes:
-  kubeconfig: "{kubeconfig}"
   timeout: 2s
   retries: 1
   max_in_flight: 16
@@ -41,7 +55,7 @@ routes:
       hosts: [strict.data-store]
     audiences: [data-store]
     allow:
-      service_accounts: ["default/api"]
+      service_accounts: ["api/api"]
     strip_token: true
     invalid_token_status: 401
 {cache}
@@ -49,9 +63,33 @@ routes:
 
 /// Renders [`BASE_CONFIG`] for a kubeconfig and a `cache:` section.
 pub fn config(kubeconfig: &Path, cache: &str) -> String {
-    BASE_CONFIG
-        .replace("{kubeconfig}", &kubeconfig.to_string_lossy())
-        .replace("{cache}", cache)
+    with_kubeconfig(&BASE_CONFIG.replace("{cache}", cache), kubeconfig)
+        .expect("BASE_CONFIG has a kubernetes block")
+}
+
+/// Points a tokengate config at `kubeconfig`: inserts `kubeconfig:` first in its top-level
+/// `kubernetes:` block (published configs leave it out: in a pod the in-cluster config applies).
+pub fn with_kubeconfig(yaml: &str, kubeconfig: &Path) -> Result<String> {
+    let mut out = String::new();
+    let mut inserted = false;
+    for line in yaml.lines() {
+        out.push_str(line);
+        out.push('\n');
+        if line == "kubernetes:" {
+            out.push_str(&format!("  kubeconfig: \"{}\"\n", kubeconfig.display()));
+            inserted = true;
+        }
+    }
+    anyhow::ensure!(inserted, "no top-level `kubernetes:` block");
+    Ok(out)
+}
+
+/// Reads a published tokengate config (e.g. `envoy/tokengate-sidecar.yaml`) and points it at
+/// `kubeconfig`.
+pub fn published_config(relative: &str, kubeconfig: &Path) -> Result<String> {
+    let text = std::fs::read_to_string(testkit::workspace_root().join(relative))
+        .with_context(|| format!("reading {relative}"))?;
+    with_kubeconfig(&text, kubeconfig).with_context(|| relative.to_string())
 }
 
 /// Runs the built `tokengate check-config PATH` and fails with its output if it rejects the
@@ -70,60 +108,115 @@ pub fn check_config(label: &str, path: &Path) {
     );
 }
 
-/// A running stand-in + tokengate + gRPC client.
-pub struct Harness {
-    pub standin: Standin,
-    pub client: AuthorizationClient<Channel>,
-    pub grpc_addr: std::net::SocketAddr,
+/// tokengate running in-process: the serve task, its shutdown trigger and its admin address.
+pub struct Tokengate {
+    /// Where the admin endpoints (`/healthz`, `/readyz`, `/metrics`) listen.
     pub admin_addr: std::net::SocketAddr,
     shutdown: Option<oneshot::Sender<()>>,
-    server: Option<JoinHandle<anyhow::Result<()>>>,
+    task: Option<JoinHandle<Result<()>>>,
 }
 
-/// Starts the stand-in with default options.
-pub async fn standin() -> Standin {
-    standin_with(Options::default()).await
+impl Tokengate {
+    /// Starts tokengate with the configuration text `yaml`, serving Check on `grpc` and the
+    /// admin endpoints on a fresh `127.0.0.1:0`.
+    ///
+    /// The only call of `tokengate::serve` and `Config::from_yaml_str` in the tests: their
+    /// errors are turned into text here, so a change of their error types stops here.
+    pub async fn start(yaml: &str, grpc: tokengate::GrpcListener) -> Result<Tokengate> {
+        let config = tokengate::Config::from_yaml_str(yaml)
+            .map_err(|e| anyhow!("tokengate rejected the test config: {e}\n{yaml}"))?;
+        let admin = testkit::ports::listener().await?;
+        let admin_addr = admin.local_addr()?;
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let stopped = async move {
+                let _ = rx.await;
+            };
+            tokengate::serve(config, grpc, admin, stopped)
+                .await
+                .map_err(|e| anyhow!("tokengate::serve: {e:#}"))
+        });
+        Ok(Tokengate {
+            admin_addr,
+            shutdown: Some(tx),
+            task: Some(task),
+        })
+    }
+
+    /// Signals shutdown without waiting (see [`Tokengate::stop`]).
+    pub fn begin_shutdown(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Shuts tokengate down and awaits it: fails the test if it does not stop within 30 s,
+    /// panicked or returned an error. Stopping twice is a no-op.
+    pub async fn stop(&mut self) {
+        self.begin_shutdown();
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(30), task)
+                .await
+                .expect("tokengate did not stop within 30 s")
+                .expect("tokengate task panicked")
+                .unwrap_or_else(|e| panic!("{e:#}"));
+        }
+    }
+
+    /// GET on the admin port; returns (status, body).
+    pub async fn admin_get(&self, path: &str) -> (u16, String) {
+        let resp = testkit::http::get(self.admin_addr, path, &[])
+            .await
+            .unwrap_or_else(|e| panic!("GET {path} on tokengate's admin port: {e:#}"));
+        (resp.status, resp.body)
+    }
 }
 
-/// Starts the stand-in with these options, plus the seeds' objects: service accounts
-/// `default/api` and `default/web`, pods `api-1` and `web-1`.
-pub async fn standin_with(opts: Options) -> Standin {
-    let s = Standin::start(opts).await.expect("starting kube-standin");
-    s.create_service_account("default", "api");
-    s.create_service_account("default", "web");
-    s.create_pod("default", "api-1", "api", Some("node-1"));
-    s.create_pod("default", "web-1", "web", Some("node-1"));
-    s
+impl Drop for Tokengate {
+    /// A test must end with [`Tokengate::stop`] (through `Harness::stop` or `Stack::finish`):
+    /// only awaiting the serve task reveals a server error or panic.
+    fn drop(&mut self) {
+        if self.task.is_some() && !std::thread::panicking() {
+            panic!("tokengate dropped without stop(): its errors and panics went unchecked");
+        }
+    }
+}
+
+/// The seeded world + tokengate in-process on `127.0.0.1:0` + a gRPC client.
+pub struct Harness {
+    /// The seeded Kubernetes API stand-in.
+    pub world: World,
+    /// tokengate.
+    pub gate: Tokengate,
+    /// A client of tokengate's Check service.
+    pub client: AuthorizationClient<Channel>,
 }
 
 impl Harness {
-    /// Stand-in with defaults and tokengate with [`BASE_CONFIG`] and default cache settings.
+    /// The seeded world with defaults and tokengate with [`BASE_CONFIG`] and default cache
+    /// settings.
     pub async fn start() -> Harness {
-        let s = standin().await;
-        let yaml = config(&s.kubeconfig_path(), "");
-        Harness::start_with(s, &yaml).await
+        let world = world().await;
+        let yaml = config(&world.standin.kubeconfig_path(), "");
+        Harness::start_with(world, &yaml).await
     }
 
     /// Like [`Harness::start`], with `kubernetes.timeout` (per TokenReview attempt) set to
     /// `timeout` instead of [`BASE_CONFIG`]'s 2 s.
     pub async fn start_with_timeout(timeout: &str) -> Harness {
-        let s = standin().await;
-        let yaml =
-            config(&s.kubeconfig_path(), "").replace("timeout: 2s", &format!("timeout: {timeout}"));
-        Harness::start_with(s, &yaml).await
+        let world = world().await;
+        let yaml = config(&world.standin.kubeconfig_path(), "")
+            .replace("timeout: 2s", &format!("timeout: {timeout}"));
+        Harness::start_with(world, &yaml).await
     }
 
-    /// tokengate with the given configuration text against `standin`.
-    pub async fn start_with(standin: Standin, yaml: &str) -> Harness {
-        let config = tokengate::Config::from_yaml_str(yaml).expect("test config is valid");
-        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    /// tokengate with the configuration text `yaml` (kubeconfig included) against `world`.
+    pub async fn start_with(world: World, yaml: &str) -> Harness {
+        let grpc = testkit::ports::listener().await.unwrap();
         let grpc_addr = grpc.local_addr().unwrap();
-        let admin_addr = admin.local_addr().unwrap();
-        let (tx, rx) = oneshot::channel::<()>();
-        let server = tokio::spawn(tokengate::serve(config, grpc, admin, async move {
-            let _ = rx.await;
-        }));
+        let gate = Tokengate::start(yaml, grpc.into())
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}"));
         let channel = Channel::from_shared(format!("http://{grpc_addr}"))
             .unwrap()
             .connect()
@@ -131,12 +224,9 @@ impl Harness {
             .expect("connecting to tokengate");
         wait_serving(channel.clone()).await;
         Harness {
-            standin,
+            world,
+            gate,
             client: AuthorizationClient::new(channel),
-            grpc_addr,
-            admin_addr,
-            shutdown: Some(tx),
-            server: Some(server),
         }
     }
 
@@ -152,43 +242,28 @@ impl Harness {
             .unwrap_or_else(|s| panic!("Check failed with gRPC status {s:?}"))
     }
 
-    /// A pod-bound token of `default/api` for `audience`.
-    pub fn api_token(&self, audience: &str) -> String {
-        self.standin
-            .mint(
-                &MintRequest::new("default", "api")
-                    .audience(audience)
-                    .pod("api-1"),
-            )
-            .expect("minting")
-    }
-
-    /// GET on the admin port; returns (status, body).
+    /// GET on tokengate's admin port; returns (status, body).
     pub async fn admin_get(&self, path: &str) -> (u16, String) {
-        http_get(self.admin_addr, path).await
+        self.gate.admin_get(path).await
     }
 
-    /// Signals shutdown without waiting (see [`Harness::stop`]).
-    pub fn begin_shutdown(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-    }
-
-    /// Shuts tokengate down and awaits it, so a server panic or error fails the test.
+    /// Shuts tokengate down and awaits it (see [`Tokengate::stop`]), then the stand-in.
     pub async fn stop(mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        if let Some(server) = self.server.take() {
-            let result = tokio::time::timeout(Duration::from_secs(20), server)
-                .await
-                .expect("tokengate did not stop within 20 s")
-                .expect("tokengate task panicked");
-            result.expect("tokengate returned an error");
-        }
-        self.standin.shutdown().await;
+        self.gate.stop().await;
+        self.world.shutdown().await;
     }
+}
+
+/// The seeded world with default stand-in options.
+pub async fn world() -> World {
+    world_with(Options::default()).await
+}
+
+/// The seeded world with these stand-in options.
+pub async fn world_with(options: Options) -> World {
+    World::start_with(options)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// Waits until grpc.health.v1 reports SERVING.
@@ -212,58 +287,6 @@ pub async fn wait_serving(channel: Channel) {
     panic!("tokengate never reported SERVING");
 }
 
-/// Minimal HTTP/1.0 GET.
-pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await.unwrap();
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
-    (status, body)
-}
-
-/// A CheckRequest as Envoy sends it.
-pub fn request(
-    host: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    context_extensions: &[(&str, &str)],
-) -> CheckRequest {
-    CheckRequest {
-        attributes: Some(AttributeContext {
-            request: Some(attribute_context::Request {
-                http: Some(attribute_context::HttpRequest {
-                    id: "req-1".into(),
-                    method: "GET".into(),
-                    host: host.into(),
-                    path: path.into(),
-                    scheme: "http".into(),
-                    protocol: "HTTP/1.1".into(),
-                    headers: headers
-                        .iter()
-                        .map(|(k, v)| (k.to_string(), v.to_string()))
-                        .collect(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            context_extensions: context_extensions
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            ..Default::default()
-        }),
-    }
-}
-
 /// A request for the `data-store` route (as Envoy's per-route context_extensions select it).
 pub fn data_store(headers: &[(&str, &str)]) -> CheckRequest {
     request(
@@ -272,58 +295,6 @@ pub fn data_store(headers: &[(&str, &str)]) -> CheckRequest {
         headers,
         &[("route", "data-store")],
     )
-}
-
-/// The denied HTTP status, or `None` for OK.
-pub fn denied_status(r: &CheckResponse) -> Option<u16> {
-    match &r.http_response {
-        Some(HttpResponse::DeniedResponse(d)) => d.status.as_ref().map(|s| s.code as u16),
-        _ => None,
-    }
-}
-
-/// The `x-tokengate-reason` of a denial.
-pub fn reason(r: &CheckResponse) -> Option<String> {
-    denied_header(r, "x-tokengate-reason")
-}
-
-/// A header of a denial.
-pub fn denied_header(r: &CheckResponse, name: &str) -> Option<String> {
-    match &r.http_response {
-        Some(HttpResponse::DeniedResponse(d)) => d
-            .headers
-            .iter()
-            .filter_map(|h| h.header.as_ref())
-            .find(|h| h.key.eq_ignore_ascii_case(name))
-            .map(|h| h.value.clone()),
-        _ => None,
-    }
-}
-
-/// Asserts an OK answer and returns its upstream headers as (name, value).
-pub fn allowed_headers(r: &CheckResponse) -> Vec<(String, String)> {
-    assert_eq!(
-        r.status.as_ref().map(|s| s.code),
-        Some(0),
-        "expected OK, got {r:?}"
-    );
-    match &r.http_response {
-        Some(HttpResponse::OkResponse(ok)) => ok
-            .headers
-            .iter()
-            .filter_map(|h| h.header.as_ref())
-            .map(|h| (h.key.clone(), h.value.clone()))
-            .collect(),
-        other => panic!("expected an ok_response, got {other:?}"),
-    }
-}
-
-/// `headers_to_remove` of an OK answer.
-pub fn removed_headers(r: &CheckResponse) -> Vec<String> {
-    match &r.http_response {
-        Some(HttpResponse::OkResponse(ok)) => ok.headers_to_remove.clone(),
-        _ => Vec::new(),
-    }
 }
 
 /// Unix time now.

@@ -3,6 +3,9 @@
 //! Every test here runs real parts on loopback: a real Envoy binary, real sockets, real child
 //! processes. This crate keeps the plumbing out of the tests:
 //!
+//! - [`world`]: the seeded world (the Kubernetes API stand-in with `api/api` calling
+//!   `data-store/data-store`) and its tokens;
+//! - [`check`]: the CheckRequest Envoy would send, and accessors for the CheckResponse;
 //! - [`ports`]: free-port picking, so parallel tests never collide on a fixed port;
 //! - [`process`]: [`process::ChildGuard`], a child process that is always killed when the guard
 //!   drops (even when a test panics) and whose stdout/stderr land in files quoted in failures;
@@ -13,16 +16,21 @@
 //! - [`http`]: a minimal HTTP/1.1 client over a fresh TCP connection, with repeated headers;
 //! - [`yaml`]: YAML (published configs, kustomize output) as `serde_json::Value` for structure checks.
 //!
+//! tokengate itself is started by `tests/common` (one function around `tokengate::serve`):
+//! tokengate dev-depends on this crate, so this crate cannot depend on tokengate.
+//!
 //! Readiness is always awaited (admin endpoints, "ready" lines, accepted connections), never
 //! guessed with fixed sleeps.
 
 #![warn(missing_docs)]
 
+pub mod check;
 pub mod echo;
 pub mod envoy;
 pub mod http;
 pub mod ports;
 pub mod process;
+pub mod world;
 pub mod yaml;
 
 use std::path::PathBuf;
