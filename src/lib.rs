@@ -38,6 +38,7 @@ pub mod check;
 pub mod config;
 pub mod decision;
 pub mod identity;
+pub mod keys;
 pub mod metrics;
 pub mod policy;
 pub mod precheck;
