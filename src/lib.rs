@@ -46,6 +46,7 @@ pub mod request;
 pub mod review;
 pub mod route;
 pub mod server;
+pub mod verify;
 
 use std::future::Future;
 use std::sync::atomic::AtomicBool;
