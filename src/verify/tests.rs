@@ -781,3 +781,48 @@ fn header_kid_reads_the_header_only() {
     assert_eq!(header_kid("x"), None);
     assert_eq!(header_kid(""), None);
 }
+
+/// Random strings shaped like tokens (three parts, base64url-ish, sometimes JSON inside):
+/// whatever comes in, `verify` answers and never says Valid.
+#[test]
+fn random_inputs_never_panic_nor_pass() {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    let snap = snapshot();
+    let objects = objects();
+    let genuine = sign(&keys().ec, &claims());
+    let pieces: Vec<&str> = genuine.split('.').collect();
+    let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.={}\":,[] \\";
+    for _ in 0..5000 {
+        let token: String = match rng.random_range(0..3) {
+            0 => (0..rng.random_range(0..200))
+                .map(|_| alphabet[rng.random_range(0..alphabet.len())] as char)
+                .collect(),
+            1 => {
+                let json: String = (0..rng.random_range(0..60))
+                    .map(|_| alphabet[rng.random_range(0..alphabet.len())] as char)
+                    .collect();
+                let replace: [bool; 3] = rng.random();
+                let part = |i: usize| -> String {
+                    if replace[i] {
+                        b64(json.as_bytes())
+                    } else {
+                        pieces[i].to_string()
+                    }
+                };
+                format!("{}.{}.{}", part(0), part(1), part(2))
+            }
+            _ => {
+                let bytes: Vec<u8> = (0..rng.random_range(0..300))
+                    .map(|_| rng.random())
+                    .collect();
+                String::from_utf8_lossy(&bytes).into_owned()
+            }
+        };
+        if token == genuine {
+            continue;
+        }
+        let v = verify(&token, &auds(), &snap, &objects, MAX_STALENESS, now());
+        assert!(!matches!(v, LocalVerdict::Valid(_)), "{token:?}");
+    }
+}
