@@ -293,7 +293,7 @@ impl KeySnapshot {
             let jwk = match serde_json::from_value::<Jwk>(value) {
                 Ok(jwk) => jwk,
                 Err(e) => {
-                    tracing::warn!(kid, error = %e, "JWKS: cannot parse a key; its tokens go to TokenReview");
+                    tracing::debug!(kid, error = %e, "JWKS: cannot parse a key");
                     unusable.push(kid);
                     continue;
                 }
@@ -305,10 +305,7 @@ impl KeySnapshot {
                 .and_then(|alg| DecodingKey::from_jwk(&jwk).ok().map(|key| (alg, key)));
             match key {
                 Some((alg, key)) => keys.push(VerifyingKey { kid, alg, key }),
-                None => {
-                    tracing::warn!(kid, "JWKS: a key of a type tokengate does not verify; its tokens go to TokenReview");
-                    unusable.push(kid);
-                }
+                None => unusable.push(kid),
             }
         }
         if keys.is_empty() && unusable.is_empty() {
@@ -517,6 +514,12 @@ impl KeySet {
         if !changes.added.is_empty() || !changes.removed.is_empty() {
             tracing::info!(added = ?changes.added, removed = ?changes.removed, "JWKS changed");
         }
+        let current = self.snapshot();
+        for kid in current.iter().flat_map(|s| s.unusable()) {
+            if changes.added.contains(kid) {
+                tracing::warn!(kid, "JWKS: a key tokengate cannot verify with; tokens signed with it go to TokenReview");
+            }
+        }
         if !changes.removed.is_empty() {
             // No receiver is fine: nothing to revoke then.
             let _ = self.inner.removed.send(changes.removed.clone().into());
@@ -527,7 +530,9 @@ impl KeySet {
     /// Called when a token names `kid` and the current snapshot does not list it. Refreshes at
     /// most once per `unknown_kid_interval` across all callers (waiting callers share the
     /// refresh), then returns the snapshot to verify with. Unknown kids in a flood of forged
-    /// tokens thus cost one JWKS fetch per interval.
+    /// tokens thus cost one JWKS fetch per interval. A genuine new kid is normally known well
+    /// before it is seen: the API server publishes a key at least its `max-age` (1 h) before
+    /// signing with it, and the periodic refresh is shorter.
     pub async fn refresh_for_unknown_kid(&self, kid: &str) -> Option<Arc<KeySnapshot>> {
         if let Some(s) = self.snapshot().filter(|s| s.knows(kid)) {
             return Some(s);

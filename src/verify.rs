@@ -829,7 +829,8 @@ pub async fn verify_with_keys(
             tracing::debug!(token = %TokenHash(token), reason = why.code(), "local verification cannot judge this token; falling back to TokenReview")
         }
         LocalVerdict::Stale(what) => {
-            tracing::warn!(token = %TokenHash(token), stale = ?what, "local verification: keys or caches too old")
+            // Per request, so debug: the refresher and the caches warn once about the outage.
+            tracing::debug!(token = %TokenHash(token), stale = ?what, "local verification: keys or caches too old")
         }
     }
     verdict
