@@ -429,7 +429,7 @@ async fn keys_are_fetched_with_tokengates_credentials() {
 }
 
 #[tokio::test]
-async fn corpus_agrees_with_tokenreview() {
+async fn verify_corpus_agrees_with_tokenreview() {
     let env = Env::start(Options::default()).await;
     seed(&env).await;
     let corpus = corpus(&env).await;
@@ -525,7 +525,7 @@ async fn key_rotation_unknown_kid_refresh_and_retired_keys() {
 }
 
 #[tokio::test]
-async fn api_server_down_keeps_last_keys_until_max_staleness() {
+async fn verify_with_api_server_down_keeps_last_keys_until_max_staleness() {
     let env = Env::start(Options::default()).await;
     seed(&env).await;
     let route = vec![AUD.to_owned()];
@@ -671,7 +671,7 @@ fn mutate(rng: &mut impl Rng, token: &str, others: &[String], kids: &[String]) -
 }
 
 #[tokio::test]
-async fn mutated_tokens_are_never_valid_locally_when_tokenreview_refuses() {
+async fn verify_mutated_tokens_never_valid_locally_when_tokenreview_refuses() {
     let env = Env::start(Options::default()).await;
     seed(&env).await;
     env.standin.add_signing_key(KeyAlg::Es256);
@@ -772,7 +772,7 @@ async fn mutated_tokens_are_never_valid_locally_when_tokenreview_refuses() {
 }
 
 #[test]
-fn cannot_judge_codes_are_distinct() {
+fn verify_cannot_judge_codes_are_distinct() {
     let all = [
         CannotJudge::LegacyToken,
         CannotJudge::UnknownIssuer,
