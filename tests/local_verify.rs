@@ -82,7 +82,10 @@ struct Env {
 
 impl Env {
     async fn start(opts: Options) -> Env {
-        let standin = Standin::start(opts).await.expect("stand-in");
+        Env::around(Standin::start(opts).await.expect("stand-in")).await
+    }
+
+    async fn around(standin: Standin) -> Env {
         let admin = client(&standin.admin_kubeconfig_path()).await;
         let reviewer = reviewer(&standin.kubeconfig_path()).await;
         let source = key_source(&standin.kubeconfig_path()).await;
@@ -785,4 +788,214 @@ fn verify_cannot_judge_codes_are_distinct() {
     ];
     let codes: std::collections::BTreeSet<_> = all.iter().map(|c| c.code()).collect();
     assert_eq!(codes.len(), all.len());
+}
+
+// ------------------------------------------------- signed claim variations
+
+/// The stand-in's signing keys, read from its saved state (process mode keeps them in
+/// `state.json`), so tokens with any claims can be signed that its TokenReview accepts as
+/// genuine signatures.
+fn saved_signing_keys(dir: &Path) -> Vec<kube_standin::keys::SigningKey> {
+    let state: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("state.json")).expect("state.json"))
+            .expect("state JSON");
+    state["keys"]
+        .as_array()
+        .expect("keys")
+        .iter()
+        .map(|k| {
+            let alg = match k["alg"].as_str() {
+                Some("ES256") => KeyAlg::Es256,
+                _ => KeyAlg::Rs256,
+            };
+            let der = base64::engine::general_purpose::STANDARD
+                .decode(k["pkcs8"].as_str().expect("pkcs8"))
+                .expect("base64");
+            kube_standin::keys::SigningKey::from_pkcs8(alg, &der).expect("key")
+        })
+        .collect()
+}
+
+fn sign_claims(key: &kube_standin::keys::SigningKey, header: &Value, claims: &Value) -> String {
+    let input = format!("{}.{}", enc(header), enc(claims));
+    let sig = key.sign(input.as_bytes()).expect("sign");
+    format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig))
+}
+
+/// Claims mutated one or a few at a time, re-signed with the real key: exercises the claim
+/// checks (issuer, audience, time edges, objects, bindings, odd shapes) against the
+/// stand-in's authenticator, not just the signature.
+#[tokio::test]
+async fn verify_signed_claim_variations_agree_with_tokenreview() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let standin = Standin::start_persistent(Options {
+        dir: Some(dir.path().to_owned()),
+        ..Options::default()
+    })
+    .await
+    .expect("stand-in");
+    let env = Env::around(standin).await;
+    seed(&env).await;
+    env.standin.delete_pod("payments", "doomed");
+    let es_kid = env.standin.add_signing_key(KeyAlg::Es256);
+    env.keys.refresh().await.expect("refresh");
+    let keys = saved_signing_keys(dir.path());
+    assert_eq!(keys.len(), 2);
+
+    let route = vec![AUD.to_owned()];
+    let base = unverified_claims(&mint(
+        &env,
+        MintRequest::new("payments", "api")
+            .audience(AUD)
+            .pod("api-0"),
+    ))
+    .expect("claims");
+    let sa_uid = base["kubernetes.io"]["serviceaccount"]["uid"].clone();
+    let job = unverified_claims(&mint(&env, MintRequest::new("batch", "job").audience(AUD)))
+        .expect("claims");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x0051_97ed);
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    let mut lenient = Vec::new();
+    let mut stricter = Vec::new();
+    let mut wording = Vec::new();
+    for i in 0..400 {
+        // Time edges are exact to the second: local verification and the TokenReview must
+        // see the same second, so an attempt that straddles one is made again.
+        let (c, local, raw) = loop {
+            let millis = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_millis());
+            if millis > 800 {
+                tokio::time::sleep(Duration::from_millis(u64::from(1000 - millis) + 10)).await;
+            }
+            let now = unix_now();
+            let mut attempt = rng.clone();
+            let (c, key) = vary(&mut attempt, &base, &job, &sa_uid, &keys, now);
+            let header = if attempt.random_bool(0.1) {
+                serde_json::json!({"alg": key.alg_name()})
+            } else {
+                serde_json::json!({"alg": key.alg_name(), "kid": key.kid()})
+            };
+            let token = sign_claims(key, &header, &c);
+            let objects = env.objects(&token).await;
+            let local = verify_with_keys(&token, &route, &env.keys, &objects, MAX_STALENESS).await;
+            let raw = env.token_review(&token, &route).await;
+            if unix_now() == now {
+                rng = attempt;
+                break (c, local, raw);
+            }
+        };
+        let accepted = raw.authenticated == Some(true);
+        let label = match &local {
+            LocalVerdict::Valid(_) => "valid".to_owned(),
+            LocalVerdict::Invalid(inv) => format!("invalid/{:?}", inv.kind),
+            LocalVerdict::CannotJudge(why) => format!("fallback/{}", why.code()),
+            LocalVerdict::Stale(_) => "stale".to_owned(),
+        };
+        *counts
+            .entry(format!(
+                "{label}, TokenReview {}",
+                if accepted { "accepts" } else { "refuses" }
+            ))
+            .or_default() += 1;
+        match (&local, accepted) {
+            (LocalVerdict::Valid(v), true) => {
+                let user = raw.user.unwrap_or_default();
+                if user.username.as_deref() != Some(v.identity.username.as_str())
+                    || user.uid != v.identity.uid
+                    || raw.audiences.as_ref() != Some(&v.audiences)
+                {
+                    lenient.push(format!("#{i}: identity differs: {v:?} vs {user:?}"));
+                }
+            }
+            (LocalVerdict::Valid(_), false) => {
+                lenient.push(format!("#{i}: {c}: TokenReview says {:?}", raw.error));
+            }
+            (LocalVerdict::Invalid(inv), true) => {
+                stricter.push(format!("#{i}: {c}: local {:?}: {}", inv.kind, inv.reason));
+            }
+            (LocalVerdict::Invalid(inv), false)
+                if raw.error.as_deref() != Some(inv.token_review_error().as_str()) =>
+            {
+                wording.push(format!(
+                    "#{i}: local {:?}, TokenReview {:?}",
+                    inv.token_review_error(),
+                    raw.error
+                ));
+            }
+            _ => {}
+        }
+    }
+    eprintln!("signed claim variations (ES256 kid {es_kid}): {counts:#?}");
+    for w in &wording {
+        eprintln!("wording: {w}");
+    }
+    for s in &stricter {
+        eprintln!("local stricter: {s}");
+    }
+    assert!(
+        lenient.is_empty(),
+        "local accepted what TokenReview refused: {lenient:#?}"
+    );
+    assert!(
+        stricter.is_empty(),
+        "local refused what TokenReview accepted: {stricter:#?}"
+    );
+    assert!(wording.is_empty(), "{wording:#?}");
+}
+
+/// One or two claim changes, and the key to sign with.
+fn vary<'k>(
+    rng: &mut impl Rng,
+    base: &Value,
+    job: &Value,
+    sa_uid: &Value,
+    keys: &'k [kube_standin::keys::SigningKey],
+    now: i64,
+) -> (Value, &'k kube_standin::keys::SigningKey) {
+    let mut c = if rng.random_bool(0.7) {
+        base.clone()
+    } else {
+        job.clone()
+    };
+    for _ in 0..rng.random_range(1..=2) {
+        let t = now + rng.random_range(-4000..4000);
+        let edge = now + [-61, -60, 59, 60, 61][rng.random_range(0..5)];
+        match rng.random_range(0..22) {
+            0 => c["aud"] = serde_json::json!([]),
+            1 => c["aud"] = Value::from(AUD),
+            2 => c["aud"] = serde_json::json!(["vault", AUD]),
+            3 => c["aud"] = serde_json::json!(["vault"]),
+            4 => {
+                c.as_object_mut().map(|m| m.remove("aud"));
+            }
+            5 => c["exp"] = Value::from(t),
+            6 => c["exp"] = Value::from(now - 60 - rng.random_range(-1..=1)),
+            7 => c["nbf"] = Value::from(edge),
+            8 => c["iat"] = Value::from(edge),
+            9 => {
+                c.as_object_mut().map(|m| m.remove("exp"));
+            }
+            10 => c["iss"] = Value::from("https://other.example.com"),
+            11 => c["iss"] = Value::from("kubernetes/serviceaccount"),
+            12 => c["kubernetes.io"]["serviceaccount"]["uid"] = Value::from("not-the-uid"),
+            13 => c["kubernetes.io"]["serviceaccount"]["name"] = Value::from("worker"),
+            14 => c["kubernetes.io"]["namespace"] = Value::from("batch"),
+            15 => c["kubernetes.io"]["pod"] = serde_json::json!({"name": "doomed", "uid": "x"}),
+            16 => c["kubernetes.io"]["pod"]["uid"] = Value::from("other-pod-uid"),
+            17 => {
+                c["kubernetes.io"]["secret"] = serde_json::json!({"name": "job-token", "uid": "u"})
+            }
+            18 => {
+                if let Some(k) = c["kubernetes.io"].as_object_mut() {
+                    k.remove("pod");
+                }
+            }
+            19 => c["kubernetes.io"]["serviceaccount"]["uid"] = sa_uid.clone(),
+            20 => c["exp"] = Value::from(now as f64 - 60.5),
+            _ => c["jti"] = Value::Null,
+        }
+    }
+    let key = &keys[rng.random_range(0..keys.len())];
+    (c, key)
 }
