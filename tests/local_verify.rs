@@ -698,7 +698,7 @@ async fn verify_mutated_tokens_never_valid_locally_when_tokenreview_refuses() {
     let per_base: usize = std::env::var("TOKENGATE_MUTATIONS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(700);
+        .unwrap_or(1000);
 
     let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
     let mut lenient = Vec::new();
