@@ -38,6 +38,7 @@ pub mod check;
 pub mod config;
 pub mod decision;
 pub mod identity;
+pub mod keys;
 pub mod metrics;
 pub mod policy;
 pub mod precheck;
@@ -45,6 +46,7 @@ pub mod request;
 pub mod review;
 pub mod route;
 pub mod server;
+pub mod verify;
 
 use std::future::Future;
 use std::sync::atomic::AtomicBool;
