@@ -45,6 +45,7 @@ pub mod request;
 pub mod review;
 pub mod route;
 pub mod server;
+pub mod watch;
 
 use std::future::Future;
 use std::sync::atomic::AtomicBool;
