@@ -47,6 +47,7 @@ pub mod review;
 pub mod route;
 pub mod server;
 pub mod verify;
+pub mod watch;
 
 use std::future::Future;
 use std::sync::atomic::AtomicBool;
