@@ -111,7 +111,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let admin = tokio::net::TcpListener::bind(config.listen.admin)
         .await
         .with_context(|| format!("binding admin listener {}", config.listen.admin))?;
-    tokengate::serve(config, grpc, admin, shutdown_signal()).await
+    // The library's error, with its cause chain printed once (kube's errors repeat theirs).
+    tokengate::serve(config, grpc, admin, shutdown_signal())
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", tokengate::error::Report(&e)))
 }
 
 /// Completes on SIGTERM (Kubernetes) or Ctrl-C.

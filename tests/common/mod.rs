@@ -77,7 +77,7 @@ pub struct Harness {
     pub grpc_addr: std::net::SocketAddr,
     pub admin_addr: std::net::SocketAddr,
     shutdown: Option<oneshot::Sender<()>>,
-    server: Option<JoinHandle<anyhow::Result<()>>>,
+    server: Option<JoinHandle<Result<(), tokengate::Error>>>,
 }
 
 /// Starts the stand-in with default options.

@@ -44,7 +44,7 @@ pub const SPOOFED: [(&str, &str); 8] = [
 /// A running tokengate: the serve task and its shutdown trigger.
 struct Tokengate {
     shutdown: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<anyhow::Result<()>>>,
+    task: Option<JoinHandle<Result<(), tokengate::Error>>>,
 }
 
 /// Standin + tokengate + echo + Envoy.
