@@ -84,10 +84,8 @@ impl Checker {
         reviewer: Reviewer,
         metrics: Arc<Metrics>,
     ) -> Result<Checker, Error> {
-        let capacity = std::num::NonZeroUsize::new(config.cache.max_entries)
-            .unwrap_or(std::num::NonZeroUsize::MIN);
         let cache = Cache::new(
-            capacity,
+            config.cache.max_entries,
             config.cache.ttl,
             config.cache.negative_ttl,
             metrics.cache_entries.clone(),
