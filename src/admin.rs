@@ -2,7 +2,6 @@
 //! (the gRPC server is serving and not shutting down) and `/metrics` (OpenMetrics text).
 
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use http::{Method, Request, Response, StatusCode};
@@ -11,14 +10,15 @@ use hyper::body::{Bytes, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use crate::metrics::Metrics;
+use crate::shutdown::{Phase, Shutdown};
 
 /// What the admin endpoints read.
 #[derive(Debug, Clone)]
 pub struct AdminState {
     /// Exported metrics.
     pub metrics: Arc<Metrics>,
-    /// Raised while the gRPC server is serving.
-    pub ready: Arc<AtomicBool>,
+    /// Ready while the gRPC server is serving and shutdown has not begun.
+    pub shutdown: Shutdown,
 }
 
 fn respond(
@@ -42,7 +42,7 @@ fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> 
     }
     match req.uri().path() {
         "/healthz" => respond(StatusCode::OK, TEXT, "ok\n"),
-        "/readyz" if state.ready.load(Ordering::SeqCst) => respond(StatusCode::OK, TEXT, "ready\n"),
+        "/readyz" if state.shutdown.is_ready() => respond(StatusCode::OK, TEXT, "ready\n"),
         "/readyz" => respond(StatusCode::SERVICE_UNAVAILABLE, TEXT, "not ready\n"),
         "/metrics" => respond(
             StatusCode::OK,
@@ -53,12 +53,10 @@ fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> 
     }
 }
 
-/// Serves the admin endpoints until `shutdown` fires.
-pub async fn run(
-    listener: tokio::net::TcpListener,
-    state: AdminState,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
-) {
+/// Serves the admin endpoints until the gRPC server has stopped ([`Phase::Stopped`]): while
+/// it drains, `/readyz` answers 503.
+pub async fn run(listener: tokio::net::TcpListener, state: AdminState) {
+    let mut shutdown = state.shutdown.clone();
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -68,7 +66,7 @@ pub async fn run(
                     continue;
                 }
             },
-            _ = shutdown.wait_for(|stop| *stop) => return,
+            () = shutdown.reached(Phase::Stopped) => return,
         };
         let state = state.clone();
         tokio::spawn(async move {

@@ -1,8 +1,11 @@
 //! One Check, start to finish: the only place that sequences the steps.
 //!
-//! request → route → token → cache (hit: done) → precheck → single-flight TokenReview →
-//! policy → decision. Each step only returns a value; none calls another. The answer to "why
-//! was this request denied?" is the [`Denial`] returned by exactly one of them.
+//! route → token → cache (hit: done) → precheck → single-flight TokenReview → policy. Each
+//! step only returns a value; none calls another. The answer to "why was this request
+//! denied?" is the [`Denial`] returned by exactly one of them. The sequencer reads a
+//! [`RequestView`] and returns an [`Outcome`]; it never sees Envoy's protobufs (`server` reads
+//! the CheckRequest, `decision` writes the CheckResponse), so it is unit-tested below with
+//! plain values.
 //!
 //! Precheck runs on cache misses only: a cache hit proves the token already passed precheck
 //! and TokenReview for these audiences, and positive entries never outlive the token's `exp`,
@@ -12,14 +15,14 @@
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use envoy_types::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse};
 use tokio::time::Instant;
 
 use crate::cache::{Cache, Freshness};
 use crate::config::{Config, TokenSource};
-use crate::decision::{self, Responder};
-use crate::identity::{Denial, Identity, TokenHash};
-use crate::metrics::{Metrics, Outcome};
+use crate::denial::Denial;
+use crate::error::{Error, Report};
+use crate::identity::{Identity, TokenHash};
+use crate::metrics::{Counted, Metrics};
 use crate::policy;
 use crate::precheck;
 use crate::request::{RequestView, TokenLookup};
@@ -35,23 +38,35 @@ pub struct Checker {
     routes: Routes,
     cache: Arc<Cache<Remembered, ReviewError>>,
     reviewer: Arc<Reviewer>,
-    responder: Responder,
     metrics: Arc<Metrics>,
 }
 
-/// How a Check ended, before it becomes a response.
-enum Step<'r> {
+/// How a Check ended: what [`crate::decision`] turns into Envoy's answer. Borrows the route
+/// and token source from the [`Checker`].
+#[derive(Debug)]
+pub enum Outcome<'c> {
+    /// Admitted: the identity goes upstream in headers.
     Allow {
-        route: &'r Route,
+        /// The route that matched.
+        route: &'c Route,
+        /// Who the caller is.
         identity: Arc<Identity>,
-        source: usize,
+        /// Where the token was found (its header is removed when the route strips tokens).
+        source: &'c TokenSource,
     },
+    /// Refused, for this reason.
     Deny {
-        route: Option<&'r Route>,
+        /// The route, when one matched (it decides 401 vs 403 for invalid tokens).
+        route: Option<&'c Route>,
+        /// Why.
         denial: Denial,
     },
+    /// The API server could not answer: gRPC UNAVAILABLE, so Envoy's `status_on_error` /
+    /// `failure_mode_allow` decide.
     Unavailable {
-        route: &'r Route,
+        /// The route that matched.
+        route: &'c Route,
+        /// What went wrong (with its cause chain).
         error: ReviewError,
     },
 }
@@ -68,64 +83,67 @@ impl Checker {
         config: &Config,
         reviewer: Reviewer,
         metrics: Arc<Metrics>,
-    ) -> Result<Checker, crate::Error> {
-        let capacity = std::num::NonZeroUsize::new(config.cache.max_entries)
-            .unwrap_or(std::num::NonZeroUsize::MIN);
+    ) -> Result<Checker, Error> {
         let cache = Cache::new(
-            capacity,
+            config.cache.max_entries,
             config.cache.ttl,
             config.cache.negative_ttl,
             metrics.cache_entries.clone(),
         )
-        .map_err(|_| crate::Error::Random)?;
+        .map_err(|_| Error::Random)?;
         Ok(Checker {
             token_sources: config.token_sources.clone(),
             routes: Routes::new(&config.routes),
             cache: Arc::new(cache),
             reviewer: Arc::new(reviewer),
-            responder: Responder::new(&config.identity_headers, &config.token_sources),
             metrics,
         })
     }
 
-    /// Answers one Check: a CheckResponse for every decision, or gRPC UNAVAILABLE when the API
-    /// server cannot answer.
-    pub async fn check(&self, req: &CheckRequest) -> Result<CheckResponse, tonic::Status> {
+    /// Decides one Check, and counts it.
+    pub async fn check(&self, view: &RequestView<'_>) -> Outcome<'_> {
         let started = Instant::now();
-        let step = self.decide(req).await;
-        let answer = match step {
-            Step::Allow {
-                route,
-                identity,
-                source,
-            } => {
-                self.metrics.decision(Some(route.index), Outcome::Allow);
-                tracing::debug!(route = %route.name, user = %identity.username, "allow");
-                Ok(self.responder.allow(&identity, route, source))
-            }
-            Step::Deny { route, denial } => {
-                self.metrics
-                    .decision(route.map(|r| r.index), Outcome::Deny(denial));
-                Ok(self.responder.deny(denial, route))
-            }
-            Step::Unavailable { route, error } => {
-                self.metrics.decision(Some(route.index), Outcome::Error);
-                tracing::warn!(route = %route.name, error = %error, "TokenReview unavailable; answering UNAVAILABLE");
-                Err(decision::unavailable(&error))
-            }
+        let outcome = self.decide(view).await;
+        self.count(&outcome, started);
+        outcome
+    }
+
+    /// The outcome for a CheckRequest without HTTP attributes (say, from Envoy's network
+    /// ext_authz filter), counted like any other.
+    pub fn unreadable(&self) -> Outcome<'_> {
+        let outcome = Outcome::Deny {
+            route: None,
+            denial: Denial::BadRequest,
         };
+        self.count(&outcome, Instant::now());
+        outcome
+    }
+
+    fn count(&self, outcome: &Outcome<'_>, started: Instant) {
+        match outcome {
+            Outcome::Allow {
+                route, identity, ..
+            } => {
+                self.metrics.decision(Some(route.index), Counted::Allow);
+                tracing::debug!(route = %route.name, user = %identity.username, "allow");
+            }
+            Outcome::Deny { route, denial } => {
+                self.metrics
+                    .decision(route.map(|r| r.index), Counted::Deny(*denial));
+            }
+            Outcome::Unavailable { route, error } => {
+                self.metrics.decision(Some(route.index), Counted::Error);
+                tracing::warn!(route = %route.name, error = %Report(error), "TokenReview unavailable; answering UNAVAILABLE");
+            }
+        }
         self.metrics
             .check_duration
             .observe(started.elapsed().as_secs_f64());
-        answer
     }
 
-    async fn decide<'r>(&'r self, req: &CheckRequest) -> Step<'r> {
-        let deny = |route, denial| Step::Deny { route, denial };
-        let Some(view) = RequestView::new(req) else {
-            return deny(None, Denial::BadRequest);
-        };
-        let Some(route) = self.routes.select(&view) else {
+    async fn decide<'c>(&'c self, view: &RequestView<'_>) -> Outcome<'c> {
+        let deny = |route, denial| Outcome::Deny { route, denial };
+        let Some(route) = self.routes.select(view) else {
             tracing::debug!(host = view.host, path = view.path, "no route");
             return deny(None, Denial::NoRoute);
         };
@@ -174,7 +192,7 @@ impl Checker {
                     .await;
                 match loaded {
                     Ok(r) => r,
-                    Err(error) => return Step::Unavailable { route, error },
+                    Err(error) => return Outcome::Unavailable { route, error },
                 }
             }
         };
@@ -189,10 +207,176 @@ impl Checker {
             tracing::debug!(route = %route.name, user = %identity.username, "not on the allow-list");
             return deny(Some(route), Denial::NotAllowed);
         }
-        Step::Allow {
+        Outcome::Allow {
             route,
             identity,
             source,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine as _;
+
+    use super::*;
+
+    /// A checker whose API server is a closed port: every TokenReview fails to connect.
+    async fn checker(dir: &tempfile::TempDir, extra: &str) -> Checker {
+        let kubeconfig = dir.path().join("kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            "apiVersion: v1\nkind: Config\ncurrent-context: c\n\
+             clusters: [{name: k, cluster: {server: 'https://127.0.0.1:1', insecure-skip-tls-verify: true}}]\n\
+             users: [{name: u, user: {token: reviewer}}]\n\
+             contexts: [{name: c, context: {cluster: k, user: u}}]\n",
+        )
+        .unwrap();
+        let yaml = format!(
+            "kubernetes: {{kubeconfig: '{}', retries: 0, timeout: 2s}}\n\
+             token_sources:\n  - header: authorization\n    scheme: Bearer\n  - header: x-client-id\n\
+             routes:\n  - name: api\n    match: {{path_prefix: /api}}\n    audiences: [api]\n{extra}",
+            kubeconfig.display()
+        );
+        let config = Config::from_yaml_str(&yaml).unwrap();
+        let metrics = Arc::new(Metrics::new(config.routes.iter().map(|r| r.name.as_str())));
+        let reviewer = Reviewer::connect(&config.kubernetes, metrics.clone())
+            .await
+            .unwrap();
+        Checker::new(&config, reviewer, metrics).unwrap()
+    }
+
+    fn jwt(exp: i64) -> String {
+        format!(
+            "{}.{}.sig",
+            URL_SAFE_NO_PAD.encode(r#"{"alg":"RS256"}"#),
+            URL_SAFE_NO_PAD.encode(format!(r#"{{"aud":["api"],"exp":{exp}}}"#))
+        )
+    }
+
+    fn denial(outcome: &Outcome<'_>) -> Option<Denial> {
+        match outcome {
+            Outcome::Deny { denial, .. } => Some(*denial),
+            _ => None,
+        }
+    }
+
+    fn identity(namespace: &str, name: &str) -> Identity {
+        Identity {
+            username: format!("system:serviceaccount:{namespace}:{name}"),
+            namespace: namespace.into(),
+            name: name.into(),
+            uid: None,
+            groups: vec![],
+            pod_name: None,
+            pod_uid: None,
+        }
+    }
+
+    /// Puts a TokenReview answer in the cache, as a completed review would.
+    async fn remember(c: &Checker, token: &str, answer: Remembered) {
+        let key = c.cache.key(token, &["api".to_owned()]);
+        let _ = c
+            .cache
+            .get_or_load(key, || async move {
+                Ok((answer, Freshness::Positive { cap: None }))
+            })
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn refusals_before_any_token_review() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = checker(&dir, "").await;
+        let ext = HashMap::new();
+        let view = |path, headers| RequestView::from_parts("h", path, "GET", &ext, headers);
+
+        let o = c.check(&view("/other", &[])).await;
+        assert_eq!(denial(&o), Some(Denial::NoRoute));
+        assert!(matches!(o, Outcome::Deny { route: None, .. }));
+
+        let o = c.check(&view("/api", &[])).await;
+        assert_eq!(denial(&o), Some(Denial::MissingToken));
+        let o = c.check(&view("/api", &[("Authorization", "Bearer")])).await;
+        assert_eq!(denial(&o), Some(Denial::MalformedToken));
+        let o = c
+            .check(&view("/api", &[("x-client-id", "not-a-jwt")]))
+            .await;
+        assert_eq!(denial(&o), Some(Denial::MalformedToken));
+        let expired = jwt(unix_now() - 3600);
+        let header = format!("Bearer {expired}");
+        let o = c
+            .check(&view("/api", &[("authorization", header.as_str())]))
+            .await;
+        assert_eq!(denial(&o), Some(Denial::TokenExpired));
+
+        assert_eq!(denial(&c.unreadable()), Some(Denial::BadRequest));
+    }
+
+    #[tokio::test]
+    async fn unreachable_api_server_is_unavailable_with_its_cause() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = checker(&dir, "").await;
+        let ext = HashMap::new();
+        let token = jwt(unix_now() + 3600);
+        let headers = [("x-client-id", token.as_str())];
+        let o = c
+            .check(&RequestView::from_parts("h", "/api", "GET", &ext, &headers))
+            .await;
+        let Outcome::Unavailable { route, error } = o else {
+            panic!("expected Unavailable, got {o:?}");
+        };
+        assert_eq!(route.name, "api");
+        assert_eq!(error.kind(), "connect");
+        assert!(std::error::Error::source(&error).is_some(), "{error:?}");
+    }
+
+    #[tokio::test]
+    async fn remembered_answers_allow_or_deny_with_the_token_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = checker(&dir, "    allow: {service_accounts: [default/api]}\n").await;
+        let ext = HashMap::new();
+        let (good, other, rejected) = (
+            jwt(unix_now() + 3600),
+            jwt(unix_now() + 3601),
+            jwt(unix_now() + 3602),
+        );
+        remember(&c, &good, Ok(Arc::new(identity("default", "api")))).await;
+        remember(&c, &other, Ok(Arc::new(identity("default", "web")))).await;
+        remember(&c, &rejected, Err(Denial::TokenRejected)).await;
+
+        let headers = [("x-client-id", good.as_str())];
+        let o = c
+            .check(&RequestView::from_parts(
+                "h", "/api/x", "GET", &ext, &headers,
+            ))
+            .await;
+        let Outcome::Allow {
+            route,
+            identity,
+            source,
+        } = o
+        else {
+            panic!("expected Allow, got {o:?}");
+        };
+        assert_eq!(route.name, "api");
+        assert_eq!(identity.name, "api");
+        assert_eq!(source.header, "x-client-id");
+
+        let headers = [("x-client-id", other.as_str())];
+        let o = c
+            .check(&RequestView::from_parts("h", "/api", "GET", &ext, &headers))
+            .await;
+        assert_eq!(denial(&o), Some(Denial::NotAllowed));
+
+        let headers = [("x-client-id", rejected.as_str())];
+        let o = c
+            .check(&RequestView::from_parts("h", "/api", "GET", &ext, &headers))
+            .await;
+        assert_eq!(denial(&o), Some(Denial::TokenRejected));
     }
 }

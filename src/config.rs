@@ -1,28 +1,39 @@
 //! YAML configuration: parsed once, at the edge, into a typed and validated [`Config`].
 //!
 //! Parsing is two passes. serde (with `deny_unknown_fields`) turns the text into raw structs
-//! whose interesting fields are [`Spanned`] so they remember their line; then `validate`
-//! checks every field and collects *all* problems, each naming the field path and the line, so
-//! an operator fixes a file in one round (`tokengate check-config FILE`). Every default lives in
-//! [`defaults`], and nowhere else.
+//! whose interesting fields are [`Spanned`] so they remember their line; then one validation
+//! function per section (listen, kubernetes, token_sources, each route and its match and
+//! allow, cache, identity_headers, log) checks every field and collects *all* problems, each
+//! naming the field path and the line, so an operator fixes a file in one round
+//! (`tokengate check-config FILE`). A value is parsed once, by the parser of the type that
+//! uses it ([`HostPattern::parse`], [`ServiceAccountPattern::parse`], ...), so [`Config`]
+//! carries compiled values. Every default lives, typed, in [`defaults`], and nowhere else.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
+use crate::policy::{AllowList, Glob, ServiceAccountPattern};
+use crate::route::{HostPattern, Matcher};
+
 /// Every default value of the configuration, in one place (the README's reference mirrors it).
 pub mod defaults {
-    /// gRPC listen address (ext_authz Check and grpc.health.v1).
-    pub const LISTEN_GRPC: &str = "0.0.0.0:9001";
-    /// Admin HTTP listen address (`/healthz`, `/readyz`, `/metrics`).
-    pub const LISTEN_ADMIN: &str = "0.0.0.0:9090";
+    use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+    use std::num::NonZeroUsize;
+    use std::time::Duration;
+
+    /// gRPC listen address (ext_authz Check and grpc.health.v1): `0.0.0.0:9001`.
+    pub const LISTEN_GRPC: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 9001);
+    /// Admin HTTP listen address (`/healthz`, `/readyz`, `/metrics`): `0.0.0.0:9090`.
+    pub const LISTEN_ADMIN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 9090);
     /// Timeout of one TokenReview attempt.
-    pub const KUBE_TIMEOUT: &str = "2s";
+    pub const KUBE_TIMEOUT: Duration = Duration::from_secs(2);
     /// Extra TokenReview attempts on transient failures.
     pub const KUBE_RETRIES: u32 = 2;
     /// Cap on concurrent TokenReviews.
@@ -34,11 +45,14 @@ pub mod defaults {
     /// HTTP status for invalid tokens.
     pub const INVALID_TOKEN_STATUS: u16 = 403;
     /// Cache capacity (entries).
-    pub const CACHE_MAX_ENTRIES: usize = 100_000;
+    pub const CACHE_MAX_ENTRIES: NonZeroUsize = match NonZeroUsize::new(100_000) {
+        Some(n) => n,
+        None => panic!("not zero"), // evaluated at compile time
+    };
     /// Positive cache TTL (also capped by the token's `exp`).
-    pub const CACHE_TTL: &str = "60s";
+    pub const CACHE_TTL: Duration = Duration::from_secs(60);
     /// Negative cache TTL (`authenticated: false` answers).
-    pub const CACHE_NEGATIVE_TTL: &str = "5s";
+    pub const CACHE_NEGATIVE_TTL: Duration = Duration::from_secs(5);
     /// Identity header names.
     pub const HEADER_USER: &str = "x-k8s-sa-user";
     /// See [`HEADER_USER`].
@@ -128,52 +142,28 @@ pub struct TokenSource {
     pub scheme: Option<String>,
 }
 
-/// One route as configured.
+/// One route as configured (compiled; [`crate::route::Routes`] numbers them).
 #[derive(Debug, Clone)]
 pub struct RouteConfig {
     /// Name, used in logs and metrics.
     pub name: String,
     /// Conditions; `None` matches every request (a default route).
-    pub matcher: Option<MatchConfig>,
+    pub matcher: Option<Matcher>,
     /// Audiences sent in TokenReview `spec.audiences`.
     pub audiences: Vec<String>,
     /// Allow-list; `None` admits any authenticated service account.
-    pub allow: Option<AllowConfig>,
+    pub allow: Option<AllowList>,
     /// Remove the token's header before the request goes upstream.
     pub strip_token: bool,
     /// 403 or 401 for invalid tokens.
     pub invalid_token_status: u16,
 }
 
-/// Route conditions; all given conditions must hold.
-#[derive(Debug, Clone, Default)]
-pub struct MatchConfig {
-    /// Envoy per-route `context_extensions` entries that must be present with these values.
-    pub context_extensions: BTreeMap<String, String>,
-    /// Hosts, exact or `*.suffix`, lower-case; empty means any host.
-    pub hosts: Vec<String>,
-    /// Path prefix (query string ignored).
-    pub path_prefix: Option<String>,
-    /// Methods, upper-case; empty means any method.
-    pub methods: Vec<String>,
-}
-
-/// Allow-list: a caller is admitted if *any* entry of *any* list matches.
-#[derive(Debug, Clone, Default)]
-pub struct AllowConfig {
-    /// `namespace/name`, each side may use `*` wildcards.
-    pub service_accounts: Vec<String>,
-    /// Namespaces.
-    pub namespaces: Vec<String>,
-    /// Groups.
-    pub groups: Vec<String>,
-}
-
 /// Cache settings.
 #[derive(Debug, Clone)]
 pub struct CacheConfig {
     /// Capacity in entries.
-    pub max_entries: usize,
+    pub max_entries: NonZeroUsize,
     /// Positive TTL (also capped by the token's `exp`); zero disables positive caching.
     pub ttl: Duration,
     /// Negative TTL; zero disables negative caching.
@@ -476,9 +466,13 @@ fn parse_raw(text: &str) -> Result<RawConfig, FieldError> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Validation layer.
+// Validation layer: one function per section, each pushing into the same problem list and
+// returning `None` for a value it could not accept (never a placeholder such as a zero
+// duration). Parsers of values another module compiles live in that module
+// (`HostPattern::parse`, `ServiceAccountPattern::parse`, ...).
 
 /// Collects problems instead of stopping at the first.
+#[derive(Default)]
 struct Problems(Vec<FieldError>);
 
 impl Problems {
@@ -489,483 +483,122 @@ impl Problems {
             message: message.into(),
         });
     }
+
+    /// An optional field: `default` when absent, else `parse`d, or `None` with a problem.
+    fn field<T, U>(
+        &mut self,
+        field: impl Into<String>,
+        value: &Option<Spanned<T>>,
+        default: U,
+        parse: impl FnOnce(&T) -> Result<U, String>,
+    ) -> Option<U> {
+        match value {
+            None => Some(default),
+            Some(v) => self.parsed(field, v, parse),
+        }
+    }
+
+    /// A present value, `parse`d, or `None` with a problem.
+    fn parsed<T, U>(
+        &mut self,
+        field: impl Into<String>,
+        value: &Spanned<T>,
+        parse: impl FnOnce(&T) -> Result<U, String>,
+    ) -> Option<U> {
+        parse(&value.value)
+            .map_err(|e| self.push(field, line(value), e))
+            .ok()
+    }
+
+    /// Every element of a list, `parse`d; `None` if any was refused (all are reported).
+    fn list<T, U>(
+        &mut self,
+        field: &str,
+        values: &[Spanned<T>],
+        mut parse: impl FnMut(&T) -> Result<U, String>,
+    ) -> Option<Vec<U>> {
+        let parsed: Vec<Option<U>> = values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| self.parsed(format!("{field}[{i}]"), v, &mut parse))
+            .collect();
+        parsed.into_iter().collect()
+    }
 }
 
 fn line<T>(s: &Spanned<T>) -> usize {
     s.referenced.line() as usize
 }
 
-/// Parses `"500ms"`, `"60s"`, `"5m"`, `"1h"` (a non-negative integer and one unit).
+/// Parses a duration as Envoy and Go users write it: `500ms`, `0.5s`, `60s`, `1m30s`, `2h`
+/// (units ns, us, ms, s, m, h; fractions allowed). The parsing is jiff's (its "friendly"
+/// format); this only narrows the input to that compact, unsigned form, so `5 seconds`,
+/// `-1s` or a bare `60` are refused.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    const EXAMPLES: &str = r#"e.g. "250ms", "0.5s", "60s", "1m30s", "1h""#;
     let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(|| {
-        format!("`{s}` has no unit; write e.g. \"500ms\", \"60s\", \"5m\", \"1h\"")
-    })?;
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration like \"500ms\", \"60s\", \"5m\", \"1h\""))?;
-    let d = match unit {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n.saturating_mul(60)),
-        "h" => Duration::from_secs(n.saturating_mul(3600)),
-        _ => {
-            return Err(format!(
-                "`{s}` has an unknown unit; use ms, s, m or h (e.g. \"60s\")"
-            ))
-        }
-    };
-    Ok(d)
-}
-
-fn duration_field(
-    p: &mut Problems,
-    field: &str,
-    value: &Option<Spanned<String>>,
-    default: &str,
-) -> Duration {
-    match value {
-        None => parse_duration(default).unwrap_or_default(),
-        Some(v) => parse_duration(&v.value).unwrap_or_else(|e| {
-            p.push(field, line(v), e);
-            Duration::ZERO
-        }),
+    let compact = !s.is_empty()
+        && s.starts_with(|c: char| c.is_ascii_digit())
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '.');
+    if !compact {
+        return Err(format!("`{s}` is not a duration; write {EXAMPLES}"));
     }
+    let d: jiff::SignedDuration = s
+        .parse()
+        .map_err(|e| format!("`{s}` is not a duration ({e}); write {EXAMPLES}"))?;
+    Duration::try_from(d).map_err(|e| format!("`{s}`: {e}"))
 }
 
-fn addr_field(
-    p: &mut Problems,
-    field: &str,
-    value: &Option<Spanned<String>>,
-    default: &str,
-    alternatives: &str,
-) -> SocketAddr {
-    let (text, ln) = match value {
-        None => (default, 0),
-        Some(v) => (v.value.as_str(), line(v)),
-    };
-    text.parse().unwrap_or_else(|_| {
-        p.push(
-            field,
-            ln,
-            format!("`{text}` is not an IP:port address (e.g. \"0.0.0.0:9001\"){alternatives}"),
-        );
-        SocketAddr::from(([0, 0, 0, 0], 0))
+/// A socket address; `alternatives` names other accepted forms in the message.
+fn parse_addr(text: &str, alternatives: &str) -> Result<SocketAddr, String> {
+    text.parse().map_err(|_| {
+        format!("`{text}` is not an IP:port address (e.g. \"0.0.0.0:9001\"){alternatives}")
     })
 }
 
 /// `listen.grpc`: `IP:port` or `unix:/path` (a non-empty path).
-fn grpc_addr_field(p: &mut Problems, value: &Option<Spanned<String>>) -> GrpcAddr {
-    match value {
-        Some(v) if v.value.starts_with("unix:") => {
-            let path = &v.value["unix:".len()..];
-            if path.is_empty() {
-                p.push(
-                    "listen.grpc",
-                    line(v),
-                    "`unix:` needs a socket path (e.g. \"unix:/run/tokengate/grpc.sock\")",
-                );
-            }
-            GrpcAddr::Unix(path.into())
+fn parse_grpc_addr(text: &str) -> Result<GrpcAddr, String> {
+    match text.strip_prefix("unix:") {
+        Some("") => {
+            Err("`unix:` needs a socket path (e.g. \"unix:/run/tokengate/grpc.sock\")".to_owned())
         }
-        _ => GrpcAddr::Tcp(addr_field(
-            p,
-            "listen.grpc",
-            value,
-            defaults::LISTEN_GRPC,
-            " or unix:/path/to/socket",
-        )),
+        Some(path) => Ok(GrpcAddr::Unix(path.into())),
+        None => parse_addr(text, " or unix:/path/to/socket").map(GrpcAddr::Tcp),
     }
 }
 
 /// A header name tokengate may emit or read: lower-case token characters only, not a pseudo
-/// header and not `host` (Envoy and gRFC A92 ignore those).
-fn header_name_problem(name: &str) -> Option<String> {
+/// header and not `host` (Envoy and gRFC A92 ignore those). Returns the trimmed name.
+fn parse_header_name(name: &str) -> Result<String, String> {
+    let name = name.trim();
     if name.is_empty() {
-        return Some("header name is empty".to_owned());
+        return Err("header name is empty".to_owned());
     }
     if name.starts_with(':') || name == "host" {
-        return Some(format!("`{name}` cannot be used (pseudo-header or host)"));
+        return Err(format!("`{name}` cannot be used (pseudo-header or host)"));
     }
     let ok = name
         .bytes()
         .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.!#$%&'*+^`|~".contains(&b));
     if !ok {
-        return Some(format!(
+        return Err(format!(
             "`{name}` is not a valid lower-case header name (letters, digits, '-')"
         ));
     }
-    None
-}
-
-/// `*` may appear anywhere in an allow-list pattern; a pattern must not be empty.
-fn pattern_problem(s: &str) -> Option<String> {
-    if s.is_empty() {
-        Some("empty pattern".to_owned())
-    } else {
-        None
-    }
+    Ok(name.to_owned())
 }
 
 fn validate(raw: RawConfig) -> Result<Config, Vec<FieldError>> {
-    let mut p = Problems(Vec::new());
-
-    let listen = Listen {
-        grpc: grpc_addr_field(&mut p, &raw.listen.grpc),
-        admin: addr_field(
-            &mut p,
-            "listen.admin",
-            &raw.listen.admin,
-            defaults::LISTEN_ADMIN,
-            "",
-        ),
-    };
-
-    let k = &raw.kubernetes;
-    let timeout = duration_field(
-        &mut p,
-        "kubernetes.timeout",
-        &k.timeout,
-        defaults::KUBE_TIMEOUT,
-    );
-    if let Some(t) = &k.timeout {
-        if timeout.is_zero() && parse_duration(&t.value).is_ok() {
-            p.push("kubernetes.timeout", line(t), "must be greater than zero");
-        }
-    }
-    let retries = k
-        .retries
-        .as_ref()
-        .map_or(defaults::KUBE_RETRIES, |r| r.value);
-    if let Some(r) = &k.retries {
-        if r.value > 10 {
-            p.push("kubernetes.retries", line(r), "must be at most 10");
-        }
-    }
-    let max_in_flight = k
-        .max_in_flight
-        .as_ref()
-        .map_or(defaults::KUBE_MAX_IN_FLIGHT, |m| m.value);
-    if let Some(m) = &k.max_in_flight {
-        if m.value == 0 {
-            p.push("kubernetes.max_in_flight", line(m), "must be at least 1");
-        }
-    }
-    if let Some(c) = &k.kubeconfig {
-        if c.value.trim().is_empty() {
-            p.push("kubernetes.kubeconfig", line(c), "must not be empty");
-        }
-    }
-    let kubernetes = Kubernetes {
-        kubeconfig: k.kubeconfig.as_ref().map(|c| PathBuf::from(&c.value)),
-        context: k.context.as_ref().map(|c| c.value.clone()),
-        timeout,
-        retries,
-        max_in_flight,
-    };
-
-    let mut token_sources = Vec::new();
-    match &raw.token_sources {
-        None => token_sources.push(TokenSource {
-            header: defaults::TOKEN_HEADER.to_owned(),
-            scheme: Some(defaults::TOKEN_SCHEME.to_owned()),
-        }),
-        Some(list) => {
-            if list.value.is_empty() {
-                p.push(
-                    "token_sources",
-                    line(list),
-                    "at least one token source is required",
-                );
-            }
-            let mut seen = HashSet::new();
-            for (i, s) in list.value.iter().enumerate() {
-                let field = format!("token_sources[{i}].header");
-                let header = s.header.value.trim().to_ascii_lowercase();
-                if let Some(e) = header_name_problem(&header) {
-                    p.push(&field, line(&s.header), e);
-                } else if !seen.insert(header.clone()) {
-                    p.push(
-                        &field,
-                        line(&s.header),
-                        format!("`{header}` is listed twice"),
-                    );
-                }
-                let scheme = s.scheme.as_ref().map(|sc| {
-                    let v = sc.value.trim();
-                    if v.is_empty() || v.contains(|c: char| c.is_whitespace()) {
-                        p.push(
-                            format!("token_sources[{i}].scheme"),
-                            line(sc),
-                            "must be one word, e.g. Bearer",
-                        );
-                    }
-                    v.to_owned()
-                });
-                token_sources.push(TokenSource { header, scheme });
-            }
-        }
-    }
-
-    let mut routes = Vec::new();
-    if raw.routes.value.is_empty() {
-        p.push(
-            "routes",
-            line(&raw.routes),
-            "at least one route is required (every request would be denied)",
-        );
-    }
-    let mut names = HashSet::new();
-    let mut catch_all: Option<String> = None;
-    for (i, r) in raw.routes.value.iter().enumerate() {
-        let f = |s: &str| format!("routes[{i}].{s}");
-        let name = r.name.value.trim().to_owned();
-        if name.is_empty() {
-            p.push(f("name"), line(&r.name), "must not be empty");
-        } else if !names.insert(name.clone()) {
-            p.push(
-                f("name"),
-                line(&r.name),
-                format!("route `{name}` is defined twice"),
-            );
-        }
-        if let Some(earlier) = &catch_all {
-            p.push(
-                f("name"),
-                line(&r.name),
-                format!("unreachable: route `{earlier}` before it has no `match` and catches every request"),
-            );
-        }
-        let audiences: Vec<String> = r.audiences.value.iter().map(|a| a.value.clone()).collect();
-        if audiences.is_empty() {
-            p.push(
-                f("audiences"),
-                line(&r.audiences),
-                "at least one audience is required",
-            );
-        }
-        for (j, a) in r.audiences.value.iter().enumerate() {
-            if a.value.trim().is_empty() {
-                p.push(f(&format!("audiences[{j}]")), line(a), "must not be empty");
-            }
-        }
-        let matcher = r.matcher.as_ref().map(|m| {
-            let mm = &m.value;
-            let mut hosts = Vec::new();
-            for (j, h) in mm.hosts.iter().enumerate() {
-                let host = h.value.trim().to_ascii_lowercase();
-                let rest = host.strip_prefix("*.").unwrap_or(&host);
-                if rest.is_empty() || rest.contains('*') || rest.contains(':') || rest.contains('/')
-                {
-                    p.push(
-                        f(&format!("match.hosts[{j}]")),
-                        line(h),
-                        format!(
-                            "`{}` must be an exact host or `*.suffix` (no port)",
-                            h.value
-                        ),
-                    );
-                }
-                hosts.push(host);
-            }
-            let path_prefix = mm.path_prefix.as_ref().map(|pp| {
-                if !pp.value.starts_with('/') {
-                    p.push(f("match.path_prefix"), line(pp), "must start with `/`");
-                }
-                pp.value.clone()
-            });
-            let mut methods = Vec::new();
-            for (j, me) in mm.methods.iter().enumerate() {
-                let v = me.value.trim().to_ascii_uppercase();
-                if v.is_empty() || !v.bytes().all(|b| b.is_ascii_uppercase()) {
-                    p.push(
-                        f(&format!("match.methods[{j}]")),
-                        line(me),
-                        format!("`{}` is not an HTTP method", me.value),
-                    );
-                }
-                methods.push(v);
-            }
-            MatchConfig {
-                context_extensions: mm.context_extensions.clone(),
-                hosts,
-                path_prefix,
-                methods,
-            }
-        });
-        let matches_all = matcher.as_ref().is_none_or(|m| {
-            m.context_extensions.is_empty()
-                && m.hosts.is_empty()
-                && m.path_prefix.as_deref().is_none_or(|pp| pp == "/")
-                && m.methods.is_empty()
-        });
-        if matches_all && catch_all.is_none() {
-            catch_all = Some(name.clone());
-        }
-        let allow = r.allow.as_ref().map(|a| {
-            let mut service_accounts = Vec::new();
-            for (j, s) in a.service_accounts.iter().enumerate() {
-                let v = s.value.trim();
-                match v.split_once('/') {
-                    Some((ns, n)) if !ns.is_empty() && !n.is_empty() && !n.contains('/') => {}
-                    _ => p.push(
-                        f(&format!("allow.service_accounts[{j}]")),
-                        line(s),
-                        format!("`{v}` must be `namespace/name` (`*` wildcards allowed)"),
-                    ),
-                }
-                service_accounts.push(v.to_owned());
-            }
-            let mut simple = |list: &[Spanned<String>], what: &str| -> Vec<String> {
-                list.iter()
-                    .enumerate()
-                    .map(|(j, s)| {
-                        if let Some(e) = pattern_problem(s.value.trim()) {
-                            p.push(f(&format!("allow.{what}[{j}]")), line(s), e);
-                        }
-                        s.value.trim().to_owned()
-                    })
-                    .collect()
-            };
-            let namespaces = simple(&a.namespaces, "namespaces");
-            let groups = simple(&a.groups, "groups");
-            AllowConfig {
-                service_accounts,
-                namespaces,
-                groups,
-            }
-        });
-        let invalid_token_status = match &r.invalid_token_status {
-            None => defaults::INVALID_TOKEN_STATUS,
-            Some(s) if s.value == 401 || s.value == 403 => s.value,
-            Some(s) => {
-                p.push(f("invalid_token_status"), line(s), "must be 401 or 403");
-                defaults::INVALID_TOKEN_STATUS
-            }
-        };
-        routes.push(RouteConfig {
-            name,
-            matcher,
-            audiences,
-            allow,
-            strip_token: r.strip_token,
-            invalid_token_status,
-        });
-    }
-
-    let c = &raw.cache;
-    let max_entries = c
-        .max_entries
-        .as_ref()
-        .map_or(defaults::CACHE_MAX_ENTRIES, |m| m.value);
-    if let Some(m) = &c.max_entries {
-        if m.value == 0 {
-            p.push(
-                "cache.max_entries",
-                line(m),
-                "must be at least 1 (set ttl: 0s to disable caching)",
-            );
-        }
-    }
-    let cache = CacheConfig {
-        max_entries,
-        ttl: duration_field(&mut p, "cache.ttl", &c.ttl, defaults::CACHE_TTL),
-        negative_ttl: duration_field(
-            &mut p,
-            "cache.negative_ttl",
-            &c.negative_ttl,
-            defaults::CACHE_NEGATIVE_TTL,
-        ),
-    };
-
-    let ih = &raw.identity_headers;
-    let mut header = |field: &str, v: &Option<Spanned<String>>, default: &str| -> String {
-        match v {
-            None => default.to_owned(),
-            Some(s) => {
-                let name = s.value.trim().to_owned();
-                if let Some(e) = header_name_problem(&name) {
-                    p.push(format!("identity_headers.{field}"), line(s), e);
-                }
-                name
-            }
-        }
-    };
-    let identity_headers = IdentityHeaders {
-        user: header("user", &ih.user, defaults::HEADER_USER),
-        namespace: header("namespace", &ih.namespace, defaults::HEADER_NAMESPACE),
-        name: header("name", &ih.name, defaults::HEADER_NAME),
-        uid: header("uid", &ih.uid, defaults::HEADER_UID),
-        groups: header("groups", &ih.groups, defaults::HEADER_GROUPS),
-        pod_name: header("pod_name", &ih.pod_name, defaults::HEADER_POD_NAME),
-        pod_uid: header("pod_uid", &ih.pod_uid, defaults::HEADER_POD_UID),
-    };
-    {
-        let fields = [
-            "user",
-            "namespace",
-            "name",
-            "uid",
-            "groups",
-            "pod_name",
-            "pod_uid",
-        ];
-        let raws = [
-            &ih.user,
-            &ih.namespace,
-            &ih.name,
-            &ih.uid,
-            &ih.groups,
-            &ih.pod_name,
-            &ih.pod_uid,
-        ];
-        let names = identity_headers.all();
-        for i in 0..names.len() {
-            let ln = raws[i].as_ref().map_or(0, line);
-            if names[..i].contains(&names[i]) {
-                p.push(
-                    format!("identity_headers.{}", fields[i]),
-                    ln,
-                    format!("`{}` is used for two identity headers", names[i]),
-                );
-            }
-            if token_sources.iter().any(|s| s.header == names[i]) {
-                p.push(
-                    format!("identity_headers.{}", fields[i]),
-                    ln,
-                    format!("`{}` is also a token source", names[i]),
-                );
-            }
-        }
-    }
-
-    let level = raw
-        .log
-        .level
-        .as_ref()
-        .map_or(defaults::LOG_LEVEL.to_owned(), |l| {
-            l.value.trim().to_owned()
-        });
-    if let Some(l) = &raw.log.level {
-        if tracing_subscriber::EnvFilter::try_new(&level).is_err() || level.is_empty() {
-            p.push(
-                "log.level",
-                line(l),
-                format!("`{level}` is not a level (trace, debug, info, warn, error) or filter directive"),
-            );
-        }
-    }
-    let log = LogConfig {
-        format: raw.log.format.unwrap_or_default(),
-        level,
-    };
-
-    if !p.0.is_empty() {
-        p.0.sort_by_key(|e| e.line);
-        return Err(p.0);
-    }
-    Ok(Config {
+    let mut p = Problems::default();
+    let listen = listen(&raw.listen, &mut p);
+    let kubernetes = kubernetes(&raw.kubernetes, &mut p);
+    let token_sources = token_sources(raw.token_sources.as_ref(), &mut p);
+    let routes = routes(&raw.routes, &mut p);
+    let cache = cache(&raw.cache, &mut p);
+    let identity_headers =
+        identity_headers(&raw.identity_headers, token_sources.as_deref(), &mut p);
+    let log = log(&raw.log, &mut p);
+    match (
         listen,
         kubernetes,
         token_sources,
@@ -973,6 +606,371 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<FieldError>> {
         cache,
         identity_headers,
         log,
+    ) {
+        (
+            Some(listen),
+            Some(kubernetes),
+            Some(token_sources),
+            Some(routes),
+            Some(cache),
+            Some(identity_headers),
+            Some(log),
+        ) if p.0.is_empty() => Ok(Config {
+            listen,
+            kubernetes,
+            token_sources,
+            routes,
+            cache,
+            identity_headers,
+            log,
+        }),
+        _ => {
+            p.0.sort_by_key(|e| e.line);
+            Err(p.0)
+        }
+    }
+}
+
+fn listen(raw: &RawListen, p: &mut Problems) -> Option<Listen> {
+    let grpc = p.field(
+        "listen.grpc",
+        &raw.grpc,
+        GrpcAddr::Tcp(defaults::LISTEN_GRPC),
+        |g| parse_grpc_addr(g),
+    );
+    let admin = p.field("listen.admin", &raw.admin, defaults::LISTEN_ADMIN, |a| {
+        parse_addr(a, "")
+    });
+    Some(Listen {
+        grpc: grpc?,
+        admin: admin?,
+    })
+}
+
+fn kubernetes(raw: &RawKubernetes, p: &mut Problems) -> Option<Kubernetes> {
+    let timeout = p.field(
+        "kubernetes.timeout",
+        &raw.timeout,
+        defaults::KUBE_TIMEOUT,
+        |t| match parse_duration(t)? {
+            Duration::ZERO => Err("must be greater than zero".to_owned()),
+            d => Ok(d),
+        },
+    );
+    let retries = p.field(
+        "kubernetes.retries",
+        &raw.retries,
+        defaults::KUBE_RETRIES,
+        |&r| {
+            if r > 10 {
+                Err("must be at most 10".to_owned())
+            } else {
+                Ok(r)
+            }
+        },
+    );
+    let max_in_flight = p.field(
+        "kubernetes.max_in_flight",
+        &raw.max_in_flight,
+        defaults::KUBE_MAX_IN_FLIGHT,
+        |&m| {
+            if m == 0 {
+                Err("must be at least 1".to_owned())
+            } else {
+                Ok(m)
+            }
+        },
+    );
+    let kubeconfig = p.field("kubernetes.kubeconfig", &raw.kubeconfig, None, |c| {
+        if c.trim().is_empty() {
+            Err("must not be empty".to_owned())
+        } else {
+            Ok(Some(PathBuf::from(c)))
+        }
+    });
+    Some(Kubernetes {
+        kubeconfig: kubeconfig?,
+        context: raw.context.as_ref().map(|c| c.value.clone()),
+        timeout: timeout?,
+        retries: retries?,
+        max_in_flight: max_in_flight?,
+    })
+}
+
+fn token_sources(
+    raw: Option<&Spanned<Vec<RawTokenSource>>>,
+    p: &mut Problems,
+) -> Option<Vec<TokenSource>> {
+    let Some(list) = raw else {
+        return Some(vec![TokenSource {
+            header: defaults::TOKEN_HEADER.to_owned(),
+            scheme: Some(defaults::TOKEN_SCHEME.to_owned()),
+        }]);
+    };
+    if list.value.is_empty() {
+        p.push(
+            "token_sources",
+            line(list),
+            "at least one token source is required",
+        );
+    }
+    let mut seen = HashSet::new();
+    let mut sources = Vec::new();
+    let mut ok = true;
+    for (i, s) in list.value.iter().enumerate() {
+        let field = format!("token_sources[{i}].header");
+        let header = p.parsed(&field, &s.header, |h| {
+            let h = parse_header_name(&h.to_ascii_lowercase())?;
+            if seen.contains(&h) {
+                return Err(format!("`{h}` is listed twice"));
+            }
+            seen.insert(h.clone());
+            Ok(h)
+        });
+        let scheme = p.field(
+            format!("token_sources[{i}].scheme"),
+            &s.scheme,
+            None,
+            |sc| {
+                let v = sc.trim();
+                if v.is_empty() || v.contains(char::is_whitespace) {
+                    Err("must be one word, e.g. Bearer".to_owned())
+                } else {
+                    Ok(Some(v.to_owned()))
+                }
+            },
+        );
+        match (header, scheme) {
+            (Some(header), Some(scheme)) => sources.push(TokenSource { header, scheme }),
+            _ => ok = false,
+        }
+    }
+    (ok && !sources.is_empty()).then_some(sources)
+}
+
+fn routes(raw: &Spanned<Vec<RawRoute>>, p: &mut Problems) -> Option<Vec<RouteConfig>> {
+    if raw.value.is_empty() {
+        p.push(
+            "routes",
+            line(raw),
+            "at least one route is required (every request would be denied)",
+        );
+    }
+    let mut names = HashSet::new();
+    let mut catch_all: Option<&str> = None;
+    let mut routes = Vec::new();
+    for (i, r) in raw.value.iter().enumerate() {
+        let name = r.name.value.trim();
+        if name.is_empty() {
+            p.push(
+                format!("routes[{i}].name"),
+                line(&r.name),
+                "must not be empty",
+            );
+        } else if !names.insert(name) {
+            p.push(
+                format!("routes[{i}].name"),
+                line(&r.name),
+                format!("route `{name}` is defined twice"),
+            );
+        }
+        if let Some(earlier) = catch_all {
+            p.push(
+                format!("routes[{i}].name"),
+                line(&r.name),
+                format!("unreachable: route `{earlier}` before it has no `match` and catches every request"),
+            );
+        }
+        let route = route(&format!("routes[{i}]"), r, p);
+        let matches_all = match &route {
+            Some(route) => route
+                .matcher
+                .as_ref()
+                .is_none_or(|m| m.matches_everything()),
+            None => r.matcher.is_none(),
+        };
+        if matches_all && catch_all.is_none() {
+            catch_all = Some(name);
+        }
+        routes.extend(route);
+    }
+    (routes.len() == raw.value.len() && !routes.is_empty()).then_some(routes)
+}
+
+/// One route, `f` its field path (`routes[3]`).
+fn route(f: &str, r: &RawRoute, p: &mut Problems) -> Option<RouteConfig> {
+    if r.audiences.value.is_empty() {
+        p.push(
+            format!("{f}.audiences"),
+            line(&r.audiences),
+            "at least one audience is required",
+        );
+    }
+    let audiences = p.list(&format!("{f}.audiences"), &r.audiences.value, |a| {
+        if a.trim().is_empty() {
+            Err("must not be empty".to_owned())
+        } else {
+            Ok(a.clone())
+        }
+    });
+    let matcher = match &r.matcher {
+        None => Some(None),
+        Some(m) => matcher(&format!("{f}.match"), &m.value, p).map(Some),
+    };
+    let allow = match &r.allow {
+        None => Some(None),
+        Some(a) => allow(&format!("{f}.allow"), a, p).map(Some),
+    };
+    let invalid_token_status = p.field(
+        format!("{f}.invalid_token_status"),
+        &r.invalid_token_status,
+        defaults::INVALID_TOKEN_STATUS,
+        |&s| match s {
+            401 | 403 => Ok(s),
+            _ => Err("must be 401 or 403".to_owned()),
+        },
+    );
+    Some(RouteConfig {
+        name: r.name.value.trim().to_owned(),
+        matcher: matcher?,
+        audiences: audiences?,
+        allow: allow?,
+        strip_token: r.strip_token,
+        invalid_token_status: invalid_token_status?,
+    })
+}
+
+fn matcher(f: &str, m: &RawMatch, p: &mut Problems) -> Option<Matcher> {
+    let hosts = p.list(&format!("{f}.hosts"), &m.hosts, |h| HostPattern::parse(h));
+    let path_prefix = p.field(format!("{f}.path_prefix"), &m.path_prefix, None, |pp| {
+        Matcher::parse_path_prefix(pp)
+    });
+    let methods = p.list(&format!("{f}.methods"), &m.methods, |me| {
+        Matcher::parse_method(me)
+    });
+    Some(Matcher {
+        context_extensions: m.context_extensions.clone(),
+        hosts: hosts?,
+        path_prefix: path_prefix?,
+        methods: methods?,
+    })
+}
+
+fn allow(f: &str, a: &RawAllow, p: &mut Problems) -> Option<AllowList> {
+    let service_accounts = p.list(&format!("{f}.service_accounts"), &a.service_accounts, |s| {
+        ServiceAccountPattern::parse(s)
+    });
+    let namespaces = p.list(&format!("{f}.namespaces"), &a.namespaces, |n| {
+        Glob::parse(n)
+    });
+    let groups = p.list(&format!("{f}.groups"), &a.groups, |g| Glob::parse(g));
+    Some(AllowList {
+        service_accounts: service_accounts?,
+        namespaces: namespaces?,
+        groups: groups?,
+    })
+}
+
+fn cache(raw: &RawCache, p: &mut Problems) -> Option<CacheConfig> {
+    let max_entries = p.field(
+        "cache.max_entries",
+        &raw.max_entries,
+        defaults::CACHE_MAX_ENTRIES,
+        |&m| match NonZeroUsize::new(m) {
+            Some(m) => Ok(m),
+            None => Err("must be at least 1 (set ttl: 0s to disable caching)".to_owned()),
+        },
+    );
+    let ttl = p.field("cache.ttl", &raw.ttl, defaults::CACHE_TTL, |t| {
+        parse_duration(t)
+    });
+    let negative_ttl = p.field(
+        "cache.negative_ttl",
+        &raw.negative_ttl,
+        defaults::CACHE_NEGATIVE_TTL,
+        |t| parse_duration(t),
+    );
+    Some(CacheConfig {
+        max_entries: max_entries?,
+        ttl: ttl?,
+        negative_ttl: negative_ttl?,
+    })
+}
+
+fn identity_headers(
+    raw: &RawIdentityHeaders,
+    token_sources: Option<&[TokenSource]>,
+    p: &mut Problems,
+) -> Option<IdentityHeaders> {
+    let fields = [
+        ("user", &raw.user, defaults::HEADER_USER),
+        ("namespace", &raw.namespace, defaults::HEADER_NAMESPACE),
+        ("name", &raw.name, defaults::HEADER_NAME),
+        ("uid", &raw.uid, defaults::HEADER_UID),
+        ("groups", &raw.groups, defaults::HEADER_GROUPS),
+        ("pod_name", &raw.pod_name, defaults::HEADER_POD_NAME),
+        ("pod_uid", &raw.pod_uid, defaults::HEADER_POD_UID),
+    ];
+    let mut names: Vec<String> = Vec::with_capacity(fields.len());
+    let mut ok = true;
+    for (field, value, default) in fields {
+        let field = format!("identity_headers.{field}");
+        let ln = value.as_ref().map_or(0, line);
+        let Some(name) = p.field(&field, value, default.to_owned(), |v| parse_header_name(v))
+        else {
+            ok = false;
+            continue;
+        };
+        if names.contains(&name) {
+            p.push(
+                &field,
+                ln,
+                format!("`{name}` is used for two identity headers"),
+            );
+            ok = false;
+        }
+        if token_sources
+            .unwrap_or_default()
+            .iter()
+            .any(|s| s.header == name)
+        {
+            p.push(&field, ln, format!("`{name}` is also a token source"));
+            ok = false;
+        }
+        names.push(name);
+    }
+    let [user, namespace, name, uid, groups, pod_name, pod_uid] =
+        <[String; 7]>::try_from(names).ok()?;
+    ok.then_some(IdentityHeaders {
+        user,
+        namespace,
+        name,
+        uid,
+        groups,
+        pod_name,
+        pod_uid,
+    })
+}
+
+fn log(raw: &RawLog, p: &mut Problems) -> Option<LogConfig> {
+    let level = p.field(
+        "log.level",
+        &raw.level,
+        defaults::LOG_LEVEL.to_owned(),
+        |l| {
+            let level = l.trim();
+            if level.is_empty() || tracing_subscriber::EnvFilter::try_new(level).is_err() {
+                Err(format!(
+                "`{level}` is not a level (trace, debug, info, warn, error) or filter directive"
+            ))
+            } else {
+                Ok(level.to_owned())
+            }
+        },
+    );
+    Some(LogConfig {
+        format: raw.format.unwrap_or_default(),
+        level: level?,
     })
 }
 
@@ -1063,7 +1061,7 @@ log:
                 scheme: Some("Bearer".into())
             }]
         );
-        assert_eq!(c.cache.max_entries, 100_000);
+        assert_eq!(c.cache.max_entries.get(), 100_000);
         assert_eq!(c.cache.ttl, Duration::from_secs(60));
         assert_eq!(c.cache.negative_ttl, Duration::from_secs(5));
         assert!(c.routes[0].matcher.is_none());
@@ -1206,16 +1204,13 @@ routes:
         let end = start + section[start..].find("```").expect("closed yaml block");
         let c = Config::from_yaml_str(&section[start..end])
             .unwrap_or_else(|e| panic!("README example: {e}"));
-        assert_eq!(c.listen.grpc.to_string(), defaults::LISTEN_GRPC);
-        assert_eq!(c.listen.admin.to_string(), defaults::LISTEN_ADMIN);
+        assert_eq!(c.listen.grpc, GrpcAddr::Tcp(defaults::LISTEN_GRPC));
+        assert_eq!(c.listen.admin, defaults::LISTEN_ADMIN);
         assert_eq!(c.kubernetes.retries, defaults::KUBE_RETRIES);
         assert_eq!(c.kubernetes.max_in_flight, defaults::KUBE_MAX_IN_FLIGHT);
         assert_eq!(c.cache.max_entries, defaults::CACHE_MAX_ENTRIES);
-        assert_eq!(c.cache.ttl, parse_duration(defaults::CACHE_TTL).unwrap());
-        assert_eq!(
-            c.cache.negative_ttl,
-            parse_duration(defaults::CACHE_NEGATIVE_TTL).unwrap()
-        );
+        assert_eq!(c.cache.ttl, defaults::CACHE_TTL);
+        assert_eq!(c.cache.negative_ttl, defaults::CACHE_NEGATIVE_TTL);
         assert_eq!(
             c.routes[0].invalid_token_status,
             defaults::INVALID_TOKEN_STATUS
@@ -1233,6 +1228,38 @@ routes:
         assert!(parse_duration("60").is_err());
         assert!(parse_duration("s").is_err());
         assert!(parse_duration("1d").is_err());
+    }
+
+    /// What Envoy (`0.5s`) and Go (`1m30s`) users write.
+    #[test]
+    fn envoy_and_go_durations() {
+        assert_eq!(parse_duration("0.5s").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("1m30s").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("1h2m3s").unwrap(), Duration::from_secs(3723));
+        assert_eq!(parse_duration("1.5h").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("0s").unwrap(), Duration::ZERO);
+        for bad in ["5 seconds", "-1s", "", "1h 30m", "1,5s", "ms"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    /// A duration that fails to parse is reported once, not also as "must be greater than
+    /// zero"; and zero is refused where it makes no sense.
+    #[test]
+    fn bad_duration_is_one_problem() {
+        let e =
+            errors("kubernetes:\n  timeout: 5 seconds\nroutes:\n  - name: a\n    audiences: [a]\n");
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!((e[0].field.as_str(), e[0].line), ("kubernetes.timeout", 2));
+        let e = errors("kubernetes:\n  timeout: 0s\nroutes:\n  - name: a\n    audiences: [a]\n");
+        assert_eq!(e[0].message, "must be greater than zero");
+        let c = Config::from_yaml_str(
+            "kubernetes:\n  timeout: 0.5s\ncache:\n  ttl: 1m30s\nroutes:\n  - name: a\n    audiences: [a]\n",
+        )
+        .unwrap();
+        assert_eq!(c.kubernetes.timeout, Duration::from_millis(500));
+        assert_eq!(c.cache.ttl, Duration::from_secs(90));
     }
 
     #[test]

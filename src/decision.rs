@@ -1,5 +1,6 @@
-//! Builds Envoy's `CheckResponse`: OK with identity headers, or a denial with status, reason
-//! header and JSON body; and the gRPC `UNAVAILABLE` used when the API server cannot answer.
+//! Turns a Check's [`Outcome`] into Envoy's answer: a `CheckResponse` (OK with identity
+//! headers, or a denial with status, reason header and JSON body), or the gRPC `UNAVAILABLE`
+//! used when the API server cannot answer.
 //!
 //! Identity headers are set with `append: false` *and* `append_action:
 //! OVERWRITE_IF_EXISTS_OR_ADD`: Envoy versions disagree on which field wins and on the
@@ -18,8 +19,11 @@ use envoy_types::pb::envoy::service::auth::v3::{
 use envoy_types::pb::google::protobuf::BoolValue;
 use envoy_types::pb::google::rpc;
 
+use crate::check::Outcome;
 use crate::config::{IdentityHeaders, TokenSource};
-use crate::identity::{Denial, Identity};
+use crate::denial::Denial;
+use crate::error::Report;
+use crate::identity::Identity;
 use crate::route::Route;
 
 /// Header carrying the denial reason code.
@@ -37,7 +41,6 @@ const GRPC_UNAUTHENTICATED: i32 = 16;
 #[derive(Debug, Clone)]
 pub struct Responder {
     names: IdentityHeaders,
-    token_headers: Vec<String>,
 }
 
 /// A header set to exactly `value`, replacing anything the client sent.
@@ -56,17 +59,30 @@ fn overwrite(key: &str, value: String) -> HeaderValueOption {
 }
 
 impl Responder {
-    /// A responder for these identity header names and token sources.
-    pub fn new(names: &IdentityHeaders, sources: &[TokenSource]) -> Responder {
+    /// A responder for these identity header names.
+    pub fn new(names: &IdentityHeaders) -> Responder {
         Responder {
             names: names.clone(),
-            token_headers: sources.iter().map(|s| s.header.clone()).collect(),
         }
     }
 
-    /// OK, with the caller's identity in headers. `token_source` indexes the token sources
+    /// Envoy's answer to a Check: a CheckResponse for every allow and deny, gRPC UNAVAILABLE
+    /// when the API server could not answer.
+    pub fn respond(&self, outcome: &Outcome<'_>) -> Result<CheckResponse, tonic::Status> {
+        match outcome {
+            Outcome::Allow {
+                route,
+                identity,
+                source,
+            } => Ok(self.allow(identity, route, source)),
+            Outcome::Deny { route, denial } => Ok(self.deny(*denial, *route)),
+            Outcome::Unavailable { error, .. } => Err(unavailable(&Report(error))),
+        }
+    }
+
+    /// OK, with the caller's identity in headers. `token_source` is where the token was found
     /// (its header is removed when the route strips tokens).
-    pub fn allow(&self, id: &Identity, route: &Route, token_source: usize) -> CheckResponse {
+    pub fn allow(&self, id: &Identity, route: &Route, token_source: &TokenSource) -> CheckResponse {
         let n = &self.names;
         let mut headers = Vec::with_capacity(7);
         let mut remove = Vec::new();
@@ -85,9 +101,7 @@ impl Responder {
         optional(&n.pod_name, id.pod_name.clone());
         optional(&n.pod_uid, id.pod_uid.clone());
         if route.strip_token {
-            if let Some(h) = self.token_headers.get(token_source) {
-                remove.push(h.clone());
-            }
+            remove.push(token_source.header.clone());
         }
         CheckResponse {
             status: Some(rpc::Status {
@@ -158,14 +172,15 @@ mod tests {
     use crate::config::Config;
     use crate::route::Routes;
 
-    fn setup(strip: bool) -> (Responder, Routes) {
+    fn setup(strip: bool) -> (Responder, Routes, Vec<TokenSource>) {
         let yaml = format!(
             "token_sources:\n  - header: authorization\n    scheme: Bearer\n  - header: x-client-id\nroutes:\n  - name: r\n    audiences: [a]\n    strip_token: {strip}\n"
         );
         let c = Config::from_yaml_str(&yaml).unwrap();
         (
-            Responder::new(&c.identity_headers, &c.token_sources),
+            Responder::new(&c.identity_headers),
             Routes::new(&c.routes),
+            c.token_sources,
         )
     }
 
@@ -191,9 +206,9 @@ mod tests {
     #[test]
     #[allow(deprecated)]
     fn allow_sets_both_append_fields_and_removes_absent() {
-        let (resp, routes) = setup(false);
+        let (resp, routes, sources) = setup(false);
         let route = routes.iter().next().unwrap();
-        let r = resp.allow(&id(false), route, 1);
+        let r = resp.allow(&id(false), route, &sources[1]);
         assert_eq!(r.status.as_ref().unwrap().code, 0);
         let ok = ok(&r);
         for h in &ok.headers {
@@ -223,9 +238,9 @@ mod tests {
 
     #[test]
     fn strip_token_removes_its_header() {
-        let (resp, routes) = setup(true);
+        let (resp, routes, sources) = setup(true);
         let route = routes.iter().next().unwrap();
-        let r = resp.allow(&id(true), route, 1);
+        let r = resp.allow(&id(true), route, &sources[1]);
         assert_eq!(ok(&r).headers_to_remove, vec!["x-client-id"]);
     }
 
@@ -270,8 +285,52 @@ mod tests {
         assert_eq!(denied(&na).status.as_ref().unwrap().code, 403);
     }
 
+    /// tokengate's own mapping: an API server that cannot answer is gRPC UNAVAILABLE (so
+    /// Envoy's `status_on_error` / `failure_mode_allow` decide), never a CheckResponse, and
+    /// the message carries the cause.
     #[test]
     fn unavailable_is_grpc_unavailable() {
-        assert_eq!(unavailable(&"down").code(), tonic::Code::Unavailable);
+        let (resp, routes, _) = setup(false);
+        let route = routes.iter().next().unwrap();
+        let cause = std::io::Error::other("certificate signed by unknown authority");
+        let outcome = Outcome::Unavailable {
+            route,
+            error: crate::review::ReviewError::Connect(std::sync::Arc::new(cause)),
+        };
+        let status = resp.respond(&outcome).unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert!(
+            status.message().contains("unknown authority"),
+            "{}",
+            status.message()
+        );
+        let timeout = Outcome::Unavailable {
+            route,
+            error: crate::review::ReviewError::Timeout,
+        };
+        assert_eq!(
+            resp.respond(&timeout).unwrap_err().code(),
+            tonic::Code::Unavailable
+        );
+    }
+
+    #[test]
+    fn outcomes_map_to_responses() {
+        let (resp, routes, sources) = setup(true);
+        let route = routes.iter().next().unwrap();
+        let allow = Outcome::Allow {
+            route,
+            identity: std::sync::Arc::new(id(true)),
+            source: &sources[0],
+        };
+        let r = resp.respond(&allow).unwrap();
+        assert_eq!(ok(&r).headers_to_remove, vec!["authorization"]);
+        let deny = Outcome::Deny {
+            route: None,
+            denial: Denial::BadRequest,
+        };
+        let r = resp.respond(&deny).unwrap();
+        assert_eq!(denied(&r).status.as_ref().unwrap().code, 403);
+        assert_eq!(header(denied(&r), REASON_HEADER), Some("bad_request"));
     }
 }

@@ -83,7 +83,7 @@ fn init_logging(config: &Config) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     match config.log.format {
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.init(),
     }
 }
@@ -111,7 +111,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let admin = tokio::net::TcpListener::bind(config.listen.admin)
         .await
         .with_context(|| format!("binding admin listener {}", config.listen.admin))?;
-    tokengate::serve(config, grpc, admin, shutdown_signal()).await
+    // The library's error, with its cause chain printed once (kube's errors repeat theirs).
+    tokengate::serve(config, grpc, admin, shutdown_signal())
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", tokengate::error::Report(&e)))
 }
 
 /// Completes on SIGTERM (Kubernetes) or Ctrl-C.

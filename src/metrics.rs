@@ -21,7 +21,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::identity::Denial;
+use crate::denial::Denial;
 
 /// Route label used when no route matched.
 pub const NO_ROUTE_LABEL: &str = "none";
@@ -50,9 +50,10 @@ struct DecisionRow {
     error: Counter,
 }
 
-/// What happened to a Check, for counting.
+/// What happened to a Check, as counted (the `outcome` and `reason` labels of
+/// `tokengate_decisions_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
+pub enum Counted {
     /// Allowed.
     Allow,
     /// Denied for this reason.
@@ -162,13 +163,13 @@ impl Metrics {
     }
 
     /// Counts a decision; `route` is the route's index, `None` when no route matched.
-    pub fn decision(&self, route: Option<usize>, outcome: Outcome) {
+    pub fn decision(&self, route: Option<usize>, outcome: Counted) {
         let last = self.rows.len() - 1;
         let row = &self.rows[route.unwrap_or(last).min(last)];
         match outcome {
-            Outcome::Allow => row.allow.inc(),
-            Outcome::Deny(d) => row.deny[d.index()].inc(),
-            Outcome::Error => row.error.inc(),
+            Counted::Allow => row.allow.inc(),
+            Counted::Deny(d) => row.deny[d.index()].inc(),
+            Counted::Error => row.error.inc(),
         };
     }
 
@@ -195,10 +196,10 @@ mod tests {
     #[test]
     fn decisions_are_labelled() {
         let m = Metrics::new(["data-store"]);
-        m.decision(Some(0), Outcome::Allow);
-        m.decision(Some(0), Outcome::Deny(Denial::NotAllowed));
-        m.decision(None, Outcome::Deny(Denial::NoRoute));
-        m.decision(Some(0), Outcome::Error);
+        m.decision(Some(0), Counted::Allow);
+        m.decision(Some(0), Counted::Deny(Denial::NotAllowed));
+        m.decision(None, Counted::Deny(Denial::NoRoute));
+        m.decision(Some(0), Counted::Error);
         let text = m.encode();
         assert!(text.contains(
             r#"tokengate_decisions_total{route="data-store",outcome="allow",reason="ok"} 1"#

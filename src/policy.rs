@@ -3,9 +3,9 @@
 //! A caller is admitted when any entry of any list matches: a service account (`ns/name`, `*`
 //! matches any run of characters on either side), a namespace, or a group. A route without an
 //! allow-list admits every authenticated service account; an allow-list whose lists are all
-//! empty admits nobody. Patterns are compiled once at start-up; matching does not allocate.
+//! empty admits nobody. The patterns' parsers live here and `config` calls them, so a pattern
+//! is checked and compiled once, at start-up; matching does not allocate.
 
-use crate::config::AllowConfig;
 use crate::identity::Identity;
 
 /// A `*` wildcard pattern (no other metacharacters).
@@ -13,9 +13,12 @@ use crate::identity::Identity;
 pub struct Glob(String);
 
 impl Glob {
-    /// Wraps a pattern.
-    pub fn new(pattern: &str) -> Glob {
-        Glob(pattern.to_owned())
+    /// Parses a pattern: surrounding whitespace is ignored; it must not be empty.
+    pub fn parse(pattern: &str) -> Result<Glob, String> {
+        match pattern.trim() {
+            "" => Err("empty pattern".to_owned()),
+            p => Ok(Glob(p.to_owned())),
+        }
     }
 
     /// Whether `text` matches; `*` matches any (possibly empty) sequence.
@@ -43,34 +46,52 @@ impl Glob {
     }
 }
 
-/// A compiled allow-list.
-#[derive(Debug, Clone)]
-pub struct AllowList {
-    service_accounts: Vec<(Glob, Glob)>,
-    namespaces: Vec<Glob>,
-    groups: Vec<Glob>,
+/// A service-account pattern, `namespace/name`, either side a [`Glob`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceAccountPattern {
+    namespace: Glob,
+    name: Glob,
 }
 
-impl AllowList {
-    /// Compiles the configured lists (validated by `config`).
-    pub fn new(cfg: &AllowConfig) -> AllowList {
-        AllowList {
-            service_accounts: cfg
-                .service_accounts
-                .iter()
-                .filter_map(|s| s.split_once('/'))
-                .map(|(ns, name)| (Glob::new(ns), Glob::new(name)))
-                .collect(),
-            namespaces: cfg.namespaces.iter().map(|n| Glob::new(n)).collect(),
-            groups: cfg.groups.iter().map(|g| Glob::new(g)).collect(),
+impl ServiceAccountPattern {
+    /// Parses `namespace/name` (`*` wildcards allowed on either side; both sides non-empty,
+    /// exactly one `/`).
+    pub fn parse(s: &str) -> Result<ServiceAccountPattern, String> {
+        let v = s.trim();
+        match v.split_once('/') {
+            Some((ns, n)) if !ns.is_empty() && !n.is_empty() && !n.contains('/') => {
+                Ok(ServiceAccountPattern {
+                    namespace: Glob(ns.to_owned()),
+                    name: Glob(n.to_owned()),
+                })
+            }
+            _ => Err(format!(
+                "`{v}` must be `namespace/name` (`*` wildcards allowed)"
+            )),
         }
     }
 
+    /// Whether the identity's service account matches.
+    pub fn matches(&self, id: &Identity) -> bool {
+        self.namespace.matches(&id.namespace) && self.name.matches(&id.name)
+    }
+}
+
+/// A compiled allow-list (built by `config` from the route's `allow`).
+#[derive(Debug, Clone, Default)]
+pub struct AllowList {
+    /// `namespace/name` patterns.
+    pub service_accounts: Vec<ServiceAccountPattern>,
+    /// Namespace patterns.
+    pub namespaces: Vec<Glob>,
+    /// Group patterns.
+    pub groups: Vec<Glob>,
+}
+
+impl AllowList {
     /// Whether the identity is admitted.
     pub fn allows(&self, id: &Identity) -> bool {
-        self.service_accounts
-            .iter()
-            .any(|(ns, name)| ns.matches(&id.namespace) && name.matches(&id.name))
+        self.service_accounts.iter().any(|sa| sa.matches(id))
             || self.namespaces.iter().any(|n| n.matches(&id.namespace))
             || self
                 .groups
@@ -101,16 +122,19 @@ mod tests {
     }
 
     fn list(sas: &[&str], nss: &[&str], groups: &[&str]) -> AllowList {
-        AllowList::new(&AllowConfig {
-            service_accounts: sas.iter().map(|s| s.to_string()).collect(),
-            namespaces: nss.iter().map(|s| s.to_string()).collect(),
-            groups: groups.iter().map(|s| s.to_string()).collect(),
-        })
+        AllowList {
+            service_accounts: sas
+                .iter()
+                .map(|s| ServiceAccountPattern::parse(s).unwrap())
+                .collect(),
+            namespaces: nss.iter().map(|s| Glob::parse(s).unwrap()).collect(),
+            groups: groups.iter().map(|s| Glob::parse(s).unwrap()).collect(),
+        }
     }
 
     #[test]
     fn glob() {
-        let g = |p: &str, t: &str| Glob::new(p).matches(t);
+        let g = |p: &str, t: &str| Glob::parse(p).unwrap().matches(t);
         assert!(g("*", ""));
         assert!(g("*", "anything"));
         assert!(g("api", "api"));
@@ -133,6 +157,16 @@ mod tests {
         assert!(l.allows(&id("batch", "x", &[])));
         assert!(l.allows(&id("other", "x", &["system:serviceaccounts", "team:blue"])));
         assert!(!l.allows(&id("other", "x", &["system:serviceaccounts"])));
+    }
+
+    #[test]
+    fn service_account_pattern_parse() {
+        assert!(ServiceAccountPattern::parse(" default/api ").is_ok());
+        assert!(ServiceAccountPattern::parse("*/*").is_ok());
+        for bad in ["justname", "/api", "default/", "a/b/c", ""] {
+            assert!(ServiceAccountPattern::parse(bad).is_err(), "{bad}");
+        }
+        assert!(Glob::parse("  ").is_err());
     }
 
     #[test]

@@ -11,7 +11,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use serde::Deserialize;
 
-use crate::identity::Denial;
+use crate::denial::Denial;
 
 /// Longest token accepted (bytes).
 pub const MAX_TOKEN_BYTES: usize = 16 * 1024;

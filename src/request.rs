@@ -2,7 +2,9 @@
 //!
 //! Envoy sends headers either in the `headers` map (lower-cased keys, duplicates merged with
 //! commas) or, with `encode_raw_headers: true`, in `header_map` (raw, one entry per header line);
-//! both are read. Nothing here allocates: the view borrows from the request.
+//! both are read. Nothing here allocates: the view borrows from the request. The rest of the
+//! pipeline sees only the view; [`RequestView::from_parts`] builds one without a protobuf
+//! (unit tests, or another front end).
 
 use envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest;
 use envoy_types::pb::envoy::service::auth::v3::CheckRequest;
@@ -21,7 +23,16 @@ pub struct RequestView<'a> {
     pub method: &'a str,
     /// Envoy per-route `context_extensions`.
     pub context_extensions: &'a HashMap<String, String>,
-    http: &'a HttpRequest,
+    headers: Headers<'a>,
+}
+
+/// Where a view's headers come from.
+#[derive(Debug, Clone, Copy)]
+enum Headers<'a> {
+    /// Envoy's HTTP attributes: the `headers` map, then `header_map`.
+    Envoy(&'a HttpRequest),
+    /// Plain `(name, value)` pairs, one per header line.
+    Pairs(&'a [(&'a str, &'a str)]),
 }
 
 /// A header's presence in the request.
@@ -35,19 +46,19 @@ pub enum Header<'a> {
     Unusable,
 }
 
-/// The outcome of looking for a token.
+/// The outcome of looking for a token: `'a` borrows from the request, `'s` from the sources.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TokenLookup<'a> {
+pub enum TokenLookup<'a, 's> {
     /// No configured source carried a token.
     Missing,
     /// A source header was present but empty, duplicated or `<scheme>` without a token.
     Malformed,
-    /// A token, and the index of the source it came from.
+    /// A token, and the source it came from.
     Found {
         /// The token (scheme and surrounding whitespace removed).
         token: &'a str,
-        /// Index into the configured token sources.
-        source: usize,
+        /// The configured source that carried it.
+        source: &'s TokenSource,
     },
 }
 
@@ -61,41 +72,66 @@ impl<'a> RequestView<'a> {
             path: strip_query(&http.path),
             method: &http.method,
             context_extensions: &attrs.context_extensions,
-            http,
+            headers: Headers::Envoy(http),
         })
     }
 
-    /// Looks a header up (name lower-case) in the `headers` map, then in `header_map`.
+    /// Builds a view from plain values: `host` may carry a port and `path` a query, as on the
+    /// wire; `headers` are `(name, value)` pairs, one per header line, names in any case.
+    pub fn from_parts(
+        host: &'a str,
+        path: &'a str,
+        method: &'a str,
+        context_extensions: &'a HashMap<String, String>,
+        headers: &'a [(&'a str, &'a str)],
+    ) -> RequestView<'a> {
+        RequestView {
+            host: strip_port(host),
+            path: strip_query(path),
+            method,
+            context_extensions,
+            headers: Headers::Pairs(headers),
+        }
+    }
+
+    /// Looks a header up (name lower-case): for Envoy, in the `headers` map, then in
+    /// `header_map`.
     pub fn header(&self, name: &str) -> Header<'a> {
-        if let Some(v) = self.http.headers.get(name) {
-            return Header::One(v.as_str());
-        }
-        let Some(map) = &self.http.header_map else {
-            return Header::Absent;
-        };
-        let mut found = Header::Absent;
-        for h in &map.headers {
-            if !h.key.eq_ignore_ascii_case(name) {
-                continue;
+        match self.headers {
+            Headers::Envoy(http) => {
+                if let Some(v) = http.headers.get(name) {
+                    return Header::One(v.as_str());
+                }
+                let Some(map) = &http.header_map else {
+                    return Header::Absent;
+                };
+                one_of(
+                    map.headers
+                        .iter()
+                        .filter(|h| h.key.eq_ignore_ascii_case(name))
+                        .map(|h| {
+                            if h.raw_value.is_empty() {
+                                Some(h.value.as_str())
+                            } else {
+                                std::str::from_utf8(&h.raw_value).ok()
+                            }
+                        }),
+                )
             }
-            if found != Header::Absent {
-                return Header::Unusable;
-            }
-            let value = if h.raw_value.is_empty() {
-                Some(h.value.as_str())
-            } else {
-                std::str::from_utf8(&h.raw_value).ok()
-            };
-            found = value.map_or(Header::Unusable, Header::One);
+            Headers::Pairs(pairs) => one_of(
+                pairs
+                    .iter()
+                    .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+                    .map(|(_, v)| Some(*v)),
+            ),
         }
-        found
     }
 
     /// Finds the token: the first configured source whose header is present wins. A header
     /// with a different scheme (say `Authorization: Basic`) is not a bearer credential and is
     /// skipped; an empty, duplicated (comma-merged) or token-less header is malformed.
-    pub fn token(&self, sources: &[TokenSource]) -> TokenLookup<'a> {
-        for (i, source) in sources.iter().enumerate() {
+    pub fn token<'s>(&self, sources: &'s [TokenSource]) -> TokenLookup<'a, 's> {
+        for source in sources {
             let value = match self.header(&source.header) {
                 Header::Absent => continue,
                 Header::Unusable => return TokenLookup::Malformed,
@@ -116,9 +152,18 @@ impl<'a> RequestView<'a> {
             if token.is_empty() || token.bytes().any(|b| b == b',' || b <= b' ') {
                 return TokenLookup::Malformed;
             }
-            return TokenLookup::Found { token, source: i };
+            return TokenLookup::Found { token, source };
         }
         TokenLookup::Missing
+    }
+}
+
+/// The one value among a header's lines (`None`: not valid UTF-8).
+fn one_of<'a>(mut lines: impl Iterator<Item = Option<&'a str>>) -> Header<'a> {
+    match (lines.next(), lines.next()) {
+        (None, _) => Header::Absent,
+        (Some(Some(v)), None) => Header::One(v),
+        _ => Header::Unusable,
     }
 }
 
@@ -221,7 +266,7 @@ mod tests {
             v.token(&sources()),
             TokenLookup::Found {
                 token: "abc.def.ghi",
-                source: 0
+                source: &sources()[0]
             }
         );
     }
@@ -234,7 +279,7 @@ mod tests {
             v.token(&sources()),
             TokenLookup::Found {
                 token: "tok",
-                source: 1
+                source: &sources()[1]
             }
         );
         let r = req(
@@ -247,7 +292,7 @@ mod tests {
             v.token(&sources()),
             TokenLookup::Found {
                 token: "a",
-                source: 0
+                source: &sources()[0]
             }
         );
     }
@@ -271,7 +316,7 @@ mod tests {
             RequestView::new(&r).unwrap().token(&sources()),
             TokenLookup::Found {
                 token: "t",
-                source: 1
+                source: &sources()[1]
             }
         );
     }
@@ -315,7 +360,7 @@ mod tests {
             RequestView::new(&r).unwrap().token(&sources()),
             TokenLookup::Found {
                 token: "raw.tok.en",
-                source: 0
+                source: &sources()[0]
             }
         );
         if let Some(m) = http_mut(&mut r).header_map.as_mut() {

@@ -33,7 +33,9 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use crate::config::Kubernetes;
-use crate::identity::{Denial, Identity, TokenHash};
+use crate::denial::Denial;
+use crate::error::Report;
+use crate::identity::{Identity, TokenHash};
 use crate::metrics::Metrics;
 
 const TOKENREVIEWS_PATH: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
@@ -52,12 +54,20 @@ pub enum Verdict {
     Rejected(Denial),
 }
 
+/// The underlying error of a [`ReviewError`], shared (hence `Arc`) so the error stays `Clone`
+/// for single-flight waiters while keeping its whole cause chain (say, the TLS certificate
+/// error under "client error (Connect)"). Print it with [`crate::error::Report`].
+pub type Cause = Arc<dyn std::error::Error + Send + Sync + 'static>;
+
 /// No answer could be had from the API server. Shared with single-flight waiters, hence `Clone`.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ReviewError {
-    /// Connection failed or was reset.
-    #[error("cannot reach the Kubernetes API server: {0}")]
-    Connect(String),
+    /// Connection (TCP, TLS, HTTP/2) failed or was reset before an answer.
+    #[error("cannot reach the Kubernetes API server")]
+    Connect(#[source] Cause),
+    /// The connection failed while the answer was being read (or it exceeded 1 MiB).
+    #[error("reading the TokenReview response failed")]
+    ReadResponse(#[source] Cause),
     /// The attempt exceeded `kubernetes.timeout`.
     #[error("TokenReview timed out")]
     Timeout,
@@ -70,6 +80,9 @@ pub enum ReviewError {
     /// We may not create TokenReviews (RBAC: bind `system:auth-delegator`).
     #[error("tokengate may not create TokenReviews (HTTP 403); bind it to system:auth-delegator")]
     Forbidden,
+    /// The TokenReview request could not be built (a bug; never the token's fault).
+    #[error("building the TokenReview request failed: {0}")]
+    BuildRequest(String),
     /// The response was not a TokenReview.
     #[error("unexpected TokenReview response: {0}")]
     Decode(String),
@@ -91,13 +104,14 @@ impl ReviewError {
     /// Metric label.
     pub fn kind(&self) -> &'static str {
         match self {
-            ReviewError::Connect(_) => "connect",
+            ReviewError::Connect(_) | ReviewError::ReadResponse(_) => "connect",
             ReviewError::Timeout => "timeout",
             ReviewError::Status(429) => "throttled",
             ReviewError::Status(s) if *s >= 500 => "server_error",
             ReviewError::Status(_) => "unexpected_status",
             ReviewError::Unauthorized => "unauthorized",
             ReviewError::Forbidden => "forbidden",
+            ReviewError::BuildRequest(_) => "build_request",
             ReviewError::Decode(_) => "decode",
             ReviewError::Overloaded => "overloaded",
             ReviewError::Aborted => "aborted",
@@ -109,16 +123,16 @@ impl ReviewError {
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
     /// The kubeconfig could not be read or used.
-    #[error("kubeconfig: {0}")]
+    #[error("kubeconfig")]
     Kubeconfig(#[from] kube::config::KubeconfigError),
     /// Neither in-cluster config nor a kubeconfig was found.
-    #[error("no Kubernetes configuration found (not in a cluster, no kubeconfig): {0}")]
+    #[error("no Kubernetes configuration found (not in a cluster, no kubeconfig)")]
     Infer(#[from] kube::config::InferConfigError),
     /// The client could not be built (TLS settings, ...).
-    #[error("Kubernetes client: {0}")]
+    #[error("Kubernetes client")]
     Client(#[from] kube::Error),
     /// The reviewer token file could not be read.
-    #[error("cannot read the reviewer token file {path}: {source}")]
+    #[error("cannot read the reviewer token file {path}")]
     TokenFile {
         /// The file.
         path: PathBuf,
@@ -298,7 +312,8 @@ impl Reviewer {
             },
             ..Default::default()
         };
-        let body = serde_json::to_vec(&review).map_err(|e| ReviewError::Decode(json_error(&e)))?;
+        let body =
+            serde_json::to_vec(&review).map_err(|e| ReviewError::BuildRequest(json_error(&e)))?;
         let mut attempt = 0u32;
         let mut reauthenticated = false;
         loop {
@@ -350,7 +365,7 @@ impl Reviewer {
                     }
                     let backoff = Duration::from_millis(50u64 << attempt.min(5));
                     let wait = retry_after.unwrap_or(backoff).min(self.timeout);
-                    tracing::debug!(error = %e, attempt, ?wait, "TokenReview failed; retrying");
+                    tracing::debug!(error = %Report(&e), attempt, ?wait, "TokenReview failed; retrying");
                     attempt += 1;
                     tokio::time::sleep(wait).await;
                 }
@@ -367,7 +382,7 @@ impl Reviewer {
             .header(CONTENT_TYPE, "application/json")
             .header(ACCEPT, "application/json")
             .body(kube::client::Body::from(body))
-            .map_err(|e| AttemptError::Fatal(ReviewError::Decode(e.to_string())))?;
+            .map_err(|e| AttemptError::Fatal(ReviewError::BuildRequest(e.to_string())))?;
         if let Some(t) = &self.token {
             request.headers_mut().insert(AUTHORIZATION, t.header());
         }
@@ -375,7 +390,7 @@ impl Reviewer {
             .client
             .send(request)
             .await
-            .map_err(|e| AttemptError::Transient(ReviewError::Connect(e.to_string()), None))?;
+            .map_err(|e| AttemptError::Transient(ReviewError::Connect(Arc::new(e)), None))?;
         let code = response.status().as_u16();
         let retry_after = response
             .headers()
@@ -398,7 +413,7 @@ impl Reviewer {
         let bytes = http_body_util::Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
             .collect()
             .await
-            .map_err(|e| AttemptError::Transient(ReviewError::Connect(e.to_string()), None))?
+            .map_err(|e| AttemptError::Transient(ReviewError::ReadResponse(Cause::from(e)), None))?
             .to_bytes();
         let review: TokenReview = serde_json::from_slice(&bytes)
             .map_err(|e| AttemptError::Fatal(ReviewError::Decode(json_error(&e))))?;

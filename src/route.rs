@@ -5,8 +5,14 @@
 //! ignored, case-insensitive), path prefix (query ignored) and method. Host and path matter
 //! because Istio's CUSTOM provider sends no context_extensions. No match means deny
 //! (`no_route`) unless a route without `match` acts as the default.
+//!
+//! The condition parsers ([`HostPattern::parse`], [`Matcher::parse_path_prefix`],
+//! [`Matcher::parse_method`]) live here; `config` calls them, so the configuration already
+//! carries compiled [`Matcher`]s.
 
-use crate::config::{MatchConfig, RouteConfig};
+use std::collections::BTreeMap;
+
+use crate::config::RouteConfig;
 use crate::policy::AllowList;
 use crate::request::RequestView;
 
@@ -28,27 +34,47 @@ pub struct Route {
     pub invalid_token_status: u16,
 }
 
-#[derive(Debug, Clone)]
-struct Matcher {
-    context_extensions: Vec<(String, String)>,
-    hosts: Vec<HostPattern>,
-    path_prefix: Option<String>,
-    methods: Vec<String>,
+/// Route conditions; all given conditions must hold.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Matcher {
+    /// Envoy per-route `context_extensions` entries that must be present with these values.
+    pub context_extensions: BTreeMap<String, String>,
+    /// Hosts; empty means any host.
+    pub hosts: Vec<HostPattern>,
+    /// Path prefix (query string ignored); `None` means any path.
+    pub path_prefix: Option<String>,
+    /// Methods, upper-case; empty means any method.
+    pub methods: Vec<String>,
 }
 
+/// A host condition: exact, or `*.suffix`; compared case-insensitively, port ignored.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum HostPattern {
+pub enum HostPattern {
+    /// `example.com`, stored lower-case.
     Exact(String),
     /// `*.example.com` stored as `.example.com`; matches any deeper name, not the apex.
     Suffix(String),
 }
 
 impl HostPattern {
-    fn parse(s: &str) -> HostPattern {
-        match s.strip_prefix('*') {
-            Some(suffix) => HostPattern::Suffix(suffix.to_ascii_lowercase()),
-            None => HostPattern::Exact(s.to_ascii_lowercase()),
+    /// Parses an exact host or `*.suffix` (no port, no other wildcard); surrounding whitespace
+    /// is ignored and case folded.
+    pub fn parse(s: &str) -> Result<HostPattern, String> {
+        let host = s.trim().to_ascii_lowercase();
+        let (rest, suffix) = match host.strip_prefix("*.") {
+            Some(rest) => (rest, true),
+            None => (host.as_str(), false),
+        };
+        if rest.is_empty() || rest.contains(['*', ':', '/']) {
+            return Err(format!(
+                "`{s}` must be an exact host or `*.suffix` (no port)"
+            ));
         }
+        Ok(if suffix {
+            HostPattern::Suffix(format!(".{rest}"))
+        } else {
+            HostPattern::Exact(host)
+        })
     }
 
     fn matches(&self, host: &str) -> bool {
@@ -64,17 +90,30 @@ impl HostPattern {
 }
 
 impl Matcher {
-    fn new(m: &MatchConfig) -> Matcher {
-        Matcher {
-            context_extensions: m
-                .context_extensions
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-            hosts: m.hosts.iter().map(|h| HostPattern::parse(h)).collect(),
-            path_prefix: m.path_prefix.clone().filter(|p| p != "/"),
-            methods: m.methods.clone(),
+    /// Parses a path prefix: it must start with `/`; `/` itself matches every path (`None`).
+    pub fn parse_path_prefix(s: &str) -> Result<Option<String>, String> {
+        match s {
+            "/" => Ok(None),
+            p if p.starts_with('/') => Ok(Some(p.to_owned())),
+            _ => Err("must start with `/`".to_owned()),
         }
+    }
+
+    /// Parses an HTTP method (letters only), upper-cased.
+    pub fn parse_method(s: &str) -> Result<String, String> {
+        let m = s.trim().to_ascii_uppercase();
+        if m.is_empty() || !m.bytes().all(|b| b.is_ascii_uppercase()) {
+            return Err(format!("`{s}` is not an HTTP method"));
+        }
+        Ok(m)
+    }
+
+    /// Whether every request matches (no condition is set): a default route.
+    pub fn matches_everything(&self) -> bool {
+        self.context_extensions.is_empty()
+            && self.hosts.is_empty()
+            && self.path_prefix.is_none()
+            && self.methods.is_empty()
     }
 
     fn matches(&self, req: &RequestView<'_>) -> bool {
@@ -107,9 +146,9 @@ impl Routes {
                 .map(|(index, r)| Route {
                     index,
                     name: r.name.clone(),
-                    matcher: r.matcher.as_ref().map(Matcher::new),
+                    matcher: r.matcher.clone(),
                     audiences: r.audiences.clone(),
-                    allow: r.allow.as_ref().map(AllowList::new),
+                    allow: r.allow.clone(),
                     strip_token: r.strip_token,
                     invalid_token_status: r.invalid_token_status,
                 })
@@ -225,8 +264,23 @@ routes:
     }
 
     #[test]
+    fn host_pattern_parse() {
+        assert_eq!(
+            HostPattern::parse(" Vault "),
+            Ok(HostPattern::Exact("vault".into()))
+        );
+        for bad in ["", "*.", "a*b", "*", "host:80", "a/b", "*.*.x"] {
+            assert!(HostPattern::parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(Matcher::parse_path_prefix("/"), Ok(None));
+        assert!(Matcher::parse_path_prefix("api").is_err());
+        assert_eq!(Matcher::parse_method(" get"), Ok("GET".into()));
+        assert!(Matcher::parse_method("GE T").is_err());
+    }
+
+    #[test]
     fn suffix_does_not_match_apex_or_partial_label() {
-        let p = HostPattern::parse("*.example.com");
+        let p = HostPattern::parse("*.example.com").unwrap();
         assert!(p.matches("a.example.com"));
         assert!(p.matches("a.b.EXAMPLE.com"));
         assert!(!p.matches("example.com"));

@@ -1,13 +1,11 @@
 //! The gRPC edge: `envoy.service.auth.v3.Authorization/Check` and `grpc.health.v1` on one port.
 //!
-//! On shutdown the health status turns NOT_SERVING first (so Envoy's active health check and
-//! Kubernetes probes steer away), then tonic stops accepting and drains in-flight Checks,
-//! bounded by [`DRAIN_GRACE`].
+//! Each Check is read into a [`RequestView`], decided by the [`Checker`] and answered by the
+//! [`Responder`]; this is the only place the three meet. On shutdown the health status turns
+//! NOT_SERVING first, then tonic stops accepting and drains in-flight Checks (see
+//! [`crate::shutdown`]).
 
-use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use envoy_types::pb::envoy::service::auth::v3::authorization_server::{
     Authorization, AuthorizationServer,
@@ -15,18 +13,22 @@ use envoy_types::pb::envoy::service::auth::v3::authorization_server::{
 use envoy_types::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse};
 use tonic::codegen::tokio_stream::Stream;
 use tonic::codegen::tokio_stream::StreamExt as _;
-use tonic::transport::server::{Connected, TcpIncoming};
+use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 use tonic_health::ServingStatus;
 
 use crate::check::Checker;
+use crate::decision::Responder;
+use crate::error::Error;
+use crate::io::ScalarWrites;
+use crate::request::RequestView;
+use crate::shutdown::{Phase, Shutdown};
 
-/// Longest wait for in-flight Checks after shutdown begins.
-pub const DRAIN_GRACE: Duration = Duration::from_secs(10);
-
-/// The tonic service: hands each Check to the [`Checker`].
+/// The tonic service: reads each Check, hands it to the [`Checker`], answers with the
+/// [`Responder`].
 pub struct AuthzService {
     checker: Arc<Checker>,
+    responder: Responder,
 }
 
 #[tonic::async_trait]
@@ -35,10 +37,11 @@ impl Authorization for AuthzService {
         &self,
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
-        self.checker
-            .check(request.get_ref())
-            .await
-            .map(Response::new)
+        let outcome = match RequestView::new(request.get_ref()) {
+            Some(view) => self.checker.check(&view).await,
+            None => self.checker.unreadable(),
+        };
+        self.responder.respond(&outcome).map(Response::new)
     }
 }
 
@@ -126,124 +129,48 @@ impl Stream for UnixIncoming {
     }
 }
 
-/// Serves Check and health on `listener` until `shutdown` completes, then drains.
-/// `ready` is raised while serving (read by the admin `/readyz`).
+/// Serves Check and health on `listener` until `shutdown` reaches [`Phase::Draining`]; then
+/// health turns NOT_SERVING (so Envoy's active health check and Kubernetes probes steer away)
+/// and tonic stops accepting and drains. The grace period is the [`Lifecycle`]'s.
+///
+/// [`Lifecycle`]: crate::shutdown::Lifecycle
 pub async fn run(
     checker: Arc<Checker>,
+    responder: Responder,
     listener: GrpcListener,
-    ready: Arc<AtomicBool>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), crate::Error> {
+    mut shutdown: Shutdown,
+) -> Result<(), Error> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<AuthorizationServer<AuthzService>>()
         .await;
-    let authz = AuthorizationServer::new(AuthzService { checker });
+    let authz = AuthorizationServer::new(AuthzService { checker, responder });
 
-    let (draining_tx, mut draining_rx) = tokio::sync::watch::channel(false);
-    let ready_flag = ready.clone();
     let signal = async move {
-        shutdown.await;
-        tracing::info!("shutting down: health NOT_SERVING, draining in-flight checks");
-        ready_flag.store(false, Ordering::SeqCst);
+        shutdown.reached(Phase::Draining).await;
         health
             .set_service_status("", ServingStatus::NotServing)
             .await;
         health
             .set_not_serving::<AuthorizationServer<AuthzService>>()
             .await;
-        let _ = draining_tx.send(true);
     };
     // One write per batch of responses, not one per response: see `ScalarWrites`.
     let router = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(authz);
-    let mut server: std::pin::Pin<
-        Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>,
-    > = match listener {
+    let result = match listener {
         GrpcListener::Tcp(listener) => {
             let incoming = TcpIncoming::from(listener)
                 .with_nodelay(Some(true))
                 .map(|conn| conn.map(ScalarWrites));
-            Box::pin(router.serve_with_incoming_shutdown(incoming, signal))
+            router.serve_with_incoming_shutdown(incoming, signal).await
         }
         GrpcListener::Unix(listener) => {
-            Box::pin(router.serve_with_incoming_shutdown(UnixIncoming(listener), signal))
+            router
+                .serve_with_incoming_shutdown(UnixIncoming(listener), signal)
+                .await
         }
     };
-    ready.store(true, Ordering::SeqCst);
-    let grace = async {
-        while !*draining_rx.borrow_and_update() {
-            if draining_rx.changed().await.is_err() {
-                // The signal future was dropped without firing: the server ended on its own.
-                std::future::pending::<()>().await;
-            }
-        }
-        tokio::time::sleep(DRAIN_GRACE).await;
-    };
-    tokio::select! {
-        result = &mut server => result.map_err(crate::Error::Transport),
-        () = grace => {
-            tracing::warn!(grace = ?DRAIN_GRACE, "in-flight checks did not finish in time; stopping anyway");
-            Ok(())
-        }
-    }
-}
-
-/// An accepted connection that tells h2 it has no vectored writes (also used by the bench's
-/// null server, `null-authz --no-vectored`, to measure the same effect).
-///
-/// h2 copies a DATA frame's payload into its write buffer only below a "chain threshold":
-/// 256 bytes when the socket supports vectored writes, 1 KiB when it does not. A larger
-/// payload is chained instead, and while a chained frame is pending h2 accepts no other frame
-/// until it has written to the socket. An allow answer with the identity headers is ~400
-/// bytes, so with vectored writes every Check cost its own `writev` (about a third of
-/// tokengate's CPU on a cache hit, ~6 µs per Check on loopback); without them the answers of
-/// concurrent Checks leave in one write. Frames over 1 KiB (rare here) are written in two
-/// plain writes instead of one vectored write. Measured in BENCHMARKS.md. Wraps TCP and Unix
-/// streams alike (tokio's `UnixStream` writes vectored too).
-pub struct ScalarWrites<S = tokio::net::TcpStream>(pub S);
-
-impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for ScalarWrites<S> {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
-    }
-}
-
-impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for ScalarWrites<S> {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
-    }
-
-    // `is_write_vectored` keeps its default, `false`: that is the point of this type.
-}
-
-impl<S: Connected> Connected for ScalarWrites<S> {
-    type ConnectInfo = S::ConnectInfo;
-
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.0.connect_info()
-    }
+    result.map_err(Error::Transport)
 }

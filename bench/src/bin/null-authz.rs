@@ -168,7 +168,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(!args.nagle));
         if args.no_vectored {
             use tokio_stream::StreamExt;
-            let incoming = incoming.map(|conn| conn.map(tokengate::server::ScalarWrites));
+            let incoming = incoming.map(|conn| conn.map(tokengate::io::ScalarWrites));
             router.serve_with_incoming_shutdown(incoming, stop).await?;
         } else {
             router.serve_with_incoming_shutdown(incoming, stop).await?;
