@@ -347,6 +347,25 @@ mod tests {
     }
 
     #[test]
+    fn from_parts_reads_like_envoy() {
+        let ext = HashMap::new();
+        let headers = [("Authorization", "Bearer a.b.c"), ("x-client-id", "t")];
+        let v = RequestView::from_parts("Data-Store:8080", "/a?x", "GET", &ext, &headers);
+        assert_eq!((v.host, v.path), ("Data-Store", "/a"));
+        assert_eq!(
+            v.token(&sources()),
+            TokenLookup::Found {
+                token: "a.b.c",
+                source: &sources()[0]
+            }
+        );
+        let twice = [("x-client-id", "a"), ("X-Client-Id", "b")];
+        let v = RequestView::from_parts("h", "/", "GET", &ext, &twice);
+        assert_eq!(v.header("x-client-id"), Header::Unusable);
+        assert_eq!(v.token(&sources()), TokenLookup::Malformed);
+    }
+
+    #[test]
     fn raw_header_map() {
         let mut r = req("h", "/", &[]);
         http_mut(&mut r).header_map = Some(HeaderMap {
