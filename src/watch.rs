@@ -76,10 +76,15 @@ pub enum Kind {
     ServiceAccount,
 }
 
+/// Objects of one namespace, by name.
+type Names = HashMap<Box<str>, Meta>;
+/// Objects of one kind, by namespace.
+type Namespaces = HashMap<Box<str>, Names>;
+
 /// Objects of one kind.
 #[derive(Default)]
 struct Store {
-    by_namespace: RwLock<HashMap<Box<str>, HashMap<Box<str>, Meta>>>,
+    by_namespace: RwLock<Namespaces>,
     tombstones: Mutex<Tombstones>,
 }
 
@@ -151,10 +156,10 @@ impl Store {
 
     /// Replaces everything in `scope` (one namespace, or all) with a fresh list; objects that
     /// vanished while the watch was away become tombstones.
-    fn replace(&self, scope: Option<&str>, fresh: HashMap<Box<str>, HashMap<Box<str>, Meta>>) {
+    fn replace(&self, scope: Option<&str>, fresh: Namespaces) {
         let mut all = write(&self.by_namespace);
         let mut tombstones = lock(&self.tombstones);
-        let old: Vec<(Box<str>, HashMap<Box<str>, Meta>)> = match scope {
+        let old: Vec<(Box<str>, Names)> = match scope {
             Some(ns) => all.remove(ns).map(|m| (ns.into(), m)).into_iter().collect(),
             None => std::mem::take(&mut *all).into_iter().collect(),
         };
@@ -325,7 +330,7 @@ where
     let mut events = watcher::watcher(api, watcher::Config::default())
         .default_backoff()
         .boxed();
-    let mut listing: Option<HashMap<Box<str>, HashMap<Box<str>, Meta>>> = None;
+    let mut listing: Option<Namespaces> = None;
     let mut synced = false;
     let store = objects.store(kind);
     let what = match kind {
@@ -441,7 +446,7 @@ mod tests {
         s.apply("a", "p1", meta("u1", None));
         s.apply("a", "p2", meta("u2", None));
         s.apply("b", "p3", meta("u3", None));
-        let mut fresh: HashMap<Box<str>, HashMap<Box<str>, Meta>> = HashMap::new();
+        let mut fresh = Namespaces::new();
         fresh
             .entry("a".into())
             .or_default()
