@@ -12,7 +12,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::config::RouteConfig;
+use crate::config::{RouteConfig, Verification};
 use crate::policy::AllowList;
 use crate::request::RequestView;
 
@@ -32,6 +32,8 @@ pub struct Route {
     pub strip_token: bool,
     /// 403 or 401 for invalid tokens.
     pub invalid_token_status: u16,
+    /// TokenReview or local verification.
+    pub verification: Verification,
 }
 
 /// Route conditions; all given conditions must hold.
@@ -151,6 +153,7 @@ impl Routes {
                     allow: r.allow.clone(),
                     strip_token: r.strip_token,
                     invalid_token_status: r.invalid_token_status,
+                    verification: r.verification,
                 })
                 .collect(),
         )
