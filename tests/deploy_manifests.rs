@@ -342,6 +342,29 @@ fn istio_objects_are_well_formed() {
     assert_eq!(grpc["port"], 9001);
     assert_eq!(grpc["failOpen"], false);
     assert_eq!(grpc["statusOnError"], "503");
+    // Slashes merged before any path-based decision (CVE-2021-31920 class); envoy/istio.yaml
+    // runs the Envoy settings this produces.
+    assert_eq!(
+        at(&mesh, "spec.meshConfig.pathNormalization.normalization"),
+        "MERGE_SLASHES"
+    );
+    // The gRPC provider takes none of the HTTP provider's header fields.
+    let known: BTreeSet<&str> = [
+        "service",
+        "port",
+        "timeout",
+        "failOpen",
+        "statusOnError",
+        "clearRouteCache",
+        "includeRequestBodyInCheck",
+    ]
+    .into();
+    for key in grpc.as_object().unwrap().keys() {
+        assert!(
+            known.contains(key.as_str()),
+            "unknown envoyExtAuthzGrpc field {key}"
+        );
+    }
     // envoy/istio.yaml reproduces these settings; the tests run that file.
     let envoy = load("envoy/istio.yaml").unwrap();
     let filters = at(
@@ -375,8 +398,8 @@ fn istio_objects_are_well_formed() {
     assert_eq!(rules.len(), 1);
     assert_eq!(
         rules[0]["to"][0]["operation"]["notPaths"],
-        serde_json::json!(["/healthz"]),
-        "envoy/istio.yaml's shadow RBAC rule mirrors this"
+        serde_json::json!(["/healthz", "/readyz"]),
+        "envoy/istio.yaml's shadow RBAC rule mirrors this (tests/envoy_configs.rs)"
     );
     let known: BTreeSet<&str> = ["selector", "action", "provider", "rules"].into();
     for key in ap["spec"].as_object().unwrap().keys() {
@@ -408,6 +431,41 @@ fn istio_objects_are_well_formed() {
         .filter_map(|m| m["remove"].as_str())
         .collect();
     assert_eq!(removed, IDENTITY_HEADERS.into_iter().collect());
+
+    // EnvoyFilter: merges into istiod's ext_authz filter exactly the allowed_headers that
+    // envoy/istio.yaml runs, which are the token_sources of the deployed tokengate config.
+    let ef = find(&objs, "EnvoyFilter", "tokengate-check-headers");
+    assert_eq!(ef["apiVersion"], "networking.istio.io/v1alpha3");
+    assert_eq!(ef["metadata"]["namespace"], "data-store");
+    assert_eq!(
+        ef["spec"]["workloadSelector"]["labels"]["app"],
+        "data-store"
+    );
+    let patch = &ef["spec"]["configPatches"][0];
+    assert_eq!(patch["applyTo"], "HTTP_FILTER");
+    assert_eq!(patch["match"]["context"], "SIDECAR_INBOUND");
+    assert_eq!(
+        at(
+            &patch["match"],
+            "listener.filterChain.filter.subFilter.name"
+        ),
+        "envoy.filters.http.ext_authz"
+    );
+    assert_eq!(patch["patch"]["operation"], "MERGE");
+    let merged = &patch["patch"]["value"]["typed_config"];
+    assert_eq!(merged["@type"], authz["typed_config"]["@type"]);
+    assert_eq!(
+        merged["allowed_headers"],
+        authz["typed_config"]["allowed_headers"]
+    );
+    let deployed = parse(configmap_file(&objs, "tokengate-config", "tokengate.yaml")).unwrap();
+    let sources: Vec<Value> = deployed["token_sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| serde_json::json!({"exact": s["header"]}))
+        .collect();
+    assert_eq!(merged["allowed_headers"]["patterns"], Value::Array(sources));
 }
 
 /// The listener (HCM, routes, filters) of a copy must equal envoy/sidecar.yaml's exactly; only

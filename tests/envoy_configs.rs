@@ -235,10 +235,33 @@ fn istio_config_matches_what_istiod_generates() {
         cluster,
         "outbound|9001||tokengate.tokengate.svc.cluster.local"
     );
-    assert_eq!(
+    // Since Istio 1.20 the authority is the service host; before, it was derived from the
+    // cluster name (`outbound_.9001_._.<host>`), which this file no longer reproduces.
+    let host = cluster.rsplit('|').next().unwrap();
+    assert_eq!(host, "tokengate.tokengate.svc.cluster.local");
+    assert_eq!(authz["grpc_service"]["envoy_grpc"]["authority"], host);
+    assert_ne!(
         authz["grpc_service"]["envoy_grpc"]["authority"],
-        cluster.replace('|', "_.")
+        cluster.replace('|', "_."),
+        "the pre-1.20 authority"
     );
+    // MERGE_SLASHES (deploy/istio/mesh-config.yaml): normalize_path and merge_slashes.
+    assert_eq!(hcm["normalize_path"], true);
+    assert_eq!(hcm["merge_slashes"], true);
+    // Only tokengate's token_sources travel in a Check (deploy/istio/check-headers.yaml).
+    let allowed: Vec<&str> = authz["allowed_headers"]["patterns"]
+        .as_array()
+        .expect("allowed_headers")
+        .iter()
+        .map(|p| p["exact"].as_str().expect("exact header names"))
+        .collect();
+    let sources: Vec<String> = load("envoy/tokengate-istio.yaml").unwrap()["token_sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["header"].as_str().unwrap().to_ascii_lowercase())
+        .collect();
+    assert_eq!(allowed, sources, "allowed_headers vs token_sources");
     assert_eq!(
         authz["filter_enabled_metadata"]["path"][0]["key"],
         "istio_ext_authz_shadow_effective_policy_id"
@@ -255,6 +278,27 @@ fn istio_config_matches_what_istiod_generates() {
     assert_eq!(rbac["shadow_rules_stat_prefix"], "istio_ext_authz_");
     let policies = rbac["shadow_rules"]["policies"].as_object().unwrap();
     assert!(policies.keys().all(|k| k.starts_with("istio-ext-authz")));
+    // The policy's notPaths, in the shape istiod emits (model.go `permission`): one and_rules
+    // holding not(or[paths]). `and[or[not(path)]]` would select every request once there are
+    // two paths (each path is "not the other one").
+    let ap = load("deploy/istio/authorization-policy.yaml").unwrap();
+    let not_paths = ap["spec"]["rules"][0]["to"][0]["operation"]["notPaths"]
+        .as_array()
+        .unwrap();
+    assert!(not_paths.len() >= 2, "two notPaths tell the shapes apart");
+    let url_paths: Vec<Value> = not_paths
+        .iter()
+        .map(|p| serde_json::json!({"url_path": {"path": {"exact": p}}}))
+        .collect();
+    let expected = serde_json::json!([{"and_rules": {"rules": [
+        {"not_rule": {"or_rules": {"rules": url_paths}}}
+    ]}}]);
+    let policy = &policies["istio-ext-authz-ns[data-store]-policy[tokengate]-rule[0]"];
+    assert_eq!(policy["permissions"], expected);
+    assert_eq!(
+        policy["principals"],
+        serde_json::json!([{"and_ids": {"ids": [{"any": true}]}}])
+    );
 
     // No context_extensions anywhere: Istio cannot set them.
     for route in routes(hcm) {

@@ -104,16 +104,67 @@ async fn routes_are_chosen_by_host_and_path() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paths_outside_the_policy_skip_authz_without_spoofed_identity() {
     let stack = stack().await;
-    // The AuthorizationPolicy (shadow RBAC) selects everything but /healthz.
-    let resp = stack.get("/healthz", &with_spoofed(&[HOST])).await;
-    assert_eq!(resp.status, 200, "{resp:?}");
-    let echo = echo_of(&resp);
-    assert_identity(&echo, &[]);
-    // And /healthz-like paths are still checked.
-    for path in ["/healthz/../items", "/healthz/x", "/healthzz"] {
+    // The AuthorizationPolicy (shadow RBAC, notPaths [/healthz, /readyz] as istiod emits
+    // them: and[not(or[..])]) selects everything but those two paths. In the pre-fix shape
+    // and[or[not(..)]] each path is "not the other one", so both would be checked (401).
+    for path in ["/healthz", "/readyz"] {
+        let resp = stack.get(path, &with_spoofed(&[HOST])).await;
+        assert_eq!(resp.status, 200, "{path}: {resp:?}");
+        let echo = echo_of(&resp);
+        assert_identity(&echo, &[]);
+    }
+    // And paths like them are still checked.
+    for path in [
+        "/healthz/../items",
+        "/healthz/x",
+        "/healthzz",
+        "/readyz/../items",
+        "/readyzz",
+        "//healthz/../items",
+    ] {
         let resp = stack.get(path, &[HOST]).await;
         assert_eq!(resp.status, 401, "{path}: {resp:?}");
     }
+    assert_eq!(stack.echo.requests_seen(), 2);
+    stack.finish().await;
+}
+
+/// The doubled-slash spellings of /internal/x. An app that merges slashes serves each of them
+/// as /internal/x, so each must get the /internal/ route's decision (audience `other`), never
+/// the broad data-store route's.
+const DOUBLED_SLASHES: [&str; 3] = ["//internal/x", "/internal//x", "///internal/x"];
+
+/// GET each of [`DOUBLED_SLASHES`] with a token for the broad route (must be 403) and with one
+/// for the /internal/ route (must be 200); nothing else reaches the upstream.
+async fn assert_doubled_slashes_get_the_internal_decision(stack: &Stack) {
+    let data_store = stack.world.api_token("data-store");
+    let other = stack.world.api_token("other");
+    let before = stack.echo.requests_seen();
+    for path in DOUBLED_SLASHES {
+        let resp = stack.get(path, &[HOST, ("x-client-id", &data_store)]).await;
+        assert_eq!(
+            resp.status, 403,
+            "{path}: the broad route's token reached /internal/: {resp:?}"
+        );
+        assert_eq!(
+            resp.header("x-tokengate-reason"),
+            Some("wrong_audience"),
+            "{path}: {resp:?}"
+        );
+    }
+    assert_eq!(stack.echo.requests_seen(), before);
+    for path in DOUBLED_SLASHES {
+        let resp = stack.get(path, &[HOST, ("x-client-id", &other)]).await;
+        assert_eq!(resp.status, 200, "{path}: {resp:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doubled_slashes_do_not_reach_internal_with_the_broad_token() {
+    // As deployed: meshConfig.pathNormalization MERGE_SLASHES, so Envoy merges before the
+    // RBAC shadow rules, ext_authz and routing.
+    let stack = stack().await;
+    assert_doubled_slashes_get_the_internal_decision(&stack).await;
     stack.finish().await;
 }
 
