@@ -517,14 +517,49 @@ fn envoy_sidecar_sample_matches_the_published_config() {
         .iter()
         .find(|c| c["name"] == "tokengate")
         .unwrap();
-    assert_eq!(
-        at(
-            authz,
-            "load_assignment.endpoints.0.lb_endpoints.0.endpoint.address.socket_address.address"
-        ),
-        "tokengate.tokengate.svc.cluster.local",
-        "the sidecar must reach the deploy/base Service"
+    // The sidecar reaches deploy/base's headless Service: one host per ready pod, each
+    // health-checked over grpc.health.v1 (tests/envoy_headless.rs runs this file against two
+    // tokengates behind one DNS name).
+    let address = at(
+        authz,
+        "load_assignment.endpoints.0.lb_endpoints.0.endpoint.address.socket_address",
     );
+    assert_eq!(
+        address["address"],
+        "tokengate-grpc.tokengate.svc.cluster.local"
+    );
+    assert_eq!(authz["type"], "STRICT_DNS");
+    let base = objects("base");
+    let headless = base
+        .iter()
+        .find(|o| o["kind"] == "Service" && o["metadata"]["name"] == "tokengate-grpc")
+        .expect("deploy/base has the headless Service tokengate-grpc");
+    assert_eq!(headless["metadata"]["namespace"], "tokengate");
+    assert_eq!(headless["spec"]["clusterIP"], "None", "headless");
+    assert_ne!(headless["spec"]["publishNotReadyAddresses"], true);
+    let tokengate_pods =
+        &find(&base, "Deployment", "tokengate")["spec"]["template"]["metadata"]["labels"];
+    for (k, v) in headless["spec"]["selector"].as_object().unwrap() {
+        assert_eq!(&tokengate_pods[k], v, "headless Service selects other pods");
+    }
+    assert_eq!(headless["spec"]["ports"][0]["port"], address["port_value"]);
+    assert_eq!(headless["spec"]["ports"][0]["targetPort"], "grpc");
+    let hc = &authz["health_checks"][0];
+    assert_eq!(
+        hc["grpc_health_check"]["service_name"],
+        "envoy.service.auth.v3.Authorization"
+    );
+    for key in [
+        "timeout",
+        "interval",
+        "unhealthy_threshold",
+        "healthy_threshold",
+    ] {
+        assert!(!hc[key].is_null(), "health check without {key}: {hc}");
+    }
+    // The ClusterIP Service stays for Istio (its sidecars balance over endpoints themselves).
+    let cluster_ip = find(&base, "Service", "tokengate");
+    assert!(cluster_ip["spec"]["clusterIP"].is_null());
 
     let deploy = find(&objs, "Deployment", "data-store");
     let pod = &deploy["spec"]["template"]["spec"];

@@ -129,6 +129,20 @@ fn sidecar_fails_closed_and_cannot_be_spoofed() {
     let timeout = authz["grpc_service"]["timeout"].as_str().unwrap();
     let secs: f64 = timeout.trim_end_matches('s').parse().unwrap();
     assert!((0.2..=1.0).contains(&secs), "timeout {timeout}");
+    // A Check that meets a tokengate going away is retried on another one; never on gRPC
+    // UNAVAILABLE (the API server's outage: tokengate already retried it).
+    let retry = &authz["grpc_service"]["retry_policy"];
+    let on: BTreeSet<&str> = retry["retry_on"]
+        .as_str()
+        .expect("grpc_service.retry_policy.retry_on")
+        .split(',')
+        .collect();
+    assert_eq!(on, ["connect-failure", "refused-stream", "reset"].into());
+    assert!(retry["num_retries"].as_u64().unwrap() >= 1);
+    assert_eq!(
+        retry["retry_host_predicate"][0]["name"],
+        "envoy.retry_host_predicates.previous_hosts"
+    );
     assert_authz_cluster(&config, "tokengate");
 
     // HCM-level stripping of every identity header, before routing and filters.
