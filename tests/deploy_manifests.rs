@@ -117,7 +117,7 @@ fn configmap_file<'a>(objs: &'a [Value], name_prefix: &str, key: &str) -> &'a st
 
 #[test]
 fn every_kustomization_renders_and_validates() {
-    for dir in ["base", "istio", "envoy-sidecar"] {
+    for dir in ["base", "istio", "envoy-sidecar", "local-verification"] {
         let objs = validate_rendered(dir);
         assert!(!objs.is_empty(), "deploy/{dir} rendered nothing");
     }
@@ -144,18 +144,42 @@ fn base_is_complete_and_hardened() {
     for kind in [
         "Namespace",
         "ServiceAccount",
+        "ClusterRole",
         "ClusterRoleBinding",
         "ConfigMap",
         "Deployment",
         "Service",
         "PodDisruptionBudget",
+        "NetworkPolicy",
     ] {
         assert!(kinds.contains(kind), "deploy/base lacks a {kind}");
     }
 
-    // RBAC: the pod's service account may create TokenReviews.
+    // RBAC: the pod's service account may create TokenReviews, and nothing else
+    // (system:auth-delegator would add SubjectAccessReviews).
     let crb = find(&objs, "ClusterRoleBinding", "tokengate");
-    assert_eq!(crb["roleRef"]["name"], "system:auth-delegator");
+    let role = find(&objs, "ClusterRole", "tokengate");
+    assert_eq!(crb["roleRef"]["name"], role["metadata"]["name"]);
+    assert_eq!(
+        role["rules"],
+        serde_json::json!([{
+            "apiGroups": ["authentication.k8s.io"],
+            "resources": ["tokenreviews"],
+            "verbs": ["create"]
+        }])
+    );
+    for kind in ["Role", "RoleBinding"] {
+        assert!(
+            !kinds.contains(kind),
+            "deploy/base grants more through a {kind}"
+        );
+    }
+    assert_eq!(
+        objs.iter()
+            .filter(|o| o["kind"] == "ClusterRoleBinding")
+            .count(),
+        1
+    );
     assert_eq!(crb["roleRef"]["kind"], "ClusterRole");
     assert_eq!(crb["subjects"][0]["kind"], "ServiceAccount");
     assert_eq!(crb["subjects"][0]["name"], "tokengate");
@@ -228,6 +252,25 @@ fn base_is_complete_and_hardened() {
     assert_eq!(c["livenessProbe"]["httpGet"]["port"], "admin");
     assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
     assert_eq!(c["readinessProbe"]["httpGet"]["port"], "admin");
+
+    // Rollouts: a preStop the distroless image can run (the kubelet's sleep action, no exec),
+    // then tokengate's drain (at most tokengate::server::DRAIN_GRACE), both inside the grace
+    // period.
+    let pre_stop = &c["lifecycle"]["preStop"];
+    assert!(
+        pre_stop["exec"].is_null(),
+        "no shell in the image: {pre_stop}"
+    );
+    let sleep = pre_stop["sleep"]["seconds"]
+        .as_u64()
+        .expect("lifecycle.preStop.sleep.seconds");
+    assert!(sleep >= 5, "endpoints and DNS need seconds to drop the pod");
+    let drain = tokengate::server::DRAIN_GRACE.as_secs();
+    let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
+    assert!(
+        sleep + drain < grace,
+        "preStop {sleep} s + drain {drain} s must end before SIGKILL at {grace} s"
+    );
 
     // The config: mounted from the generated ConfigMap, read where the args say.
     let cm = find(&objs, "ConfigMap", "tokengate-config");
@@ -314,6 +357,107 @@ fn configmap_configs_pass_check_config_and_match_the_tested_ones() {
         parse(base_cfg).unwrap()["token_sources"],
         sidecar["token_sources"]
     );
+}
+
+#[test]
+fn network_policy_admits_only_the_proxies_and_monitoring() {
+    let objs = objects("base");
+    let np = find(&objs, "NetworkPolicy", "tokengate");
+    let deploy = find(&objs, "Deployment", "tokengate");
+    let pod_labels = &deploy["spec"]["template"]["metadata"]["labels"];
+    let selector = np["spec"]["podSelector"]["matchLabels"]
+        .as_object()
+        .unwrap();
+    assert!(!selector.is_empty());
+    for (k, v) in selector {
+        assert_eq!(&pod_labels[k], v, "the policy selects other pods");
+    }
+    assert_eq!(np["spec"]["policyTypes"], serde_json::json!(["Ingress"]));
+    let container_ports: BTreeSet<&str> = deploy["spec"]["template"]["spec"]["containers"][0]
+        ["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    let rules = np["spec"]["ingress"].as_array().unwrap();
+    let mut admitted = BTreeSet::new();
+    for rule in rules {
+        // Every rule names its sources and its ports: no rule admits everyone.
+        let from = rule["from"].as_array().expect("ingress rule without from");
+        assert!(!from.is_empty());
+        for peer in from {
+            assert!(peer["ipBlock"].is_null(), "{peer}");
+            let ns = peer["namespaceSelector"]["matchLabels"].as_object();
+            assert!(
+                ns.is_some_and(|m| !m.is_empty()),
+                "a peer from every namespace: {peer}"
+            );
+        }
+        let ports = rule["ports"]
+            .as_array()
+            .expect("ingress rule without ports");
+        for port in ports {
+            let name = port["port"].as_str().unwrap();
+            assert!(container_ports.contains(name), "unknown port {name}");
+            admitted.insert((name.to_string(), from[0]["namespaceSelector"].to_string()));
+        }
+    }
+    let grpc_from = serde_json::json!({"matchLabels": {"tokengate.io/authz-client": "true"}});
+    let admin_from =
+        serde_json::json!({"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}});
+    assert_eq!(
+        admitted,
+        [
+            ("grpc".to_string(), grpc_from.to_string()),
+            ("admin".to_string(), admin_from.to_string()),
+        ]
+        .into(),
+        "gRPC from the labelled proxy namespaces, admin from monitoring, nothing else"
+    );
+    // The sample's proxies are admitted.
+    let sample = objects("envoy-sidecar");
+    let ns = find(&sample, "Namespace", "data-store");
+    assert_eq!(
+        ns["metadata"]["labels"]["tokengate.io/authz-client"],
+        "true"
+    );
+}
+
+#[test]
+fn local_verification_reads_pods_service_accounts_and_keys_only() {
+    let objs = validate_rendered("local-verification");
+    let roles: Vec<&Value> = objs.iter().filter(|o| o["kind"] == "ClusterRole").collect();
+    assert_eq!(roles.len(), 2, "base's tokenreview role + the component's");
+    let role = find(&objs, "ClusterRole", "tokengate-local-verification");
+    assert_eq!(
+        role["rules"],
+        serde_json::json!([
+            {"apiGroups": [""], "resources": ["pods", "serviceaccounts"],
+             "verbs": ["get", "list", "watch"]},
+            {"nonResourceURLs": ["/.well-known/openid-configuration", "/openid/v1/jwks"],
+             "verbs": ["get"]}
+        ])
+    );
+    let crb = find(&objs, "ClusterRoleBinding", "tokengate-local-verification");
+    assert_eq!(crb["roleRef"]["name"], role["metadata"]["name"]);
+    assert_eq!(
+        crb["subjects"],
+        serde_json::json!([{"kind": "ServiceAccount", "name": "tokengate", "namespace": "tokengate"}])
+    );
+    // Nothing rendered grants anything on secrets.
+    for obj in &objs {
+        for rule in obj["rules"].as_array().into_iter().flatten() {
+            assert!(
+                !rule["resources"].to_string().contains("secrets"),
+                "{}: {rule}",
+                obj["metadata"]["name"]
+            );
+        }
+    }
+    // Otherwise exactly deploy/base.
+    let base = objects("base");
+    assert_eq!(objs.len(), base.len() + 2);
 }
 
 #[test]
