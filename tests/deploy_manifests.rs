@@ -52,8 +52,17 @@ fn find<'a>(objs: &'a [Value], kind: &str, name_prefix: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no {kind} named {name_prefix}*"))
 }
 
-/// Kinds kubernetes-validate has no schema for; checked by hand below.
-const ISTIO_KINDS: [&str; 2] = ["AuthorizationPolicy", "EnvoyFilter"];
+/// Kinds kubernetes-validate has no schema for (Istio, Gateway API, Envoy Gateway CRDs);
+/// checked by hand below.
+const CRD_KINDS: [&str; 7] = [
+    "AuthorizationPolicy",
+    "EnvoyFilter",
+    "Gateway",
+    "HTTPRoute",
+    "ReferenceGrant",
+    "SecurityPolicy",
+    "ClientTrafficPolicy",
+];
 
 /// Runs kubernetes-validate --strict on `yaml`; returns (success, combined output).
 fn kubernetes_validate(yaml: &str) -> (bool, String) {
@@ -79,8 +88,8 @@ fn kubernetes_validate(yaml: &str) -> (bool, String) {
     (out.status.success(), text)
 }
 
-/// Validates every rendered object: core kinds must pass the schema; Istio kinds are the only
-/// ones allowed to lack one.
+/// Validates every rendered object: core kinds must pass the schema; the CRD kinds above are
+/// the only ones allowed to lack one.
 fn validate_rendered(dir: &str) -> Vec<Value> {
     let yaml = kustomize(dir);
     let objs = parse_all(&yaml).unwrap();
@@ -89,7 +98,7 @@ fn validate_rendered(dir: &str) -> Vec<Value> {
     for obj in &objs {
         let kind = obj["kind"].as_str().unwrap();
         let name = obj["metadata"]["name"].as_str().unwrap();
-        if ISTIO_KINDS.contains(&kind) {
+        if CRD_KINDS.contains(&kind) {
             assert!(
                 out.contains(&format!("Couldn't find schema for kind {kind}")),
                 "{out}"
@@ -117,7 +126,14 @@ fn configmap_file<'a>(objs: &'a [Value], name_prefix: &str, key: &str) -> &'a st
 
 #[test]
 fn every_kustomization_renders_and_validates() {
-    for dir in ["base", "istio", "envoy-sidecar", "local-verification"] {
+    for dir in [
+        "base",
+        "istio",
+        "istio-ambient",
+        "envoy-sidecar",
+        "envoy-gateway",
+        "local-verification",
+    ] {
         let objs = validate_rendered(dir);
         assert!(!objs.is_empty(), "deploy/{dir} rendered nothing");
     }
@@ -610,6 +626,265 @@ fn istio_objects_are_well_formed() {
         .map(|s| serde_json::json!({"exact": s["header"]}))
         .collect();
     assert_eq!(merged["allowed_headers"]["patterns"], Value::Array(sources));
+}
+
+/// The keys of `obj` must all be in `known` (a misspelt CRD field would be pruned or refused by
+/// the API server, silently changing what the object means).
+fn assert_known_keys(label: &str, obj: &Value, known: &[&str]) {
+    for key in obj
+        .as_object()
+        .unwrap_or_else(|| panic!("{label}: not an object"))
+        .keys()
+    {
+        assert!(
+            known.contains(&key.as_str()),
+            "{label}: unknown field {key}"
+        );
+    }
+}
+
+/// The header names of a tokengate config's token_sources, lower-cased.
+fn token_headers(config: &Value) -> Vec<String> {
+    config["token_sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["header"].as_str().unwrap().to_ascii_lowercase())
+        .collect()
+}
+
+#[test]
+fn istio_ambient_checks_every_request_at_the_waypoint() {
+    let objs = validate_rendered("istio-ambient");
+    // The same host/path routing as the sidecar overlay.
+    let config = configmap_file(&objs, "tokengate-config", "tokengate.yaml");
+    assert_eq!(
+        parse(config).unwrap()["routes"],
+        load("deploy/istio/tokengate.yaml").unwrap()["routes"]
+    );
+    check_config_text("deploy/istio-ambient/tokengate.yaml", config);
+
+    // The waypoint: Istio's waypoint class, the HBONE listener.
+    let waypoint = find(&objs, "Gateway", "waypoint");
+    assert_eq!(waypoint["apiVersion"], "gateway.networking.k8s.io/v1");
+    assert_eq!(waypoint["spec"]["gatewayClassName"], "istio-waypoint");
+    assert_eq!(
+        waypoint["spec"]["listeners"],
+        serde_json::json!([{"name": "mesh", "port": 15008, "protocol": "HBONE"}])
+    );
+    let ns_name = waypoint["metadata"]["namespace"].as_str().unwrap();
+    let ns = objs
+        .iter()
+        .find(|o| o["kind"] == "Namespace" && o["metadata"]["name"] == ns_name)
+        .expect("the data-store Namespace");
+    let labels = &ns["metadata"]["labels"];
+    assert_eq!(labels["istio.io/dataplane-mode"], "ambient");
+    assert_eq!(
+        labels["istio.io/use-waypoint"],
+        waypoint["metadata"]["name"]
+    );
+    assert_eq!(labels["tokengate.io/authz-client"], "true", "NetworkPolicy");
+
+    // CUSTOM at the waypoint, bound by targetRefs (selector is for sidecars and ztunnel).
+    let mesh = load("deploy/istio/mesh-config.yaml").unwrap();
+    let provider = at(&mesh, "spec.meshConfig.extensionProviders.0.name");
+    let ap = find(&objs, "AuthorizationPolicy", "tokengate");
+    assert_eq!(ap["apiVersion"], "security.istio.io/v1");
+    assert_eq!(ap["metadata"]["namespace"], ns_name);
+    assert_known_keys(
+        "AuthorizationPolicy tokengate",
+        &ap["spec"],
+        &["targetRefs", "action", "provider", "rules"],
+    );
+    assert_eq!(
+        ap["spec"]["targetRefs"],
+        serde_json::json!([{"kind": "Gateway", "group": "gateway.networking.k8s.io",
+                            "name": waypoint["metadata"]["name"]}])
+    );
+    assert_eq!(ap["spec"]["action"], "CUSTOM");
+    assert_eq!(&ap["spec"]["provider"]["name"], provider);
+    // Every request: no EnvoyFilter strips identity headers on a waypoint, so no request may
+    // skip tokengate's overwrite.
+    assert_eq!(ap["spec"]["rules"], serde_json::json!([{}]));
+    assert!(
+        !objs.iter().any(|o| o["kind"] == "EnvoyFilter"),
+        "EnvoyFilter is not applied on waypoints"
+    );
+
+    // ztunnel admits only the waypoint into the data-store pods.
+    let l4 = find(&objs, "AuthorizationPolicy", "data-store-via-waypoint-only");
+    assert_eq!(l4["spec"]["action"], "ALLOW");
+    assert_eq!(l4["spec"]["selector"]["matchLabels"]["app"], "data-store");
+    assert_eq!(
+        l4["spec"]["rules"],
+        serde_json::json!([{"from": [{"source": {"principals": [format!(
+            "cluster.local/ns/{ns_name}/sa/{}",
+            waypoint["metadata"]["name"].as_str().unwrap()
+        )]}}]}])
+    );
+}
+
+#[test]
+fn envoy_gateway_security_policies_send_checks_to_tokengate() {
+    let objs = validate_rendered("envoy-gateway");
+    let base = objects("base");
+    let config = parse(configmap_file(&base, "tokengate-config", "tokengate.yaml")).unwrap();
+    let route_names: BTreeSet<&str> = config["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["match"]["context_extensions"]["route"].as_str())
+        .collect();
+    let svc = find(&base, "Service", "tokengate");
+    let grpc_port = &svc["spec"]["ports"][0];
+    assert_eq!(grpc_port["name"], "grpc");
+
+    let gateway = find(&objs, "Gateway", "data-store");
+    let routes: Vec<&Value> = objs.iter().filter(|o| o["kind"] == "HTTPRoute").collect();
+    assert!(routes.len() >= 2);
+    for route in &routes {
+        assert_eq!(route["apiVersion"], "gateway.networking.k8s.io/v1");
+        assert_eq!(
+            route["spec"]["parentRefs"][0]["name"],
+            gateway["metadata"]["name"]
+        );
+        assert_eq!(
+            route["metadata"]["namespace"],
+            gateway["metadata"]["namespace"]
+        );
+    }
+    let policies: Vec<&Value> = objs
+        .iter()
+        .filter(|o| o["kind"] == "SecurityPolicy")
+        .collect();
+    let mut checked = BTreeSet::new();
+    for sp in &policies {
+        let name = sp["metadata"]["name"].as_str().unwrap();
+        assert_eq!(sp["apiVersion"], "gateway.envoyproxy.io/v1alpha1");
+        assert_known_keys(name, &sp["spec"], &["targetRefs", "extAuth"]);
+        let target = &sp["spec"]["targetRefs"][0];
+        assert_eq!(target["group"], "gateway.networking.k8s.io");
+        assert_eq!(target["kind"], "HTTPRoute");
+        assert!(
+            routes
+                .iter()
+                .any(|r| r["metadata"]["name"] == target["name"]
+                    && r["metadata"]["namespace"] == sp["metadata"]["namespace"]),
+            "{name} targets no rendered HTTPRoute"
+        );
+        checked.insert(target["name"].as_str().unwrap().to_string());
+        // Field names as in envoyproxy/gateway api/v1alpha1/ext_auth_types.go (v1.8+).
+        let ext = &sp["spec"]["extAuth"];
+        assert_known_keys(
+            name,
+            ext,
+            &[
+                "grpc",
+                "http",
+                "headersToExtAuth",
+                "bodyToExtAuth",
+                "timeout",
+                "failOpen",
+                "recomputeRoute",
+                "includeRouteMetadata",
+                "contextExtensions",
+                "statusOnError",
+            ],
+        );
+        assert!(ext["http"].is_null(), "{name}: tokengate speaks gRPC");
+        assert_known_keys(
+            name,
+            &ext["grpc"],
+            &["backendRef", "backendRefs", "backendSettings"],
+        );
+        assert_eq!(
+            ext["grpc"]["backendRefs"],
+            serde_json::json!([{"name": svc["metadata"]["name"],
+                                "namespace": svc["metadata"]["namespace"],
+                                "port": grpc_port["port"]}])
+        );
+        let retry = &ext["grpc"]["backendSettings"]["retry"];
+        assert_eq!(
+            retry["retryOn"]["triggers"],
+            serde_json::json!(["connect-failure", "refused-stream", "reset"])
+        );
+        assert!(retry["numRetries"].as_u64().unwrap() >= 1);
+        assert_eq!(ext["failOpen"], false);
+        assert_eq!(ext["statusOnError"], 503);
+        assert_eq!(ext["timeout"], "500ms");
+        let headers: Vec<String> = ext["headersToExtAuth"]
+            .as_array()
+            .expect("headersToExtAuth: without it Envoy sends every header")
+            .iter()
+            .map(|h| h.as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(headers, token_headers(&config));
+        let ce = ext["contextExtensions"].as_array().unwrap();
+        assert_eq!(ce.len(), 1);
+        assert_eq!(ce[0]["name"], "route");
+        assert_eq!(ce[0]["type"], "Value");
+        let route = ce[0]["value"].as_str().unwrap();
+        assert!(
+            route_names.contains(route),
+            "{name}: no tokengate route {route}"
+        );
+    }
+    assert_eq!(
+        checked.len(),
+        policies.len(),
+        "one SecurityPolicy per HTTPRoute"
+    );
+    // Every HTTPRoute is checked, or strips the identity headers itself.
+    for route in &routes {
+        let name = route["metadata"]["name"].as_str().unwrap();
+        if checked.contains(name) {
+            continue;
+        }
+        for rule in route["spec"]["rules"].as_array().unwrap() {
+            let removed: BTreeSet<&str> = rule["filters"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|f| f["type"] == "RequestHeaderModifier")
+                .flat_map(|f| f["requestHeaderModifier"]["remove"].as_array().unwrap())
+                .filter_map(|h| h.as_str())
+                .collect();
+            assert_eq!(
+                removed,
+                IDENTITY_HEADERS.into_iter().collect(),
+                "unchecked HTTPRoute {name} passes client identity headers"
+            );
+        }
+    }
+    // Gateway-wide: identity headers stripped before routing, slashes merged.
+    let ctp = find(&objs, "ClientTrafficPolicy", "data-store");
+    assert_eq!(ctp["apiVersion"], "gateway.envoyproxy.io/v1alpha1");
+    assert_eq!(ctp["spec"]["targetRefs"][0]["kind"], "Gateway");
+    assert_eq!(
+        ctp["spec"]["targetRefs"][0]["name"],
+        gateway["metadata"]["name"]
+    );
+    let early: BTreeSet<&str> = ctp["spec"]["headers"]["earlyRequestHeaders"]["remove"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|h| h.as_str())
+        .collect();
+    assert_eq!(early, IDENTITY_HEADERS.into_iter().collect());
+    assert_ne!(ctp["spec"]["path"]["disableMergeSlashes"], true);
+    assert_eq!(ctp["spec"]["path"]["escapedSlashesAction"], "RejectRequest");
+    // The cross-namespace backendRefs are granted.
+    let grant = find(&objs, "ReferenceGrant", "data-store-security-policies");
+    assert_eq!(grant["metadata"]["namespace"], svc["metadata"]["namespace"]);
+    assert_eq!(
+        grant["spec"]["from"],
+        serde_json::json!([{"group": "gateway.envoyproxy.io", "kind": "SecurityPolicy",
+                            "namespace": gateway["metadata"]["namespace"]}])
+    );
+    assert_eq!(
+        grant["spec"]["to"],
+        serde_json::json!([{"group": "", "kind": "Service", "name": svc["metadata"]["name"]}])
+    );
 }
 
 /// The listener (HCM, routes, filters) of a copy must equal envoy/sidecar.yaml's exactly; only
