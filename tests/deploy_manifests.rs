@@ -1146,7 +1146,7 @@ fn compose_demo_is_wired_like_the_local_demo() {
         String::from_utf8_lossy(&py.stderr)
     );
 
-    // setup.sh: valid shell; binds tokengate to auth-delegator; scopes the minter to api/api.
+    // setup.sh: valid shell; lets tokengate create tokenreviews; scopes the minter to api/api.
     let setup = std::fs::read_to_string(compose_dir.join("setup.sh")).unwrap();
     let sh = Command::new("sh")
         .arg("-n")
@@ -1158,7 +1158,8 @@ fn compose_demo_is_wired_like_the_local_demo() {
         "{}",
         String::from_utf8_lossy(&sh.stderr)
     );
-    assert!(setup.contains("name: system:auth-delegator"));
+    // The reviewer's role is deploy/base's: create tokenreviews, nothing else.
+    assert!(!setup.contains("name: system:auth-delegator"));
     assert!(setup.contains(written), "setup.sh must read {written}");
     assert!(setup.contains("resources: [serviceaccounts/token]"));
     assert!(setup.contains("resourceNames: [api]"));
@@ -1170,6 +1171,12 @@ fn compose_demo_is_wired_like_the_local_demo() {
             .unwrap(),
     )
     .unwrap();
+    let base_role = find(&objects("base"), "ClusterRole", "tokengate-tokenreview").clone();
+    let role = find(&setup_objs, "ClusterRole", "tokengate-tokenreview");
+    assert_eq!(role["rules"], base_role["rules"]);
+    let crb = find(&setup_objs, "ClusterRoleBinding", "tokengate");
+    assert_eq!(crb["roleRef"]["name"], "tokengate-tokenreview");
+    assert_eq!(crb["subjects"][0]["name"], "tokengate");
     let stream: Vec<String> = setup_objs.iter().map(|o| o.to_string()).collect();
     let (ok, out) = kubernetes_validate(&stream.join("\n---\n"));
     assert!(ok, "setup.sh objects invalid:\n{out}");
