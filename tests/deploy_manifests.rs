@@ -270,7 +270,7 @@ fn base_is_complete_and_hardened() {
     assert_eq!(c["readinessProbe"]["httpGet"]["port"], "admin");
 
     // Rollouts: a preStop the distroless image can run (the kubelet's sleep action, no exec),
-    // then tokengate's drain (at most tokengate::server::DRAIN_GRACE), both inside the grace
+    // then tokengate's drain (at most tokengate::shutdown::DRAIN_GRACE), both inside the grace
     // period.
     let pre_stop = &c["lifecycle"]["preStop"];
     assert!(
@@ -281,7 +281,7 @@ fn base_is_complete_and_hardened() {
         .as_u64()
         .expect("lifecycle.preStop.sleep.seconds");
     assert!(sleep >= 5, "endpoints and DNS need seconds to drop the pod");
-    let drain = tokengate::server::DRAIN_GRACE.as_secs();
+    let drain = tokengate::shutdown::DRAIN_GRACE.as_secs();
     let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
     assert!(
         sleep + drain < grace,
