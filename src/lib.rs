@@ -1,5 +1,7 @@
 //! tokengate: an Envoy/Istio external authorization server (`envoy.service.auth.v3.Authorization`)
-//! that checks Kubernetes service-account tokens with TokenReview.
+//! that checks Kubernetes service-account tokens with TokenReview, or locally against the
+//! cluster's keys, and revokes cached verdicts as soon as the API server's watch stream says
+//! a pod, service account or signing key is gone.
 //!
 //! # Architecture
 //!
@@ -18,7 +20,11 @@
 //! keyed hash of token and audiences; on a miss [`precheck`] refuses junk on unverified claims
 //! (no TokenReview spent), then [`review`] asks the API server (single-flight per key, bounded
 //! retries, capped concurrency) and the result is cached (positive up to the token's `exp`,
-//! negative briefly, errors never); [`policy`] applies the route's allow-list. The sequencer
+//! negative briefly, errors never); [`policy`] applies the route's allow-list. On a route with
+//! `verification: local`, [`verify`] judges the token first, as the API server would (the
+//! issuer's keys from [`keys`], bound objects from [`watch`]), and only what it cannot judge
+//! goes to TokenReview. With watches on, every cache hit is first put to [`revocation`]: a
+//! verdict whose pod, service account or key is gone is dropped. The sequencer
 //! returns a [`check::Outcome`] (allow with identity and token source, deny with a
 //! [`denial::Denial`], or unavailable with the [`review::ReviewError`]), and [`decision`]
 //! turns it into Envoy's answer: a CheckResponse, or gRPC UNAVAILABLE when the API server
@@ -36,6 +42,10 @@
 //! | [`cache`] | [`cache::Cache`] (keyed hash, TTL, single-flight) |
 //! | [`precheck`] | [`precheck::precheck`] on unverified claims |
 //! | [`review`] | [`review::Reviewer`], [`review::Verdict`], [`review::ReviewError`], [`review::SetupError`] |
+//! | [`verify`] | [`verify::verify`] (local verification in the API server's order), [`verify::LocalVerdict`], [`verify::ObjectLookup`] |
+//! | [`keys`] | [`keys::KeySet`] (OIDC discovery + JWKS, refreshed; removed kids), [`keys::KeySnapshot`] |
+//! | [`watch`] | [`watch::Objects`]: metadata-only watch caches of pods and service accounts |
+//! | [`revocation`] | [`revocation::Revocation`] (does a cached verdict still hold?), [`revocation::Admitted`] |
 //! | [`policy`] | [`policy::AllowList`], [`policy::ServiceAccountPattern`], [`policy::Glob`] |
 //! | [`decision`] | [`decision::Responder`]: Outcome → CheckResponse / gRPC status |
 //! | [`identity`] | [`identity::Identity`], [`identity::TokenHash`] |
@@ -46,7 +56,7 @@
 //! | [`error`] | [`Error`] (what [`serve`] returns), [`error::Report`] (a cause chain, once) |
 //!
 //! Envoy types appear only in `server`, `request` and `decision`; Kubernetes types only in
-//! `review`; the middle speaks [`identity::Identity`], [`denial::Denial`] and
+//! `review`, `keys` and `watch` (the three that talk to the API server); the middle speaks [`identity::Identity`], [`denial::Denial`] and
 //! [`check::Outcome`]. [`config`] turns YAML into typed, compiled settings once, at start-up.
 //! Shutdown is one signal ([`shutdown`]) that the gRPC server and the admin port both
 //! observe. Tokens are never logged, only a short hash ([`identity::TokenHash`]).
