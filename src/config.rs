@@ -74,6 +74,8 @@ pub mod defaults {
     /// Local verification: how long the last-known keys and watch caches are trusted without
     /// contact with the API server.
     pub const MAX_STALENESS: Duration = Duration::from_secs(300);
+    /// How often the issuer's JWKS is fetched again (a key that left it revokes its tokens).
+    pub const JWKS_REFRESH: Duration = Duration::from_secs(60);
     /// Positive cache TTL when watches push revocations: a verdict then lives until the
     /// token's own `exp` (this only bounds tokens without one).
     pub const CACHE_TTL_WATCHED: Duration = Duration::from_secs(24 * 3600);
@@ -171,6 +173,8 @@ pub struct Kubernetes {
     /// Local verification answers UNAVAILABLE once keys or watch caches have gone this long
     /// without contact with the API server; cached verdicts are then re-verified.
     pub max_staleness: Duration,
+    /// Period of the JWKS refresh (with watches on).
+    pub jwks_refresh: Duration,
 }
 
 /// One place a token may be found.
@@ -392,6 +396,7 @@ struct RawKubernetes {
     #[serde(default)]
     watch_namespaces: Vec<Spanned<String>>,
     max_staleness: Option<Spanned<String>>,
+    jwks_refresh: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -766,6 +771,15 @@ fn kubernetes(raw: &RawKubernetes, p: &mut Problems) -> Option<Kubernetes> {
             d => Ok(d),
         },
     );
+    let jwks_refresh = p.field(
+        "kubernetes.jwks_refresh",
+        &raw.jwks_refresh,
+        defaults::JWKS_REFRESH,
+        |t| match parse_duration(t)? {
+            d if d < Duration::from_secs(1) => Err("must be at least 1s".to_owned()),
+            d => Ok(d),
+        },
+    );
     let kubeconfig = p.field("kubernetes.kubeconfig", &raw.kubeconfig, None, |c| {
         if c.trim().is_empty() {
             Err("must not be empty".to_owned())
@@ -783,6 +797,7 @@ fn kubernetes(raw: &RawKubernetes, p: &mut Problems) -> Option<Kubernetes> {
         watch: raw.watch.as_ref().is_some_and(|w| w.value),
         watch_namespaces: watch_namespaces?,
         max_staleness: max_staleness?,
+        jwks_refresh: jwks_refresh?,
     })
 }
 

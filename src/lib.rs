@@ -173,10 +173,11 @@ fn start_watches(
         &config.kubernetes.watch_namespaces,
         stopped(observer),
     );
-    let keys = keys::KeySet::new(
-        keys::KubeKeySource::new(client),
-        keys::KeySettings::default(),
-    );
+    let key_settings = keys::KeySettings {
+        refresh_every: config.kubernetes.jwks_refresh,
+        ..keys::KeySettings::default()
+    };
+    let keys = keys::KeySet::new(keys::KubeKeySource::new(client), key_settings);
     let removed_kids: Arc<std::sync::Mutex<std::collections::HashSet<Box<str>>>> = Arc::default();
 
     let mut removed = keys.subscribe_removed();

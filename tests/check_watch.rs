@@ -169,3 +169,65 @@ async fn readyz_waits_for_the_first_lists_and_checks_still_work_without_them() {
     ok_response(&h.check_ok(data_store(&[("x-client-id", &api)])).await);
     h.stop().await;
 }
+
+#[tokio::test]
+async fn a_key_that_leaves_the_jwks_revokes_its_tokens() {
+    let world = world().await;
+    world.standin.grant_reviewer_watch();
+    let yaml = config_with(&world, "  watch: true\n  jwks_refresh: 1s\n");
+    let h = Harness::start_with(world, &yaml).await;
+    wait_ready(&h).await;
+
+    // A caller token signed with a second key; tokengate's own token stays on the first.
+    let first = h.world.standin.signing_key_id();
+    let second = h.world.standin.add_signing_key(kube_standin::KeyAlg::Es256);
+    let token = h.world.api_token(AUD);
+    assert!(h.world.standin.sign_with_key(&first));
+    ok_response(&h.check_ok(data_store(&[("x-client-id", &token)])).await);
+
+    // tokengate must have seen the second key before it can see it go.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(&h.admin_get("/metrics").await.1, "tokengate_jwks_keys ") < 2.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the second key never reached the JWKS"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(h.world.standin.retire_key(&second));
+    let (_, why) = denied_within(&h, &token, Duration::from_secs(10)).await;
+    assert_eq!(why, "token_rejected");
+    let (_, metrics) = h.admin_get("/metrics").await;
+    assert_eq!(
+        metric(&metrics, r#"tokengate_revocations_total{cause="key"} "#),
+        1.0
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_pod_deleted_while_the_api_server_was_down_is_revoked_when_it_returns() {
+    let world = world().await;
+    world.standin.grant_reviewer_watch();
+    let yaml = config_with(&world, "  watch: true\n");
+    let h = Harness::start_with(world, &yaml).await;
+    wait_ready(&h).await;
+
+    h.world.standin.create_pod("api", "api-4", "api", None);
+    let token = h
+        .world
+        .mint(MintRequest::new("api", "api").audience(AUD).pod("api-4"));
+    ok_response(&h.check_ok(data_store(&[("x-client-id", &token)])).await);
+
+    h.world.standin.set_fault(kube_standin::Fault::Down);
+    h.world.standin.delete_pod("api", "api-4");
+    // Cut off (for less than max_staleness), the cached verdict is all tokengate knows.
+    ok_response(&h.check_ok(data_store(&[("x-client-id", &token)])).await);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    h.world.standin.set_fault(kube_standin::Fault::None);
+
+    // The watch resumes and delivers the deletion.
+    let (_, why) = denied_within(&h, &token, Duration::from_secs(40)).await;
+    assert_eq!(why, "token_rejected");
+    h.stop().await;
+}
