@@ -999,3 +999,206 @@ fn vary<'k>(
     let key = &keys[rng.random_range(0..keys.len())];
     (c, key)
 }
+
+// ------------------------------------------------- forgeries and object states
+
+/// What each side concluded, in one word, for the per-kind expectations below.
+fn local_word(v: &LocalVerdict) -> &'static str {
+    match v {
+        LocalVerdict::Valid(_) => "valid",
+        LocalVerdict::Invalid(i) => i.kind.denial_code(),
+        LocalVerdict::CannotJudge(_) => "fallback",
+        LocalVerdict::Stale(_) => "stale",
+    }
+}
+
+/// The second half of the differential corpus (the first is [`corpus`]): forged and altered
+/// tokens, keys that are unknown, absent or rotated out, another issuer, `nbf` ahead, a
+/// token over 16 KiB, and terminating pods inside and past their window. Each kind must get
+/// the same verdict (and identity) locally as from TokenReview, and the verdict it is here
+/// to exercise.
+#[tokio::test]
+async fn verify_corpus_of_forgeries_and_object_states_agrees_with_tokenreview() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let standin = Standin::start_persistent(Options {
+        dir: Some(dir.path().to_owned()),
+        ..Options::default()
+    })
+    .await
+    .expect("stand-in");
+    let env = Env::around(standin).await;
+    seed(&env).await;
+    let route = vec![AUD.to_owned()];
+    let signing_kid = env.standin.signing_key_id();
+    let key = saved_signing_keys(dir.path())
+        .into_iter()
+        .find(|k| k.kid() == signing_kid)
+        .expect("the signing key in state.json");
+    let genuine = mint(
+        &env,
+        MintRequest::new("payments", "api")
+            .audience(AUD)
+            .pod("api-0"),
+    );
+    let claims = unverified_claims(&genuine).expect("claims");
+    let header: Value = serde_json::from_slice(
+        &URL_SAFE_NO_PAD
+            .decode(genuine.split('.').next().unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    let parts: Vec<&str> = genuine.split('.').collect();
+
+    let mut kinds: Vec<(&str, String, &str)> = Vec::new();
+    // Altered in transit.
+    let mut altered = claims.clone();
+    altered["kubernetes.io"]["serviceaccount"]["name"] = "worker".into();
+    kinds.push((
+        "tampered payload",
+        format!("{}.{}.{}", parts[0], enc(&altered), parts[2]),
+        "token_rejected",
+    ));
+    let mut sig = URL_SAFE_NO_PAD.decode(parts[2]).unwrap();
+    sig[5] ^= 0x40;
+    kinds.push((
+        "tampered signature",
+        format!("{}.{}.{}", parts[0], parts[1], URL_SAFE_NO_PAD.encode(&sig)),
+        "token_rejected",
+    ));
+    kinds.push((
+        "alg none",
+        format!(
+            "{}.{}.",
+            enc(&serde_json::json!({"alg": "none", "kid": signing_kid})),
+            parts[1]
+        ),
+        "token_rejected",
+    ));
+    let hs_header = enc(&serde_json::json!({"alg": "HS256", "kid": signing_kid}));
+    let hs_input = format!("{hs_header}.{}", parts[1]);
+    let jwk = serde_json::to_value(key.jwk()).unwrap();
+    let public = serde_json::to_vec(&jwk).unwrap();
+    let hmac = aws_lc_rs::hmac::sign(
+        &aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &public),
+        hs_input.as_bytes(),
+    );
+    kinds.push((
+        "HS256 keyed with the public key",
+        format!("{hs_input}.{}", URL_SAFE_NO_PAD.encode(hmac.as_ref())),
+        "token_rejected",
+    ));
+    // Keys.
+    let stranger = kube_standin::keys::SigningKey::generate(key.alg()).expect("key");
+    let mut stranger_header = header.clone();
+    stranger_header["kid"] = stranger.kid().into();
+    kinds.push((
+        "unknown kid (a key the cluster never published)",
+        sign_claims(&stranger, &stranger_header, &claims),
+        "token_rejected",
+    ));
+    let mut no_kid = header.clone();
+    no_kid.as_object_mut().unwrap().remove("kid");
+    kinds.push((
+        "no kid (every key tried)",
+        sign_claims(&key, &no_kid, &claims),
+        "valid",
+    ));
+    // Claims the key signed but the API server refuses.
+    let mut other_issuer = claims.clone();
+    other_issuer["iss"] = "https://issuer.example".into();
+    kinds.push((
+        "another issuer",
+        sign_claims(&key, &header, &other_issuer),
+        "fallback",
+    ));
+    let mut not_yet = claims.clone();
+    not_yet["nbf"] = (unix_now() + 600).into();
+    kinds.push((
+        "nbf in the future",
+        sign_claims(&key, &header, &not_yet),
+        "token_rejected",
+    ));
+    kinds.push((
+        "over 16 KiB",
+        format!("{}.{}.{}", parts[0], "A".repeat(16 * 1024), parts[2]),
+        "token_too_large",
+    ));
+    // A key rotated out of the JWKS.
+    let rotated_kid = env.standin.add_signing_key(KeyAlg::Es256);
+    let rotated = mint(
+        &env,
+        MintRequest::new("payments", "api")
+            .audience(AUD)
+            .pod("api-0"),
+    );
+    assert!(env.standin.sign_with_key(&signing_kid));
+    assert!(env.standin.retire_key(&rotated_kid));
+    env.keys.refresh().await.expect("refresh");
+    kinds.push(("rotated-out key", rotated, "token_rejected"));
+
+    let mut disagreements = Vec::new();
+    for (label, token, expect) in &kinds {
+        disagreements.extend(compare(&env, label, token, &route).await);
+        let local = env.local(token, &route).await;
+        assert_eq!(local_word(&local), *expect, "{label}: {local:?}");
+    }
+    let serious = serious(disagreements);
+    assert!(serious.is_empty(), "{serious:#?}");
+
+    // Terminating pods, judged at the cluster's own clock (the stand-in's, advanced).
+    env.standin.set_pod_reaping(false);
+    env.standin
+        .create_pod("payments", "ending", "api", Some("worker-1"));
+    env.standin
+        .create_pod("payments", "ended", "api", Some("worker-1"));
+    let ending = mint(
+        &env,
+        MintRequest::new("payments", "api")
+            .audience(AUD)
+            .pod("ending"),
+    );
+    let ended = mint(
+        &env,
+        MintRequest::new("payments", "api")
+            .audience(AUD)
+            .pod("ended"),
+    );
+    assert!(env
+        .standin
+        .delete_pod_graceful("payments", "ended", Some(1)));
+    env.standin.advance_clock(90);
+    assert!(env
+        .standin
+        .delete_pod_graceful("payments", "ending", Some(30)));
+    let now = SystemTime::UNIX_EPOCH + Duration::from_secs(env.standin.now() as u64);
+    let snapshot = env.keys.snapshot().expect("keys");
+    for (label, token, expect_valid) in [
+        ("terminating pod inside its window", &ending, true),
+        (
+            "terminating pod past deletionTimestamp + 60 s",
+            &ended,
+            false,
+        ),
+    ] {
+        let objects = env.objects(token).await;
+        let local = verify(token, &route, &snapshot, &objects, MAX_STALENESS, now);
+        let review = env
+            .reviewer
+            .review(token, &route)
+            .await
+            .expect("TokenReview");
+        match (&local, &review) {
+            (LocalVerdict::Valid(v), Verdict::Authenticated(id)) if expect_valid => {
+                assert_eq!(&v.identity, id, "{label}")
+            }
+            (LocalVerdict::Invalid(i), Verdict::Rejected(_)) if !expect_valid => {
+                assert_eq!(
+                    env.token_review(token, &route).await.error.as_deref(),
+                    Some(i.token_review_error().as_str()),
+                    "{label}"
+                );
+            }
+            other => panic!("{label}: {other:?}"),
+        }
+    }
+}
