@@ -39,6 +39,8 @@ pub struct Checker {
     cache: Arc<Cache<Remembered, ReviewError>>,
     reviewer: Arc<Reviewer>,
     metrics: Arc<Metrics>,
+    /// The cluster's issuer, when configured (`kubernetes.issuer`): precheck refuses others.
+    issuer: Option<String>,
 }
 
 /// How a Check ended: what [`crate::decision`] turns into Envoy's answer. Borrows the route
@@ -97,6 +99,7 @@ impl Checker {
             cache: Arc::new(cache),
             reviewer: Arc::new(reviewer),
             metrics,
+            issuer: config.kubernetes.issuer.clone(),
         })
     }
 
@@ -162,7 +165,11 @@ impl Checker {
             None => {
                 self.metrics.cache_misses.inc();
                 let now = unix_now();
-                let claims = match precheck::precheck(token, &route.audiences, now) {
+                let expect = precheck::Expect {
+                    issuer: self.issuer.as_deref(),
+                    ..precheck::Expect::default()
+                };
+                let claims = match precheck::precheck_with(token, &route.audiences, now, &expect) {
                     Ok(c) => c,
                     Err(denial) => {
                         tracing::debug!(route = %route.name, token = %TokenHash(token), reason = denial.code(), "precheck refused");
@@ -250,10 +257,14 @@ mod tests {
     }
 
     fn jwt(exp: i64) -> String {
+        // Shaped like a real one (issuer, RS256 signature length) so precheck passes it.
         format!(
-            "{}.{}.sig",
+            "{}.{}.{}",
             URL_SAFE_NO_PAD.encode(r#"{"alg":"RS256"}"#),
-            URL_SAFE_NO_PAD.encode(format!(r#"{{"aud":["api"],"exp":{exp}}}"#))
+            URL_SAFE_NO_PAD.encode(format!(
+                r#"{{"aud":["api"],"exp":{exp},"iss":"https://kubernetes.default.svc"}}"#
+            )),
+            URL_SAFE_NO_PAD.encode([0u8; 256])
         )
     }
 

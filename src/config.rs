@@ -131,6 +131,9 @@ pub struct Kubernetes {
     pub retries: u32,
     /// Cap on TokenReviews in flight.
     pub max_in_flight: usize,
+    /// The service-account issuer (the API server's first `--service-account-issuer`), if
+    /// configured: precheck refuses tokens of any other issuer without a TokenReview.
+    pub issuer: Option<String>,
 }
 
 /// One place a token may be found.
@@ -345,6 +348,7 @@ struct RawKubernetes {
     timeout: Option<Spanned<String>>,
     retries: Option<Spanned<u32>>,
     max_in_flight: Option<Spanned<usize>>,
+    issuer: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -688,7 +692,15 @@ fn kubernetes(raw: &RawKubernetes, p: &mut Problems) -> Option<Kubernetes> {
             Ok(Some(PathBuf::from(c)))
         }
     });
+    let issuer = p.field("kubernetes.issuer", &raw.issuer, None, |i| {
+        if i.is_empty() || i.contains(char::is_whitespace) {
+            Err("must be the API server's --service-account-issuer, e.g. https://kubernetes.default.svc.cluster.local".to_owned())
+        } else {
+            Ok(Some(i.clone()))
+        }
+    });
     Some(Kubernetes {
+        issuer: issuer?,
         kubeconfig: kubeconfig?,
         context: raw.context.as_ref().map(|c| c.value.clone()),
         timeout: timeout?,
