@@ -88,6 +88,7 @@ impl Checker {
     ) -> Result<Checker, Error> {
         let cache = Cache::new(
             config.cache.max_entries,
+            config.cache.negative_max_entries,
             config.cache.ttl,
             config.cache.negative_ttl,
             metrics.cache_entries.clone(),

@@ -49,6 +49,17 @@ pub mod defaults {
         Some(n) => n,
         None => panic!("not zero"), // evaluated at compile time
     };
+    /// Largest `cache.max_entries` accepted: at about 1 KiB per entry (identity, keys, LRU
+    /// links) ten million entries is already ~10 GiB.
+    pub const CACHE_MAX_ENTRIES_LIMIT: usize = 10_000_000;
+    /// Negative cache capacity when `cache.negative_max_entries` is absent: a tenth of
+    /// `max_entries` (at least 1), so forged tokens' verdicts cannot evict verified identities.
+    pub const fn cache_negative_max_entries(max_entries: NonZeroUsize) -> NonZeroUsize {
+        match NonZeroUsize::new(max_entries.get() / 10) {
+            Some(n) => n,
+            None => NonZeroUsize::MIN,
+        }
+    }
     /// Positive cache TTL (also capped by the token's `exp`).
     pub const CACHE_TTL: Duration = Duration::from_secs(60);
     /// Negative cache TTL (`authenticated: false` answers).
@@ -165,8 +176,11 @@ pub struct RouteConfig {
 /// Cache settings.
 #[derive(Debug, Clone)]
 pub struct CacheConfig {
-    /// Capacity in entries.
+    /// Capacity in entries (positive answers).
     pub max_entries: NonZeroUsize,
+    /// Capacity of the separate LRU of negative answers, so forgeries cannot evict verified
+    /// identities.
+    pub negative_max_entries: NonZeroUsize,
     /// Positive TTL (also capped by the token's `exp`); zero disables positive caching.
     pub ttl: Duration,
     /// Negative TTL; zero disables negative caching.
@@ -398,6 +412,7 @@ struct RawAllow {
 #[serde(deny_unknown_fields)]
 struct RawCache {
     max_entries: Option<Spanned<usize>>,
+    negative_max_entries: Option<Spanned<usize>>,
     ttl: Option<Spanned<String>>,
     negative_ttl: Option<Spanned<String>>,
 }
@@ -888,11 +903,13 @@ fn cache(raw: &RawCache, p: &mut Problems) -> Option<CacheConfig> {
         "cache.max_entries",
         &raw.max_entries,
         defaults::CACHE_MAX_ENTRIES,
-        |&m| match NonZeroUsize::new(m) {
-            Some(m) => Ok(m),
-            None => Err("must be at least 1 (set ttl: 0s to disable caching)".to_owned()),
-        },
+        |&m| capacity(m),
     );
+    let negative_max_entries = match (&raw.negative_max_entries, max_entries) {
+        (None, Some(m)) => Some(defaults::cache_negative_max_entries(m)),
+        (None, None) => None,
+        (Some(n), _) => p.parsed("cache.negative_max_entries", n, |&n| capacity(n)),
+    };
     let ttl = p.field("cache.ttl", &raw.ttl, defaults::CACHE_TTL, |t| {
         parse_duration(t)
     });
@@ -904,9 +921,24 @@ fn cache(raw: &RawCache, p: &mut Problems) -> Option<CacheConfig> {
     );
     Some(CacheConfig {
         max_entries: max_entries?,
+        negative_max_entries: negative_max_entries?,
         ttl: ttl?,
         negative_ttl: negative_ttl?,
     })
+}
+
+/// A cache capacity: at least 1, at most [`defaults::CACHE_MAX_ENTRIES_LIMIT`]. Memory is
+/// allocated as entries arrive, but a capacity is a promise of memory.
+fn capacity(m: usize) -> Result<NonZeroUsize, String> {
+    match NonZeroUsize::new(m) {
+        None => Err("must be at least 1 (set ttl: 0s to disable caching)".to_owned()),
+        Some(_) if m > defaults::CACHE_MAX_ENTRIES_LIMIT => Err(format!(
+            "must be at most {} (each entry takes about 1 KiB, so {m} entries could need {} GiB)",
+            defaults::CACHE_MAX_ENTRIES_LIMIT,
+            m / (1 << 20)
+        )),
+        Some(m) => Ok(m),
+    }
 }
 
 fn identity_headers(

@@ -27,6 +27,20 @@ fn claims(iss: &str, sub: &str) -> String {
     )
 }
 
+/// A token shaped exactly like the cluster's (RS256, derived-kid shape, 2048-bit signature,
+/// the cluster's issuer) but signed by nobody: only TokenReview can tell.
+fn shaped_forgery(n: usize) -> String {
+    format!(
+        "{}.{}.{}",
+        b64(format!(r#"{{"alg":"RS256","kid":"{KID}"}}"#)),
+        b64(claims(
+            ISSUER,
+            &format!("system:serviceaccount:api:forged-{n}")
+        )),
+        b64([n as u8; 256])
+    )
+}
+
 /// The config of the gRPC tests with the cluster's issuer known and `extra` top-level YAML.
 fn config_with(world: &World, cache: &str) -> String {
     config(&world.standin.kubeconfig_path(), cache).replace(
@@ -127,5 +141,55 @@ async fn forgery_shapes_cost_no_token_review() {
     let r = h.check_ok(data_store(&[("x-client-id", &token)])).await;
     allowed_headers(&r);
     assert_eq!(h.world.standin.token_reviews_served(), before + 1);
+    h.stop().await;
+}
+
+/// A flood of well-shaped forgeries (each costs one TokenReview and leaves a negative entry)
+/// cannot evict a verified identity: its next Check is still a cache hit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_verdicts_cannot_evict_verified_identities() {
+    let world = world().await;
+    let yaml = config_with(
+        &world,
+        "cache:\n  max_entries: 100\n  negative_max_entries: 10\n  negative_ttl: 60s\n",
+    );
+    let h = Harness::start_with(world, &yaml).await;
+    let token = h.world.api_token(AUD);
+    allowed_headers(&h.check_ok(data_store(&[("x-client-id", &token)])).await);
+    let before = h.world.standin.token_reviews_served();
+
+    const FORGED: usize = 300; // 30 times the negative capacity
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in 0..FORGED {
+        let client = h.client.clone();
+        tasks.spawn(async move {
+            let req = data_store(&[("x-client-id", &shaped_forgery(n))]);
+            client.clone().check(req).await.map(|r| r.into_inner())
+        });
+        if tasks.len() >= 16 {
+            let r = tasks.join_next().await.unwrap().unwrap().unwrap();
+            assert_eq!(reason(&r).as_deref(), Some("token_rejected"));
+        }
+    }
+    while let Some(r) = tasks.join_next().await {
+        assert_eq!(
+            reason(&r.unwrap().unwrap()).as_deref(),
+            Some("token_rejected")
+        );
+    }
+    assert_eq!(
+        h.world.standin.token_reviews_served(),
+        before + FORGED as u64,
+        "each shaped forgery costs exactly one TokenReview"
+    );
+    let (_, metrics) = h.admin_get("/metrics").await;
+    assert!(metrics.contains("tokengate_cache_entries 11"), "{metrics}");
+
+    // The verified caller: still a hit, no TokenReview.
+    allowed_headers(&h.check_ok(data_store(&[("x-client-id", &token)])).await);
+    assert_eq!(
+        h.world.standin.token_reviews_served(),
+        before + FORGED as u64
+    );
     h.stop().await;
 }
