@@ -13,6 +13,7 @@
 //! | `tokengate_tokenreview_duration_seconds` | histogram (per attempt) | |
 //! | `tokengate_tokenreview_errors_total` | counter (per failed attempt) | `kind` |
 //! | `tokengate_tokenreview_in_flight` | gauge | |
+//! | `tokengate_build_info` | gauge (always 1) | `version` |
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -40,6 +41,11 @@ struct DecisionLabels {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ErrorLabels {
     kind: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
 }
 
 /// Pre-built counters for one route.
@@ -149,6 +155,19 @@ impl Metrics {
             "TokenReviews in flight",
             review_in_flight.clone(),
         );
+        // --- build info (issue 12) ---
+        let build_info = Family::<BuildLabels, Gauge>::default();
+        build_info
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        registry.register(
+            "tokengate_build_info",
+            "tokengate's version (always 1)",
+            build_info,
+        );
+        // --- end build info ---
         Metrics {
             registry,
             rows,
@@ -213,5 +232,15 @@ mod tests {
         assert!(text.contains(
             r#"tokengate_decisions_total{route="data-store",outcome="error",reason="api_unavailable"} 1"#
         ));
+    }
+
+    #[test]
+    fn build_info_carries_the_version() {
+        let text = Metrics::new(["r"]).encode();
+        let line = format!(
+            r#"tokengate_build_info{{version="{}"}} 1"#,
+            env!("CARGO_PKG_VERSION")
+        );
+        assert!(text.contains(&line), "{text}");
     }
 }
