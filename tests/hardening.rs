@@ -4,11 +4,12 @@
 
 mod common;
 
-
+use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
 /// A kid of the API server's shape (43 base64url characters) that no key has.
@@ -192,4 +193,113 @@ async fn forged_verdicts_cannot_evict_verified_identities() {
         before + FORGED as u64
     );
     h.stop().await;
+}
+
+/// Limits small enough to test: handshake 1 s, idle 3 s (PINGs every 1 s keep real clients).
+const LIMITS: &str = "listen:
+  limits:
+    handshake_timeout: 1s
+    idle_timeout: 3s
+    keepalive_interval: 1s
+    keepalive_timeout: 1s
+  admin_limits:
+    max_connections: 3
+    header_read_timeout: 1s
+    idle_timeout: 3s
+";
+
+/// Connects, sends `bytes`, and returns how long the server took to close the connection
+/// (`None`: still open after 10 s).
+async fn closed_after(addr: std::net::SocketAddr, bytes: &[u8]) -> Option<Duration> {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let started = Instant::now();
+    s.write_all(bytes).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(started.elapsed()),
+            // The server may say something first (an HTTP/2 SETTINGS or GOAWAY frame).
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_half_open_connections_are_closed() {
+    let world = world().await;
+    let yaml = format!("{LIMITS}{}", config_with(&world, ""));
+    let grpc = testkit::ports::listener().await.unwrap();
+    let grpc_addr = grpc.local_addr().unwrap();
+    let mut gate = Tokengate::start(&yaml, grpc.into()).await.unwrap();
+    let channel = tonic::transport::Channel::from_shared(format!("http://{grpc_addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    wait_serving(channel.clone()).await;
+
+    let within = |what: &str, took: Option<Duration>, limit: Duration| {
+        let took = took.unwrap_or_else(|| panic!("{what}: still open after 10 s"));
+        assert!(
+            took >= limit - Duration::from_millis(100) && took < limit + Duration::from_secs(2),
+            "{what}: closed after {took:?}, the limit is {limit:?}"
+        );
+    };
+    let (silent, half_preface, admin_silent, admin_half) = tokio::join!(
+        closed_after(grpc_addr, b""),
+        closed_after(grpc_addr, b"PRI * HTTP/2.0\r\n"),
+        closed_after(gate.admin_addr, b""),
+        closed_after(gate.admin_addr, b"GET /metr"),
+    );
+    within("gRPC, nothing sent", silent, Duration::from_secs(1));
+    within("gRPC, half a preface", half_preface, Duration::from_secs(1));
+    within("admin, nothing sent", admin_silent, Duration::from_secs(1));
+    within(
+        "admin, half a request line",
+        admin_half,
+        Duration::from_secs(1),
+    );
+
+    // The whole preface, then silence (no SETTINGS, no PING ack): the unanswered keepalive
+    // PING closes it after keepalive_interval + keepalive_timeout (2 s), the idle timeout (3 s)
+    // at the latest.
+    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let took = closed_after(grpc_addr, preface)
+        .await
+        .expect("gRPC, preface then silence: still open after 10 s");
+    assert!(
+        took >= Duration::from_millis(1900) && took < Duration::from_millis(3500),
+        "gRPC, preface then silence: closed after {took:?}"
+    );
+
+    // A well-behaved client idle for longer than idle_timeout keeps working (its h2 stack
+    // acks the server's PINGs).
+    let mut client =
+        envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient::new(
+            channel,
+        );
+    client.check(data_store(&[])).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    client.check(data_store(&[])).await.unwrap();
+
+    // The admin connection cap: 3 held open, the 4th is closed at once.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(
+            tokio::net::TcpStream::connect(gate.admin_addr)
+                .await
+                .unwrap(),
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let took = closed_after(gate.admin_addr, b"").await.expect("refused");
+    assert!(took < Duration::from_millis(500), "over the cap: {took:?}");
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(gate.admin_get("/healthz").await.0, 200);
+
+    gate.stop().await;
+    world.shutdown().await;
 }
