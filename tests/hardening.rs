@@ -303,3 +303,30 @@ async fn idle_and_half_open_connections_are_closed() {
     gate.stop().await;
     world.shutdown().await;
 }
+
+/// The other side of precheck: every kind of token the cluster issues passes it, with the
+/// issuer known (RS256 and, after a key rotation, ES256; pod-bound and unbound; legacy).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn genuine_tokens_pass_precheck() {
+    let world = world().await;
+    let mut tokens = vec![
+        world.api_token(AUD),
+        world.token("default", "intruder", AUD),
+        world
+            .standin
+            .mint_legacy("api", "api", "api-token")
+            .expect("legacy token"),
+    ];
+    world.standin.add_signing_key(kube_standin::KeyAlg::Es256);
+    tokens.push(world.api_token(AUD));
+    tokens.push(world.token("default", "intruder", AUD));
+    let expect = tokengate::precheck::Expect {
+        issuer: Some(ISSUER),
+        ..Default::default()
+    };
+    for t in &tokens {
+        let r = tokengate::precheck::precheck_with(t, &[AUD.to_owned()], unix_now(), &expect);
+        assert!(r.is_ok(), "{r:?} for a genuine token");
+    }
+    world.shutdown().await;
+}
