@@ -10,6 +10,8 @@ use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
+use crate::config::AdminLimits;
+use crate::io::Admission;
 use crate::metrics::Metrics;
 use crate::shutdown::{Phase, Shutdown};
 
@@ -66,8 +68,18 @@ fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> 
 }
 
 /// Serves the admin endpoints until the gRPC server has stopped ([`Phase::Stopped`]): while
-/// it drains, `/readyz` answers 503.
-pub async fn run(listener: tokio::net::TcpListener, state: AdminState) {
+/// it drains, `/readyz` answers 503. `limits` caps connections and bounds how long a client
+/// may take to send its request head and stay quiet.
+pub async fn run(listener: tokio::net::TcpListener, state: AdminState, limits: AdminLimits) {
+    // Anything at all must arrive within the header read timeout: the auto builder reads the
+    // first bytes (to tell HTTP/1 from HTTP/2) before hyper's own header timer starts.
+    let admission = Admission::new(
+        limits.max_connections,
+        limits.header_read_timeout,
+        1,
+        limits.idle_timeout,
+        "admin",
+    );
     let mut shutdown = state.shutdown.clone();
     loop {
         let stream = tokio::select! {
@@ -80,13 +92,21 @@ pub async fn run(listener: tokio::net::TcpListener, state: AdminState) {
             },
             () = shutdown.reached(Phase::Stopped) => return,
         };
+        let Some(stream) = admission.admit(stream) else {
+            continue;
+        };
         let state = state.clone();
+        let header_read_timeout = limits.header_read_timeout;
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let response = handle(&state, &req);
                 async move { Ok::<_, Infallible>(response) }
             });
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_read_timeout);
             if let Err(e) = builder
                 .serve_connection(TokioIo::new(stream), service)
                 .await

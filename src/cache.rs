@@ -7,6 +7,16 @@
 //! - Positive entries live `min(ttl, exp - now)`; negative ones (`authenticated: false` and
 //!   other definitive refusals) `negative_ttl`; errors are never cached, so an API-server blip
 //!   does not pin denials.
+//! - Positive and negative answers live in two LRUs, the negative one smaller: anyone can
+//!   mint well-shaped forgeries faster than callers present real tokens, and each forgery's
+//!   verdict is an entry, so in one LRU a flood would evict every verified identity (and send
+//!   its next Check to the API server in the middle of the flood). Forgeries only evict each
+//!   other.
+//! - Expired entries are swept, not just skipped: a heap of expiry times per LRU is drained a
+//!   few entries per insert and fully once a second by a background task, so the
+//!   `tokengate_cache_entries` gauge counts live entries and memory follows the live set.
+//! - Memory is allocated as entries arrive (`LruCache::new` would allocate the whole
+//!   capacity up front; a typo'd `max_entries` must not cost terabytes at start).
 //! - Concurrent misses for one key share a single load. The load runs in its own task, so a
 //!   Check that gives up (Envoy's ext_authz timeout defaults to 200 ms) does not abort the
 //!   TokenReview: its answer is still cached for the next request, instead of every retry
@@ -16,10 +26,11 @@
 //! A `std::sync::Mutex` guards the LRU: even a lookup updates recency, critical sections are a
 //! hash probe long, and the lock is never held across an `.await`.
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::future::Future;
 use std::num::NonZeroUsize;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Once, Weak};
 use std::time::Duration;
 
 use aws_lc_rs::error::Unspecified;
@@ -50,6 +61,78 @@ struct Entry<V> {
     expires: Instant,
 }
 
+/// Expired entries removed per insert (bounded work on the request path).
+const SWEEP_ON_INSERT: usize = 8;
+/// Expired entries removed per lock hold by the background sweep.
+const SWEEP_CHUNK: usize = 4096;
+/// How often the background sweep runs.
+pub const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// One LRU with the expiry times of its entries, soonest first.
+struct Shelf<V> {
+    lru: LruCache<Key, Entry<V>>,
+    /// `(expires, key)` of every insert; stale items (the entry was replaced, evicted or
+    /// removed) are skipped when popped. Rebuilt from the LRU if it grows past twice its size.
+    expiries: BinaryHeap<Reverse<(Instant, Key)>>,
+}
+
+impl<V> Shelf<V> {
+    fn new(capacity: NonZeroUsize) -> Shelf<V> {
+        // `unbounded` allocates nothing; `resize` only sets the cap. The map grows as entries
+        // arrive.
+        let mut lru = LruCache::unbounded();
+        lru.resize(capacity);
+        Shelf {
+            lru,
+            expiries: BinaryHeap::new(),
+        }
+    }
+
+    fn put(&mut self, key: Key, entry: Entry<V>) {
+        self.expiries.push(Reverse((entry.expires, key)));
+        self.lru.put(key, entry);
+        if self.expiries.len() > 2 * self.lru.len() + 1024 {
+            self.expiries = self
+                .lru
+                .iter()
+                .map(|(k, e)| Reverse((e.expires, *k)))
+                .collect();
+        }
+    }
+
+    /// Removes up to `budget` entries expired at `now`; returns how many heap items it
+    /// looked at (0: nothing more is due).
+    fn sweep(&mut self, now: Instant, budget: usize) -> usize {
+        let mut seen = 0;
+        while seen < budget {
+            match self.expiries.peek() {
+                Some(Reverse((expires, _))) if *expires <= now => {}
+                _ => break,
+            }
+            let Some(Reverse((_, key))) = self.expiries.pop() else {
+                break;
+            };
+            seen += 1;
+            if self.lru.peek(&key).is_some_and(|e| e.expires <= now) {
+                self.lru.pop(&key);
+            }
+        }
+        seen
+    }
+}
+
+/// Both LRUs, behind one lock.
+struct Entries<V> {
+    positive: Shelf<V>,
+    negative: Shelf<V>,
+}
+
+impl<V> Entries<V> {
+    fn len(&self) -> usize {
+        self.positive.lru.len() + self.negative.lru.len()
+    }
+}
+
 /// A load in flight: waiters watch for its result.
 type Flight<V, E> = watch::Receiver<Option<Result<V, E>>>;
 
@@ -62,7 +145,8 @@ pub struct FlightLost;
 /// never stored).
 pub struct Cache<V, E> {
     hmac_key: hmac::Key,
-    entries: Mutex<LruCache<Key, Entry<V>>>,
+    entries: Mutex<Entries<V>>,
+    sweeper: Once,
     flights: Mutex<HashMap<Key, Flight<V, E>>>,
     ttl: Duration,
     negative_ttl: Duration,
@@ -80,10 +164,11 @@ where
     V: Clone + Send + Sync + 'static,
     E: Clone + Send + Sync + From<FlightLost> + 'static,
 {
-    /// A cache of `capacity` entries with a fresh random HMAC key (fails only if the system
-    /// random number generator does).
+    /// A cache of `capacity` positive and `negative_capacity` negative entries with a fresh
+    /// random HMAC key (fails only if the system random number generator does).
     pub fn new(
         capacity: NonZeroUsize,
+        negative_capacity: NonZeroUsize,
         ttl: Duration,
         negative_ttl: Duration,
         entries_gauge: Gauge,
@@ -91,7 +176,11 @@ where
         let hmac_key = hmac::Key::generate(hmac::HMAC_SHA256, &SystemRandom::new())?;
         Ok(Cache {
             hmac_key,
-            entries: Mutex::new(LruCache::new(capacity)),
+            entries: Mutex::new(Entries {
+                positive: Shelf::new(capacity),
+                negative: Shelf::new(negative_capacity),
+            }),
+            sweeper: Once::new(),
             flights: Mutex::new(HashMap::new()),
             ttl,
             negative_ttl,
@@ -118,21 +207,67 @@ where
     pub fn get(&self, key: &Key) -> Option<V> {
         let now = Instant::now();
         let mut entries = lock(&self.entries);
-        match entries.get(key) {
-            Some(e) if e.expires > now => Some(e.value.clone()),
-            Some(_) => {
-                entries.pop(key);
-                self.entries_gauge.set(entries.len() as i64);
-                None
+        let entries = &mut *entries;
+        for shelf in [&mut entries.positive, &mut entries.negative] {
+            match shelf.lru.get(key) {
+                Some(e) if e.expires > now => return Some(e.value.clone()),
+                Some(_) => {
+                    shelf.lru.pop(key);
+                    break;
+                }
+                None => {}
             }
-            None => None,
         }
+        self.entries_gauge.set(entries.len() as i64);
+        None
+    }
+
+    /// Removes every expired entry (in chunks, releasing the lock between them); returns
+    /// how many heap items were looked at.
+    pub fn sweep(&self) -> usize {
+        let mut total = 0;
+        loop {
+            let now = Instant::now();
+            let mut entries = lock(&self.entries);
+            let seen =
+                entries.positive.sweep(now, SWEEP_CHUNK) + entries.negative.sweep(now, SWEEP_CHUNK);
+            self.entries_gauge.set(entries.len() as i64);
+            drop(entries);
+            total += seen;
+            if seen == 0 {
+                return total;
+            }
+        }
+    }
+
+    /// Starts the background sweep once, on the first load: it holds only a weak
+    /// reference, so it ends when the cache is dropped.
+    fn start_sweeper(self: &Arc<Self>) {
+        self.sweeper.call_once(|| {
+            let cache: Weak<Self> = Arc::downgrade(self);
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(SWEEP_EVERY);
+                every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    every.tick().await;
+                    match cache.upgrade() {
+                        Some(c) => {
+                            c.sweep();
+                        }
+                        None => return,
+                    }
+                }
+            });
+        });
     }
 
     /// Forgets `key` (a verdict that no longer holds), so the next lookup loads afresh.
     pub fn remove(&self, key: &Key) {
         let mut entries = lock(&self.entries);
-        if entries.pop(key).is_some() {
+        let entries = &mut *entries;
+        let popped =
+            entries.positive.lru.pop(key).is_some() | entries.negative.lru.pop(key).is_some();
+        if popped {
             self.entries_gauge.set(entries.len() as i64);
         }
     }
@@ -148,6 +283,7 @@ where
         if let Some(v) = self.get(&key) {
             return Ok(v);
         }
+        self.start_sweeper();
         let mut flight = {
             let mut flights = lock(&self.flights);
             match flights.get(&key) {
@@ -199,15 +335,29 @@ where
         if ttl.is_zero() {
             return;
         }
-        let expires = Instant::now() + ttl;
+        let now = Instant::now();
+        let expires = now + ttl;
         let mut entries = lock(&self.entries);
-        entries.put(key, Entry { value, expires });
+        let entries = &mut *entries;
+        let (shelf, other) = match freshness {
+            Freshness::Positive { .. } => (&mut entries.positive, &mut entries.negative),
+            Freshness::Negative => (&mut entries.negative, &mut entries.positive),
+        };
+        // One answer per key: a newer verdict replaces the other kind.
+        other.lru.pop(&key);
+        shelf.sweep(now, SWEEP_ON_INSERT);
+        shelf.put(key, Entry { value, expires });
         self.entries_gauge.set(entries.len() as i64);
     }
 
-    /// Number of entries (live or not yet swept).
+    /// Number of entries, positive and negative (live or not yet swept).
     pub fn len(&self) -> usize {
         lock(&self.entries).len()
+    }
+
+    /// Number of negative entries (live or not yet swept).
+    pub fn negative_len(&self) -> usize {
+        lock(&self.entries).negative.lru.len()
     }
 
     /// Whether the cache holds no entries.
@@ -238,6 +388,7 @@ mod tests {
     fn cache(ttl: u64, neg: u64) -> TestCache {
         Arc::new(
             Cache::new(
+                NonZeroUsize::new(4).unwrap(),
                 NonZeroUsize::new(4).unwrap(),
                 Duration::from_secs(ttl),
                 Duration::from_secs(neg),
@@ -449,6 +600,7 @@ mod tests {
         let c: Arc<Cache<u32, TestError>> = Arc::new(
             Cache::new(
                 NonZeroUsize::new(2).unwrap(),
+                NonZeroUsize::new(2).unwrap(),
                 Duration::from_secs(60),
                 Duration::from_secs(5),
                 g.clone(),
@@ -465,5 +617,120 @@ mod tests {
         assert_eq!(g.get(), 2);
         assert_eq!(c.get(&c.key("0", &[])), None);
         assert_eq!(c.get(&c.key("2", &[])), Some(2));
+    }
+
+    /// A flood of refusals (forged but well-shaped tokens) only evicts other refusals.
+    #[tokio::test]
+    async fn negative_entries_cannot_evict_positive_ones() {
+        let g = Gauge::default();
+        let c: Arc<Cache<u32, TestError>> = Arc::new(
+            Cache::new(
+                NonZeroUsize::new(100).unwrap(),
+                NonZeroUsize::new(10).unwrap(),
+                Duration::from_secs(60),
+                Duration::from_secs(5),
+                g.clone(),
+            )
+            .unwrap(),
+        );
+        let good = c.key("verified", &[]);
+        c.get_or_load(good, || async { Ok((1, positive(None))) })
+            .await
+            .unwrap();
+        for i in 0..10_000u32 {
+            let k = c.key(&format!("forged-{i}"), &[]);
+            c.get_or_load(k, || async move { Ok((0, Freshness::Negative)) })
+                .await
+                .unwrap();
+        }
+        assert_eq!(
+            c.get(&good),
+            Some(1),
+            "the verified identity is still a hit"
+        );
+        assert_eq!(c.negative_len(), 10);
+        assert_eq!(c.len(), 11);
+        assert_eq!(g.get(), 11);
+        // The newest refusals are remembered, the oldest were evicted.
+        assert_eq!(c.get(&c.key("forged-9999", &[])), Some(0));
+        assert_eq!(c.get(&c.key("forged-0", &[])), None);
+    }
+
+    #[tokio::test]
+    async fn a_newer_verdict_replaces_the_other_kind() {
+        let c = cache(60, 5);
+        let k = c.key("t", &[]);
+        c.insert(k, "no", Freshness::Negative);
+        c.insert(k, "ok", positive(None));
+        assert_eq!((c.len(), c.negative_len()), (1, 0));
+        assert_eq!(c.get(&k), Some("ok"));
+        c.insert(k, "no", Freshness::Negative);
+        assert_eq!((c.len(), c.negative_len()), (1, 1));
+        assert_eq!(c.get(&k), Some("no"));
+    }
+
+    /// Expired entries leave the cache (and the gauge) without being looked up again.
+    #[tokio::test(start_paused = true)]
+    async fn expired_entries_are_swept_and_the_gauge_follows() {
+        let g = Gauge::default();
+        let c: Arc<Cache<u32, TestError>> = Arc::new(
+            Cache::new(
+                NonZeroUsize::new(1000).unwrap(),
+                NonZeroUsize::new(1000).unwrap(),
+                Duration::from_secs(60),
+                Duration::from_secs(5),
+                g.clone(),
+            )
+            .unwrap(),
+        );
+        for i in 0..500u32 {
+            let k = c.key(&format!("no-{i}"), &[]);
+            c.get_or_load(k, || async move { Ok((i, Freshness::Negative)) })
+                .await
+                .unwrap();
+        }
+        for i in 0..5u32 {
+            let k = c.key(&format!("ok-{i}"), &[]);
+            c.get_or_load(k, || async move { Ok((i, positive(Some(30)))) })
+                .await
+                .unwrap();
+        }
+        assert_eq!(g.get(), 505);
+        // The background sweep (once a second) removes the refusals after 5 s ...
+        tokio::time::sleep(Duration::from_secs(7)).await;
+        assert_eq!(g.get(), 5);
+        assert_eq!(c.len(), 5);
+        // ... and the positive entries at their token's exp.
+        tokio::time::sleep(Duration::from_secs(25)).await;
+        assert_eq!(g.get(), 0);
+        assert!(c.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn inserts_sweep_a_bounded_number_of_expired_entries() {
+        let c = cache(60, 5);
+        let k = |i: u32| c.key(&i.to_string(), &[]);
+        for i in 0..3 {
+            c.insert(k(i), "no", Freshness::Negative);
+        }
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert_eq!(c.len(), 3);
+        c.insert(k(9), "no", Freshness::Negative);
+        assert_eq!(c.len(), 1, "the insert swept the expired entries");
+    }
+
+    /// A huge capacity allocates nothing up front (LruCache::new would try to).
+    #[test]
+    fn capacity_is_not_preallocated() {
+        let huge = NonZeroUsize::new(usize::MAX / 64).unwrap();
+        let c: Cache<u32, TestError> = Cache::new(
+            huge,
+            huge,
+            Duration::from_secs(60),
+            Duration::from_secs(5),
+            Gauge::default(),
+        )
+        .unwrap();
+        assert!(c.is_empty());
     }
 }

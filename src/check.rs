@@ -68,6 +68,9 @@ pub struct Checker {
     revocation: Option<Revocation>,
     local: Option<Local>,
     metrics: Arc<Metrics>,
+    /// The cluster's issuer, when configured (`kubernetes.issuer`): precheck refuses others.
+    /// Without it, the issuer OIDC discovery reported is used once the keys are fetched.
+    issuer: Option<String>,
 }
 
 /// How a Check ended: what [`crate::decision`] turns into Envoy's answer. Borrows the route
@@ -126,6 +129,7 @@ impl Checker {
         });
         let cache = Cache::new(
             config.cache.max_entries,
+            config.cache.negative_max_entries,
             config.cache.ttl,
             config.cache.negative_ttl,
             metrics.cache_entries.clone(),
@@ -139,6 +143,7 @@ impl Checker {
             revocation,
             local,
             metrics,
+            issuer: config.kubernetes.issuer.clone(),
         })
     }
 
@@ -175,7 +180,8 @@ impl Checker {
             }
             Outcome::Unavailable { route, error } => {
                 self.metrics.decision(Some(route.index), Counted::Error);
-                tracing::warn!(route = %route.name, error = %Report(error), "TokenReview unavailable; answering UNAVAILABLE");
+                // At debug: `server` logs one summary per interval during an outage.
+                tracing::debug!(route = %route.name, error = %Report(error), "TokenReview unavailable; answering UNAVAILABLE");
             }
         }
         self.metrics
@@ -212,7 +218,16 @@ impl Checker {
             None => {
                 self.metrics.cache_misses.inc();
                 let now = unix_now();
-                let claims = match precheck::precheck(token, &route.audiences, now) {
+                // The configured issuer, else the one OIDC discovery reported (watches on).
+                let keys = self.local.as_ref().and_then(|l| l.keys.snapshot());
+                let expect = precheck::Expect {
+                    issuer: self
+                        .issuer
+                        .as_deref()
+                        .or_else(|| keys.as_deref().map(|k| k.issuer())),
+                    ..precheck::Expect::default()
+                };
+                let claims = match precheck::precheck_with(token, &route.audiences, now, &expect) {
                     Ok(c) => c,
                     Err(denial) => {
                         tracing::debug!(route = %route.name, token = %TokenHash(token), reason = denial.code(), "precheck refused");
@@ -415,10 +430,14 @@ mod tests {
     }
 
     fn jwt(exp: i64) -> String {
+        // Shaped like a real one (issuer, RS256 signature length) so precheck passes it.
         format!(
-            "{}.{}.sig",
+            "{}.{}.{}",
             URL_SAFE_NO_PAD.encode(r#"{"alg":"RS256"}"#),
-            URL_SAFE_NO_PAD.encode(format!(r#"{{"aud":["api"],"exp":{exp}}}"#))
+            URL_SAFE_NO_PAD.encode(format!(
+                r#"{{"aud":["api"],"exp":{exp},"iss":"https://kubernetes.default.svc"}}"#
+            )),
+            URL_SAFE_NO_PAD.encode([0u8; 256])
         )
     }
 

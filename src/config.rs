@@ -49,6 +49,17 @@ pub mod defaults {
         Some(n) => n,
         None => panic!("not zero"), // evaluated at compile time
     };
+    /// Largest `cache.max_entries` accepted: at about 1 KiB per entry (identity, keys, LRU
+    /// links) ten million entries is already ~10 GiB.
+    pub const CACHE_MAX_ENTRIES_LIMIT: usize = 10_000_000;
+    /// Negative cache capacity when `cache.negative_max_entries` is absent: a tenth of
+    /// `max_entries` (at least 1), so forged tokens' verdicts cannot evict verified identities.
+    pub const fn cache_negative_max_entries(max_entries: NonZeroUsize) -> NonZeroUsize {
+        match NonZeroUsize::new(max_entries.get() / 10) {
+            Some(n) => n,
+            None => NonZeroUsize::MIN,
+        }
+    }
     /// Positive cache TTL (also capped by the token's `exp`).
     pub const CACHE_TTL: Duration = Duration::from_secs(60);
     /// Negative cache TTL (`authenticated: false` answers).
@@ -79,6 +90,34 @@ pub mod defaults {
     /// Positive cache TTL when watches push revocations: a verdict then lives until the
     /// token's own `exp` (this only bounds tokens without one).
     pub const CACHE_TTL_WATCHED: Duration = Duration::from_secs(24 * 3600);
+
+    // --- listen.limits / listen.admin_limits (connection hygiene, issue 12) ---
+    /// Open gRPC connections; more are closed as soon as they are accepted.
+    pub const GRPC_MAX_CONNECTIONS: usize = 10_000;
+    /// Time for a new gRPC connection to send the 24-byte HTTP/2 preface.
+    pub const GRPC_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+    /// A gRPC connection from which nothing (not even a PING ack) arrives for this long is
+    /// closed. Longer than keepalive interval + timeout, so healthy idle Envoys stay.
+    pub const GRPC_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+    /// HTTP/2 PING interval on a quiet connection.
+    pub const GRPC_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+    /// Time to wait for a PING ack before closing the connection.
+    pub const GRPC_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+    /// HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS: Checks in flight per connection (Envoy opens
+    /// another connection beyond it).
+    pub const GRPC_MAX_CONCURRENT_STREAMS: u32 = 1024;
+    /// HTTP/2 SETTINGS_MAX_HEADER_LIST_SIZE: the gRPC metadata Envoy sends is small (the
+    /// request's own headers travel in the message).
+    pub const GRPC_MAX_HEADER_LIST_BYTES: u32 = 64 * 1024;
+    /// Largest CheckRequest: Envoy's headers (`max_request_headers_kb`, 60 KiB by default,
+    /// at most 8 MiB) plus a buffered body if `with_request_body` is set.
+    pub const GRPC_MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+    /// Open admin connections (probes and scrapes need few).
+    pub const ADMIN_MAX_CONNECTIONS: usize = 64;
+    /// Time for an admin client to send its request head.
+    pub const ADMIN_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+    /// An admin connection quiet for this long is closed.
+    pub const ADMIN_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 }
 
 /// How a route's tokens are verified.
@@ -128,6 +167,43 @@ pub struct Listen {
     pub grpc: GrpcAddr,
     /// `/healthz`, `/readyz`, `/metrics`.
     pub admin: SocketAddr,
+    /// Limits of the gRPC port.
+    pub limits: GrpcLimits,
+    /// Limits of the admin port.
+    pub admin_limits: AdminLimits,
+}
+
+/// Connection limits of the gRPC port (`listen.limits`): what keeps idle, half-open and
+/// greedy clients from holding sockets, memory or tasks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrpcLimits {
+    /// Open connections; more are closed on accept.
+    pub max_connections: usize,
+    /// Time for a new connection to send the HTTP/2 preface.
+    pub handshake_timeout: Duration,
+    /// Close a connection from which nothing arrives for this long.
+    pub idle_timeout: Duration,
+    /// HTTP/2 PING interval on a quiet connection.
+    pub keepalive_interval: Duration,
+    /// Time to wait for a PING ack.
+    pub keepalive_timeout: Duration,
+    /// Concurrent streams (Checks) per connection.
+    pub max_concurrent_streams: u32,
+    /// Largest header list (gRPC metadata) per request.
+    pub max_header_list_bytes: u32,
+    /// Largest CheckRequest message.
+    pub max_message_bytes: usize,
+}
+
+/// Connection limits of the admin port (`listen.admin_limits`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminLimits {
+    /// Open connections; more are closed on accept.
+    pub max_connections: usize,
+    /// Time for a client to send its request head (also the time to send anything at all).
+    pub header_read_timeout: Duration,
+    /// Close a connection quiet for this long.
+    pub idle_timeout: Duration,
 }
 
 /// Where the gRPC server listens: a TCP address or a Unix domain socket (a sidecar Envoy in
@@ -175,6 +251,9 @@ pub struct Kubernetes {
     pub max_staleness: Duration,
     /// Period of the JWKS refresh (with watches on).
     pub jwks_refresh: Duration,
+    /// The service-account issuer (the API server's first `--service-account-issuer`), if
+    /// configured: precheck refuses tokens of any other issuer without a TokenReview.
+    pub issuer: Option<String>,
 }
 
 /// One place a token may be found.
@@ -208,8 +287,11 @@ pub struct RouteConfig {
 /// Cache settings.
 #[derive(Debug, Clone)]
 pub struct CacheConfig {
-    /// Capacity in entries.
+    /// Capacity in entries (positive answers).
     pub max_entries: NonZeroUsize,
+    /// Capacity of the separate LRU of negative answers, so forgeries cannot evict verified
+    /// identities.
+    pub negative_max_entries: NonZeroUsize,
     /// Positive TTL (also capped by the token's `exp`); zero disables positive caching.
     pub ttl: Duration,
     /// Negative TTL; zero disables negative caching.
@@ -381,6 +463,31 @@ struct RawConfig {
 struct RawListen {
     grpc: Option<Spanned<String>>,
     admin: Option<Spanned<String>>,
+    #[serde(default)]
+    limits: RawGrpcLimits,
+    #[serde(default)]
+    admin_limits: RawAdminLimits,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGrpcLimits {
+    max_connections: Option<Spanned<usize>>,
+    handshake_timeout: Option<Spanned<String>>,
+    idle_timeout: Option<Spanned<String>>,
+    keepalive_interval: Option<Spanned<String>>,
+    keepalive_timeout: Option<Spanned<String>>,
+    max_concurrent_streams: Option<Spanned<u32>>,
+    max_header_list_bytes: Option<Spanned<u32>>,
+    max_message_bytes: Option<Spanned<usize>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdminLimits {
+    max_connections: Option<Spanned<usize>>,
+    header_read_timeout: Option<Spanned<String>>,
+    idle_timeout: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -397,6 +504,7 @@ struct RawKubernetes {
     watch_namespaces: Vec<Spanned<String>>,
     max_staleness: Option<Spanned<String>>,
     jwks_refresh: Option<Spanned<String>>,
+    issuer: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -447,6 +555,7 @@ struct RawAllow {
 #[serde(deny_unknown_fields)]
 struct RawCache {
     max_entries: Option<Spanned<usize>>,
+    negative_max_entries: Option<Spanned<usize>>,
     ttl: Option<Spanned<String>>,
     negative_ttl: Option<Spanned<String>>,
 }
@@ -702,9 +811,144 @@ fn listen(raw: &RawListen, p: &mut Problems) -> Option<Listen> {
     let admin = p.field("listen.admin", &raw.admin, defaults::LISTEN_ADMIN, |a| {
         parse_addr(a, "")
     });
+    let limits = grpc_limits(&raw.limits, p);
+    let admin_limits = admin_limits(&raw.admin_limits, p);
     Some(Listen {
         grpc: grpc?,
         admin: admin?,
+        limits: limits?,
+        admin_limits: admin_limits?,
+    })
+}
+
+/// A duration that must not be zero (takes `&String`: it is passed as `Problems::field`'s
+/// parser of a `Spanned<String>`).
+#[allow(clippy::ptr_arg)]
+fn positive_duration(t: &String) -> Result<Duration, String> {
+    match parse_duration(t)? {
+        Duration::ZERO => Err("must be greater than zero".to_owned()),
+        d => Ok(d),
+    }
+}
+
+/// A count between 1 and `max`; `what` says why the ceiling is there.
+fn bounded<T: Copy + TryInto<u64>>(
+    max: u64,
+    why: &'static str,
+) -> impl Fn(&T) -> Result<T, String> {
+    move |&n| match n.try_into().unwrap_or(u64::MAX) {
+        0 => Err("must be at least 1".to_owned()),
+        v if v > max => Err(format!("must be at most {max} ({why})")),
+        _ => Ok(n),
+    }
+}
+
+fn grpc_limits(raw: &RawGrpcLimits, p: &mut Problems) -> Option<GrpcLimits> {
+    let f = |name: &str| format!("listen.limits.{name}");
+    let max_connections = p.field(
+        f("max_connections"),
+        &raw.max_connections,
+        defaults::GRPC_MAX_CONNECTIONS,
+        bounded(
+            1_000_000,
+            "each connection holds a file descriptor and buffers",
+        ),
+    );
+    let handshake_timeout = p.field(
+        f("handshake_timeout"),
+        &raw.handshake_timeout,
+        defaults::GRPC_HANDSHAKE_TIMEOUT,
+        positive_duration,
+    );
+    let idle_timeout = p.field(
+        f("idle_timeout"),
+        &raw.idle_timeout,
+        defaults::GRPC_IDLE_TIMEOUT,
+        positive_duration,
+    );
+    let keepalive_interval = p.field(
+        f("keepalive_interval"),
+        &raw.keepalive_interval,
+        defaults::GRPC_KEEPALIVE_INTERVAL,
+        positive_duration,
+    );
+    let keepalive_timeout = p.field(
+        f("keepalive_timeout"),
+        &raw.keepalive_timeout,
+        defaults::GRPC_KEEPALIVE_TIMEOUT,
+        positive_duration,
+    );
+    let max_concurrent_streams = p.field(
+        f("max_concurrent_streams"),
+        &raw.max_concurrent_streams,
+        defaults::GRPC_MAX_CONCURRENT_STREAMS,
+        bounded(1_000_000, "each stream is a Check in flight"),
+    );
+    let max_header_list_bytes = p.field(
+        f("max_header_list_bytes"),
+        &raw.max_header_list_bytes,
+        defaults::GRPC_MAX_HEADER_LIST_BYTES,
+        bounded(16 << 20, "hyper's own ceiling"),
+    );
+    let max_message_bytes = p.field(
+        f("max_message_bytes"),
+        &raw.max_message_bytes,
+        defaults::GRPC_MAX_MESSAGE_BYTES,
+        bounded(
+            64 << 20,
+            "Envoy sends at most 8 MiB of headers plus the buffered body",
+        ),
+    );
+    let (idle, interval, timeout) = (idle_timeout?, keepalive_interval?, keepalive_timeout?);
+    if idle <= interval + timeout {
+        p.push(
+            f("idle_timeout"),
+            raw.idle_timeout.as_ref().map_or(0, line),
+            format!(
+                "must be longer than keepalive_interval + keepalive_timeout ({:?}), or healthy idle connections are closed",
+                interval + timeout
+            ),
+        );
+        return None;
+    }
+    Some(GrpcLimits {
+        max_connections: max_connections?,
+        handshake_timeout: handshake_timeout?,
+        idle_timeout: idle,
+        keepalive_interval: interval,
+        keepalive_timeout: timeout,
+        max_concurrent_streams: max_concurrent_streams?,
+        max_header_list_bytes: max_header_list_bytes?,
+        max_message_bytes: max_message_bytes?,
+    })
+}
+
+fn admin_limits(raw: &RawAdminLimits, p: &mut Problems) -> Option<AdminLimits> {
+    let max_connections = p.field(
+        "listen.admin_limits.max_connections",
+        &raw.max_connections,
+        defaults::ADMIN_MAX_CONNECTIONS,
+        bounded(
+            100_000,
+            "each connection holds a file descriptor and buffers",
+        ),
+    );
+    let header_read_timeout = p.field(
+        "listen.admin_limits.header_read_timeout",
+        &raw.header_read_timeout,
+        defaults::ADMIN_HEADER_READ_TIMEOUT,
+        positive_duration,
+    );
+    let idle_timeout = p.field(
+        "listen.admin_limits.idle_timeout",
+        &raw.idle_timeout,
+        defaults::ADMIN_IDLE_TIMEOUT,
+        positive_duration,
+    );
+    Some(AdminLimits {
+        max_connections: max_connections?,
+        header_read_timeout: header_read_timeout?,
+        idle_timeout: idle_timeout?,
     })
 }
 
@@ -787,7 +1031,15 @@ fn kubernetes(raw: &RawKubernetes, p: &mut Problems) -> Option<Kubernetes> {
             Ok(Some(PathBuf::from(c)))
         }
     });
+    let issuer = p.field("kubernetes.issuer", &raw.issuer, None, |i| {
+        if i.is_empty() || i.contains(char::is_whitespace) {
+            Err("must be the API server's --service-account-issuer, e.g. https://kubernetes.default.svc.cluster.local".to_owned())
+        } else {
+            Ok(Some(i.clone()))
+        }
+    });
     Some(Kubernetes {
+        issuer: issuer?,
         kubeconfig: kubeconfig?,
         context: raw.context.as_ref().map(|c| c.value.clone()),
         timeout: timeout?,
@@ -997,10 +1249,7 @@ fn cache(raw: &RawCache, watched: bool, p: &mut Problems) -> Option<CacheConfig>
         "cache.max_entries",
         &raw.max_entries,
         defaults::CACHE_MAX_ENTRIES,
-        |&m| match NonZeroUsize::new(m) {
-            Some(m) => Ok(m),
-            None => Err("must be at least 1 (set ttl: 0s to disable caching)".to_owned()),
-        },
+        |&m| capacity(m),
     );
     let default_ttl = if watched {
         defaults::CACHE_TTL_WATCHED
@@ -1008,6 +1257,11 @@ fn cache(raw: &RawCache, watched: bool, p: &mut Problems) -> Option<CacheConfig>
         defaults::CACHE_TTL
     };
     let ttl = p.field("cache.ttl", &raw.ttl, default_ttl, |t| parse_duration(t));
+    let negative_max_entries = match (&raw.negative_max_entries, max_entries) {
+        (None, Some(m)) => Some(defaults::cache_negative_max_entries(m)),
+        (None, None) => None,
+        (Some(n), _) => p.parsed("cache.negative_max_entries", n, |&n| capacity(n)),
+    };
     let negative_ttl = p.field(
         "cache.negative_ttl",
         &raw.negative_ttl,
@@ -1016,9 +1270,24 @@ fn cache(raw: &RawCache, watched: bool, p: &mut Problems) -> Option<CacheConfig>
     );
     Some(CacheConfig {
         max_entries: max_entries?,
+        negative_max_entries: negative_max_entries?,
         ttl: ttl?,
         negative_ttl: negative_ttl?,
     })
+}
+
+/// A cache capacity: at least 1, at most [`defaults::CACHE_MAX_ENTRIES_LIMIT`]. Memory is
+/// allocated as entries arrive, but a capacity is a promise of memory.
+fn capacity(m: usize) -> Result<NonZeroUsize, String> {
+    match NonZeroUsize::new(m) {
+        None => Err("must be at least 1 (set ttl: 0s to disable caching)".to_owned()),
+        Some(_) if m > defaults::CACHE_MAX_ENTRIES_LIMIT => Err(format!(
+            "must be at most {} (each entry takes about 1 KiB, so {m} entries could need {} GiB)",
+            defaults::CACHE_MAX_ENTRIES_LIMIT,
+            m / (1 << 20)
+        )),
+        Some(m) => Ok(m),
+    }
 }
 
 fn identity_headers(
@@ -1341,6 +1610,164 @@ routes:
         );
         assert_eq!(c.identity_headers.user, defaults::HEADER_USER);
         assert_eq!(c.log.level, defaults::LOG_LEVEL);
+        let limits = &c.listen.limits;
+        assert_eq!(limits.max_connections, defaults::GRPC_MAX_CONNECTIONS);
+        assert_eq!(limits.handshake_timeout, defaults::GRPC_HANDSHAKE_TIMEOUT);
+        assert_eq!(limits.idle_timeout, defaults::GRPC_IDLE_TIMEOUT);
+        assert_eq!(limits.keepalive_interval, defaults::GRPC_KEEPALIVE_INTERVAL);
+        assert_eq!(limits.keepalive_timeout, defaults::GRPC_KEEPALIVE_TIMEOUT);
+        assert_eq!(
+            limits.max_concurrent_streams,
+            defaults::GRPC_MAX_CONCURRENT_STREAMS
+        );
+        assert_eq!(
+            limits.max_header_list_bytes,
+            defaults::GRPC_MAX_HEADER_LIST_BYTES
+        );
+        assert_eq!(limits.max_message_bytes, defaults::GRPC_MAX_MESSAGE_BYTES);
+        let admin = &c.listen.admin_limits;
+        assert_eq!(admin.max_connections, defaults::ADMIN_MAX_CONNECTIONS);
+        assert_eq!(
+            admin.header_read_timeout,
+            defaults::ADMIN_HEADER_READ_TIMEOUT
+        );
+        assert_eq!(admin.idle_timeout, defaults::ADMIN_IDLE_TIMEOUT);
+        assert_eq!(
+            c.cache.negative_max_entries,
+            defaults::cache_negative_max_entries(defaults::CACHE_MAX_ENTRIES)
+        );
+    }
+
+    // --- issue 12: cache bounds, listen limits, issuer ---
+
+    const ROUTE: &str = "routes:\n  - name: a\n    audiences: [a]\n";
+
+    #[test]
+    fn cache_capacity_is_bounded_with_the_reason() {
+        let e = errors(&format!("cache:\n  max_entries: 1000000000000\n{ROUTE}"));
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!((e[0].field.as_str(), e[0].line), ("cache.max_entries", 2));
+        assert!(
+            e[0].message.contains("at most 10000000"),
+            "{}",
+            e[0].message
+        );
+        assert!(e[0].message.contains("GiB"), "{}", e[0].message);
+        let c =
+            Config::from_yaml_str(&format!("cache:\n  max_entries: 10000000\n{ROUTE}")).unwrap();
+        assert_eq!(c.cache.max_entries.get(), 10_000_000);
+        assert_eq!(c.cache.negative_max_entries.get(), 1_000_000);
+        let e = errors(&format!("cache:\n  negative_max_entries: 0\n{ROUTE}"));
+        assert_eq!(e[0].field, "cache.negative_max_entries");
+    }
+
+    #[test]
+    fn negative_capacity_defaults_to_a_tenth() {
+        let c = Config::from_yaml_str(&format!("cache:\n  max_entries: 5\n{ROUTE}")).unwrap();
+        assert_eq!(c.cache.negative_max_entries.get(), 1);
+        let c = Config::from_yaml_str(&format!(
+            "cache:\n  max_entries: 50\n  negative_max_entries: 7\n{ROUTE}"
+        ))
+        .unwrap();
+        assert_eq!(c.cache.negative_max_entries.get(), 7);
+    }
+
+    #[test]
+    fn listen_limits_are_validated() {
+        let yaml = format!(
+            "listen:\n  limits:\n    max_connections: 0\n    handshake_timeout: 0s\n    idle_timeout: 30s\n    max_message_bytes: 1000000000\n  admin_limits:\n    header_read_timeout: soon\n{ROUTE}"
+        );
+        let got: Vec<(String, usize)> = errors(&yaml)
+            .into_iter()
+            .map(|e| (e.field, e.line))
+            .collect();
+        for want in [
+            ("listen.limits.max_connections", 3),
+            ("listen.limits.handshake_timeout", 4),
+            ("listen.limits.idle_timeout", 5),
+            ("listen.limits.max_message_bytes", 6),
+            ("listen.admin_limits.header_read_timeout", 8),
+        ] {
+            assert!(
+                got.contains(&(want.0.to_owned(), want.1)),
+                "{want:?} in {got:?}"
+            );
+        }
+        let c = Config::from_yaml_str(&format!(
+            "listen:\n  limits:\n    handshake_timeout: 1s\n    idle_timeout: 3s\n    keepalive_interval: 1s\n    keepalive_timeout: 1s\n{ROUTE}"
+        ))
+        .unwrap();
+        assert_eq!(c.listen.limits.idle_timeout, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn issuer() {
+        let c = Config::from_yaml_str(&format!(
+            "kubernetes:\n  issuer: https://kubernetes.default.svc\n{ROUTE}"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.kubernetes.issuer.as_deref(),
+            Some("https://kubernetes.default.svc")
+        );
+        assert_eq!(
+            Config::from_yaml_str(ROUTE).unwrap().kubernetes.issuer,
+            None
+        );
+        let e = errors(&format!("kubernetes:\n  issuer: \"\"\n{ROUTE}"));
+        assert_eq!((e[0].field.as_str(), e[0].line), ("kubernetes.issuer", 2));
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+            /// Arbitrary text never panics the parser.
+            #[test]
+            fn arbitrary_text_never_panics(text in "(?s).{0,400}") {
+                let _ = Config::from_yaml_str(&text);
+            }
+
+            /// Arbitrary values in the number and duration fields: never a panic, and what is
+            /// accepted is within bounds.
+            #[test]
+            fn numbers_and_durations(
+                max in any::<u64>(),
+                neg in any::<u64>(),
+                conns in any::<u64>(),
+                idle in "[0-9]{1,6}(ms|s|m|h|)",
+                ttl in "[0-9.]{0,8}[a-z]{0,2}",
+            ) {
+                let yaml = format!(
+                    "listen:\n  limits:\n    max_connections: {conns}\n    idle_timeout: {idle}\ncache:\n  max_entries: {max}\n  negative_max_entries: {neg}\n  ttl: \"{ttl}\"\n{ROUTE}"
+                );
+                if let Ok(c) = Config::from_yaml_str(&yaml) {
+                    prop_assert!(c.cache.max_entries.get() <= defaults::CACHE_MAX_ENTRIES_LIMIT);
+                    prop_assert!(c.cache.negative_max_entries.get() <= defaults::CACHE_MAX_ENTRIES_LIMIT);
+                    prop_assert!(c.listen.limits.max_connections >= 1);
+                    prop_assert!(c.listen.limits.idle_timeout > c.listen.limits.keepalive_interval + c.listen.limits.keepalive_timeout);
+                }
+            }
+
+            /// A valid file with one line deleted or duplicated: never a panic; a file that
+            /// loads still has routes.
+            #[test]
+            fn edited_files(line in 0usize..64, dup in any::<bool>()) {
+                let mut lines: Vec<&str> = FULL.lines().collect();
+                let i = line % lines.len();
+                if dup {
+                    lines.insert(i, lines[i]);
+                } else {
+                    lines.remove(i);
+                }
+                if let Ok(c) = Config::from_yaml_str(&lines.join("\n")) {
+                    prop_assert!(!c.routes.is_empty());
+                }
+            }
+        }
     }
 
     #[test]

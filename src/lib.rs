@@ -132,6 +132,7 @@ pub async fn serve(
             shutdown: observer.clone(),
             also_ready: watches_ready,
         },
+        config.listen.admin_limits.clone(),
     ));
     let grpc = grpc.into();
     if let Some(path) = grpc.socket_file() {
@@ -143,7 +144,16 @@ pub async fn serve(
         "tokengate serving"
     );
     let served = lifecycle
-        .run(server::run(checker, responder, grpc, observer), shutdown)
+        .run(
+            server::run(
+                checker,
+                responder,
+                grpc,
+                config.listen.limits.clone(),
+                observer,
+            ),
+            shutdown,
+        )
         .await;
     let _ = admin_task.await;
     // `None`: the grace period ran out; still a clean stop.

@@ -18,6 +18,7 @@
 //! | `tokengate_watch_staleness_seconds` | gauge (time since the watches were last confirmed; -1 before the first list) | |
 //! | `tokengate_watch_objects` | gauge | `kind` (`pod`/`service_account`) |
 //! | `tokengate_jwks_age_seconds`, `tokengate_jwks_keys` | gauge (-1 / 0 before the first fetch) | |
+//! | `tokengate_build_info` | gauge (always 1) | `version` |
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -64,6 +65,11 @@ struct ReasonLabels {
 
 /// A gauge of seconds.
 pub type Seconds = Gauge<f64, std::sync::atomic::AtomicU64>;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+}
 
 /// Pre-built counters for one route.
 #[derive(Debug, Clone)]
@@ -236,6 +242,19 @@ impl Metrics {
             "Verification keys in the JWKS",
             jwks_keys.clone(),
         );
+        // --- build info (issue 12) ---
+        let build_info = Family::<BuildLabels, Gauge>::default();
+        build_info
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        registry.register(
+            "tokengate_build_info",
+            "tokengate's version (always 1)",
+            build_info,
+        );
+        // --- end build info ---
         Metrics {
             registry,
             revocations,
@@ -323,5 +342,15 @@ mod tests {
         assert!(text.contains(
             r#"tokengate_decisions_total{route="data-store",outcome="error",reason="api_unavailable"} 1"#
         ));
+    }
+
+    #[test]
+    fn build_info_carries_the_version() {
+        let text = Metrics::new(["r"]).encode();
+        let line = format!(
+            r#"tokengate_build_info{{version="{}"}} 1"#,
+            env!("CARGO_PKG_VERSION")
+        );
+        assert!(text.contains(&line), "{text}");
     }
 }

@@ -4,31 +4,101 @@
 //! [`Responder`]; this is the only place the three meet. On shutdown the health status turns
 //! NOT_SERVING first, then tonic stops accepting and drains in-flight Checks (see
 //! [`crate::shutdown`]).
+//!
+//! Connection hygiene (`listen.limits`, [`GrpcLimits`]): a cap on open connections (more are
+//! closed on accept), a deadline for the HTTP/2 preface and an idle deadline ([`Guarded`]),
+//! HTTP/2 keepalive PINGs, and caps on concurrent streams, header list and message size, so
+//! idle, half-open or greedy clients cannot hold sockets, tasks or memory.
+//!
+//! During an API-server outage every Check that misses the cache is answered UNAVAILABLE;
+//! [`OutageLog`] turns that into one warning per [`OUTAGE_LOG_EVERY`] with a count and the
+//! last cause, instead of a line per Check.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use envoy_types::pb::envoy::service::auth::v3::authorization_server::{
     Authorization, AuthorizationServer,
 };
 use envoy_types::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse};
+use tokio::time::Instant;
 use tonic::codegen::tokio_stream::Stream;
 use tonic::codegen::tokio_stream::StreamExt as _;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 use tonic_health::ServingStatus;
 
-use crate::check::Checker;
+use crate::check::{Checker, Outcome};
+use crate::config::GrpcLimits;
 use crate::decision::Responder;
-use crate::error::Error;
-use crate::io::ScalarWrites;
+use crate::error::{Error, Report};
+use crate::io::{Admission, Guarded, ScalarWrites};
 use crate::request::RequestView;
+use crate::review::ReviewError;
 use crate::shutdown::{Phase, Shutdown};
+
+/// Length of the HTTP/2 connection preface (`PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`).
+pub const HTTP2_PREFACE_LEN: usize = 24;
+/// At most one outage summary per this interval.
+pub const OUTAGE_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Rate-limited logging of UNAVAILABLE answers: the first one is logged at once, then at most
+/// one line per interval, with the number of UNAVAILABLE answers since the previous line and
+/// the latest cause.
+#[derive(Debug)]
+pub struct OutageLog {
+    every: Duration,
+    state: Mutex<OutageState>,
+}
+
+#[derive(Debug, Default)]
+struct OutageState {
+    last_logged: Option<Instant>,
+    unlogged: u64,
+}
+
+impl OutageLog {
+    /// A log that writes at most one line per `every`.
+    pub fn new(every: Duration) -> OutageLog {
+        OutageLog {
+            every,
+            state: Mutex::new(OutageState::default()),
+        }
+    }
+
+    /// Counts one UNAVAILABLE answer; returns how many it summarised if it logged a line.
+    pub fn record(&self, route: &str, error: &ReviewError) -> Option<u64> {
+        let now = Instant::now();
+        let count = {
+            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            st.unlogged += 1;
+            if st
+                .last_logged
+                .is_some_and(|t| now.duration_since(t) < self.every)
+            {
+                return None;
+            }
+            st.last_logged = Some(now);
+            std::mem::take(&mut st.unlogged)
+        };
+        tracing::warn!(
+            unavailable = count,
+            route,
+            kind = error.kind(),
+            error = %Report(error),
+            "TokenReview unavailable: {count} Check(s) answered UNAVAILABLE since the last summary (at most one summary per {:?})",
+            self.every
+        );
+        Some(count)
+    }
+}
 
 /// The tonic service: reads each Check, hands it to the [`Checker`], answers with the
 /// [`Responder`].
 pub struct AuthzService {
     checker: Arc<Checker>,
     responder: Responder,
+    outages: OutageLog,
 }
 
 #[tonic::async_trait]
@@ -41,6 +111,9 @@ impl Authorization for AuthzService {
             Some(view) => self.checker.check(&view).await,
             None => self.checker.unreadable(),
         };
+        if let Outcome::Unavailable { route, error } = &outcome {
+            self.outages.record(&route.name, error);
+        }
         self.responder.respond(&outcome).map(Response::new)
     }
 }
@@ -114,18 +187,26 @@ impl GrpcListener {
 }
 
 /// Accepted Unix connections as the stream tonic serves.
-struct UnixIncoming(tokio::net::UnixListener);
+struct UnixIncoming(tokio::net::UnixListener, Admission);
 
 impl Stream for UnixIncoming {
-    type Item = std::io::Result<ScalarWrites<tokio::net::UnixStream>>;
+    type Item = std::io::Result<ScalarWrites<Guarded<tokio::net::UnixStream>>>;
 
     fn poll_next(
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Self::Item>> {
-        self.0
-            .poll_accept(cx)
-            .map(|r| Some(r.map(|(stream, _)| ScalarWrites(stream))))
+        loop {
+            match self.0.poll_accept(cx) {
+                std::task::Poll::Ready(Ok((stream, _))) => {
+                    if let Some(g) = self.1.admit(stream) {
+                        return std::task::Poll::Ready(Some(Ok(ScalarWrites(g))));
+                    }
+                }
+                std::task::Poll::Ready(Err(e)) => return std::task::Poll::Ready(Some(Err(e))),
+                std::task::Poll::Pending => return std::task::Poll::Pending,
+            }
+        }
     }
 }
 
@@ -138,13 +219,26 @@ pub async fn run(
     checker: Arc<Checker>,
     responder: Responder,
     listener: GrpcListener,
+    limits: GrpcLimits,
     mut shutdown: Shutdown,
 ) -> Result<(), Error> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<AuthorizationServer<AuthzService>>()
         .await;
-    let authz = AuthorizationServer::new(AuthzService { checker, responder });
+    let authz = AuthorizationServer::new(AuthzService {
+        checker,
+        responder,
+        outages: OutageLog::new(OUTAGE_LOG_EVERY),
+    })
+    .max_decoding_message_size(limits.max_message_bytes);
+    let admission = Admission::new(
+        limits.max_connections,
+        limits.handshake_timeout,
+        HTTP2_PREFACE_LEN,
+        limits.idle_timeout,
+        "grpc",
+    );
 
     let signal = async move {
         shutdown.reached(Phase::Draining).await;
@@ -157,20 +251,49 @@ pub async fn run(
     };
     // One write per batch of responses, not one per response: see `ScalarWrites`.
     let router = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(limits.keepalive_interval))
+        .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .http2_max_header_list_size(limits.max_header_list_bytes)
         .add_service(health_service)
         .add_service(authz);
     let result = match listener {
         GrpcListener::Tcp(listener) => {
             let incoming = TcpIncoming::from(listener)
                 .with_nodelay(Some(true))
-                .map(|conn| conn.map(ScalarWrites));
+                .filter_map(move |conn| match conn {
+                    Ok(stream) => admission.admit(stream).map(|g| Ok(ScalarWrites(g))),
+                    Err(e) => Some(Err(e)),
+                });
             router.serve_with_incoming_shutdown(incoming, signal).await
         }
         GrpcListener::Unix(listener) => {
             router
-                .serve_with_incoming_shutdown(UnixIncoming(listener), signal)
+                .serve_with_incoming_shutdown(UnixIncoming(listener, admission), signal)
                 .await
         }
     };
     result.map_err(Error::Transport)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn outages_are_summarised_once_per_interval() {
+        let log = OutageLog::new(Duration::from_secs(10));
+        let e = ReviewError::Timeout;
+        assert_eq!(
+            log.record("r", &e),
+            Some(1),
+            "the first one is logged at once"
+        );
+        for _ in 0..999 {
+            assert_eq!(log.record("r", &e), None);
+        }
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(log.record("r", &e), Some(1000));
+        assert_eq!(log.record("r", &e), None);
+    }
 }

@@ -265,7 +265,8 @@ async fn concurrent_identical_checks_share_one_token_review() {
 async fn junk_tokens_cause_no_token_review() {
     let h = Harness::start().await;
     let b64 = |s: &str| URL_SAFE_NO_PAD.encode(s);
-    let header = b64(r#"{"alg":"RS256","kid":"x"}"#);
+    // The API server's kid shape (43 base64url characters), so only the signature is wrong.
+    let header = b64(r#"{"alg":"RS256","kid":"Yq2mQ3rD0-1x_ZsQe9sYv7u0pKqL6m7hR1cX2wY3z4A"}"#);
     let junk = [
         "dummy".to_string(),
         "a.b.c".to_string(),
@@ -309,7 +310,7 @@ async fn junk_tokens_cause_no_token_review() {
             r#"{{"aud":["data-store"],"exp":{},"iss":"https://kubernetes.default.svc.cluster.local","sub":"system:serviceaccount:api:api"}}"#,
             unix_now() + 600
         )),
-        b64("forged-signature")
+        URL_SAFE_NO_PAD.encode([7u8; 256])
     );
     for _ in 0..3 {
         let r = h.check_ok(data_store(&[("x-client-id", &forged)])).await;
