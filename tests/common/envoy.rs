@@ -69,6 +69,19 @@ impl Stack {
     ) -> Result<Stack> {
         let world = World::start_with(options).await?;
         let yaml = published_config(tokengate_file, &world.standin.kubeconfig_path())?;
+        Stack::start_world(envoy_file, world, &yaml, socket).await
+    }
+
+    /// Starts tokengate with the configuration text `yaml` (kubeconfig included) against an
+    /// already prepared `world` (e.g. with the reviewer's list/watch grant), the echo upstream
+    /// and Envoy running `envoy_file`; over the Unix socket `socket` when given (see
+    /// [`Stack::start_uds`]).
+    pub async fn start_world(
+        envoy_file: &str,
+        world: World,
+        yaml: &str,
+        socket: Option<&Path>,
+    ) -> Result<Stack> {
         let (grpc, grpc_port) = match socket {
             None => {
                 let l = testkit::ports::listener().await?;
@@ -82,7 +95,7 @@ impl Stack {
                 (tokengate::GrpcListener::bind(&addr).await?, port)
             }
         };
-        let gate = Tokengate::start(&yaml, grpc).await?;
+        let gate = Tokengate::start(yaml, grpc).await?;
 
         let echo = spawn_echo(testkit::ports::listener().await?)?;
         let ports = Ports::new(grpc_port, echo.addr().port());
@@ -122,6 +135,11 @@ impl Stack {
             .await
             .unwrap_or_else(|e| panic!("reading Envoy stat {name}: {e:#}"))
             .unwrap_or_else(|| panic!("Envoy has no stat {name}\n{}", self.envoy.diagnostics()))
+    }
+
+    /// GET on tokengate's admin port (`/readyz`, `/metrics`); returns (status, body).
+    pub async fn tokengate_admin(&self, path: &str) -> (u16, String) {
+        self.gate.admin_get(path).await
     }
 
     /// Stops tokengate (graceful shutdown) and fails if it ended with an error or panic.
