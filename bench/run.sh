@@ -13,7 +13,7 @@
 # mints fast; rs256 is what most clusters use), BENCH_FILL (identities for the RSS measurement, 100000),
 # BENCH_NULL_WORKERS (null server tokio workers, 2; 0 = current-thread), BENCH_TG_WORKERS
 # (tokengate --worker-threads; unset = its default), BENCH_SCENARIOS (space-separated subset),
-# BENCH_OUT (results directory), ENVOY_BIN, BENCH_PROFILE=1 (perf-record the ext_authz server,
+# BENCH_OUT (results directory), ENVOY_BIN, TOKENGATE_BIN (another tokengate build to measure), BENCH_PROFILE=1 (perf-record the ext_authz server,
 # and Envoy, in an extra unrecorded round after the measured ones: profile-*.txt in the results).
 #
 # Everything listens on 127.0.0.1 on free ports; every process started here is stopped on exit.
@@ -42,6 +42,7 @@ SCENARIOS=${BENCH_SCENARIOS:-$ALL_SCENARIOS}
 ENVOY=${ENVOY_BIN:-$ROOT/.venv/bin/envoy}
 OUT=${BENCH_OUT:-$ROOT/target/bench/$(date -u +%Y%m%dT%H%M%SZ)}
 BIN=$ROOT/target/release
+TG_BIN=${TOKENGATE_BIN:-$BIN/tokengate}
 # tokengate (and the stand-in) are only needed when a tokengate scenario is selected.
 TG=0; [[ $SCENARIOS == *tokengate* ]] && TG=1
 # A tokengate with `verification: local` (watch on) only for the local cache-miss scenario.
@@ -167,7 +168,7 @@ EOF
 declare -A TG_GRPC=() TG_ADMIN=()
 start_tokengate() { # NAME
   local name=tokengate-$1
-  spawn "$name" "$BIN/tokengate" serve --config "$OUT/conf/$name.yaml" \
+  spawn "$name" "$TG_BIN" serve --config "$OUT/conf/$name.yaml" \
     ${BENCH_TG_WORKERS:+--worker-threads "$BENCH_TG_WORKERS"}
   wait_for "$name ready" 30 curl -sf "http://127.0.0.1:${TG_ADMIN[$1]}/readyz"
 }
