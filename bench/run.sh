@@ -100,10 +100,6 @@ wait_for() {
 }
 ready_line() { grep -m1 '^ready ' "$OUT/logs/$1.log"; }
 
-read -r -a P <<<"$("$BIN/tokengate-bench" ports 24 | tr '\n' ' ')"
-port_i=0
-# take_port VAR: assign the next free port to VAR (no subshell, so the counter advances).
-take_port() { printf -v "$1" '%s' "${P[$port_i]}"; port_i=$((port_i + 1)); }
 
 # ---- the Kubernetes API stand-in, with pre-minted tokens -----------------------------------
 SDIR=$OUT/standin
@@ -131,6 +127,13 @@ set_latency() {
 }
 reviews() { standin_api GET /standin/v1/counters | sed -E 's/.*"token_reviews":([0-9]+).*/\1/'; }
 HIT_TOKEN=$(sed -n 1p "$SDIR/single.txt")
+
+# Free ports, chosen only now: minting takes a while, and a port picked before it may have been
+# taken (as an ephemeral port) by then.
+read -r -a P <<<"$("$BIN/tokengate-bench" ports 32 | tr '\n' ' ')"
+port_i=0
+# take_port VAR: assign the next free port to VAR (no subshell, so the counter advances).
+take_port() { printf -v "$1" '%s' "${P[$port_i]}"; port_i=$((port_i + 1)); }
 
 # ---- tokengate instances ------------------------------------------------------------------
 # tg_config NAME GRPC_PORT ADMIN_PORT [VERIFICATION]: writes conf/tokengate-NAME.yaml, prints
