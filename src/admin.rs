@@ -1,5 +1,6 @@
 //! The admin HTTP port, beside the request path: `/healthz` (the process is up), `/readyz`
-//! (the gRPC server is serving and not shutting down) and `/metrics` (OpenMetrics text).
+//! (the gRPC server is serving and not shutting down, and, with watches on, the first lists
+//! and key fetch are done) and `/metrics` (OpenMetrics text).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -12,13 +13,24 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use crate::metrics::Metrics;
 use crate::shutdown::{Phase, Shutdown};
 
+/// A further condition for readiness (the watches' first lists and the first key fetch).
+pub type ReadyCheck = Arc<dyn Fn() -> bool + Send + Sync>;
+
 /// What the admin endpoints read.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct AdminState {
     /// Exported metrics.
     pub metrics: Arc<Metrics>,
     /// Ready while the gRPC server is serving and shutdown has not begun.
     pub shutdown: Shutdown,
+    /// And, when set, while this holds.
+    pub also_ready: Option<ReadyCheck>,
+}
+
+impl AdminState {
+    fn ready(&self) -> bool {
+        self.shutdown.is_ready() && self.also_ready.as_ref().is_none_or(|ready| ready())
+    }
 }
 
 fn respond(
@@ -42,7 +54,7 @@ fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> 
     }
     match req.uri().path() {
         "/healthz" => respond(StatusCode::OK, TEXT, "ok\n"),
-        "/readyz" if state.shutdown.is_ready() => respond(StatusCode::OK, TEXT, "ready\n"),
+        "/readyz" if state.ready() => respond(StatusCode::OK, TEXT, "ready\n"),
         "/readyz" => respond(StatusCode::SERVICE_UNAVAILABLE, TEXT, "not ready\n"),
         "/metrics" => respond(
             StatusCode::OK,

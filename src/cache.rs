@@ -129,6 +129,14 @@ where
         }
     }
 
+    /// Forgets `key` (a verdict that no longer holds), so the next lookup loads afresh.
+    pub fn remove(&self, key: &Key) {
+        let mut entries = lock(&self.entries);
+        if entries.pop(key).is_some() {
+            self.entries_gauge.set(entries.len() as i64);
+        }
+    }
+
     /// The live entry, or the result of `load`, shared by every concurrent caller with the same
     /// key: only the first caller's `load` is called, and its future runs in a task of its own,
     /// so it completes (and is cached per its [`Freshness`]) even if every caller goes away.

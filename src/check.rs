@@ -8,9 +8,13 @@
 //! plain values.
 //!
 //! Precheck runs on cache misses only: a cache hit proves the token already passed precheck
-//! and TokenReview for these audiences, and positive entries never outlive the token's `exp`,
+//! and verification for these audiences, and positive entries never outlive the token's `exp`,
 //! so the hit path skips decoding the JWT. Junk tokens never reach the cache, so they cost one
 //! keyed hash and one failed probe before precheck refuses them.
+//!
+//! With watches on, a hit is first put to [`Revocation::vouch`] (is the pod, service account
+//! or signing key gone?), and a route with `verification: local` verifies misses itself
+//! ([`verify`]) before, only for what it cannot judge, asking TokenReview.
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -18,19 +22,42 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::time::Instant;
 
 use crate::cache::{Cache, Freshness};
-use crate::config::{Config, TokenSource};
+use crate::config::{Config, TokenSource, Verification};
 use crate::denial::Denial;
 use crate::error::{Error, Report};
 use crate::identity::{Identity, TokenHash};
+use crate::keys::KeySet;
 use crate::metrics::{Counted, Metrics};
 use crate::policy;
 use crate::precheck;
 use crate::request::{RequestView, TokenLookup};
 use crate::review::{ReviewError, Reviewer, Verdict};
+use crate::revocation::{Admitted, Revocation, Vouch};
 use crate::route::{Route, Routes};
+use crate::verify::{self, InvalidKind, LocalVerdict, Stale};
+use crate::watch::Objects;
 
 /// What the cache remembers about a token for a set of audiences.
-pub type Remembered = Result<Arc<Identity>, Denial>;
+pub type Remembered = Result<Arc<Admitted>, Denial>;
+
+/// What watches provide: the object caches and the cluster's keys (both kept current by
+/// their own tasks, see `lib.rs`), and the kids that left the JWKS.
+pub struct Watched {
+    /// Pods and service accounts.
+    pub objects: Arc<Objects>,
+    /// The issuer's verification keys.
+    pub keys: KeySet,
+    /// Kids removed from the JWKS since start.
+    pub removed_kids: Arc<std::sync::Mutex<std::collections::HashSet<Box<str>>>>,
+}
+
+/// Local verification's inputs, cloned into each load task.
+#[derive(Clone)]
+struct Local {
+    keys: KeySet,
+    objects: Arc<Objects>,
+    max_staleness: std::time::Duration,
+}
 
 /// The pipeline, built once from the configuration.
 pub struct Checker {
@@ -38,6 +65,8 @@ pub struct Checker {
     routes: Routes,
     cache: Arc<Cache<Remembered, ReviewError>>,
     reviewer: Arc<Reviewer>,
+    revocation: Option<Revocation>,
+    local: Option<Local>,
     metrics: Arc<Metrics>,
 }
 
@@ -78,12 +107,23 @@ fn unix_now() -> i64 {
 }
 
 impl Checker {
-    /// Builds the pipeline around a connected reviewer.
+    /// Builds the pipeline around a connected reviewer and, when `kubernetes.watch` is on, the
+    /// watches.
     pub fn new(
         config: &Config,
         reviewer: Reviewer,
+        watched: Option<Watched>,
         metrics: Arc<Metrics>,
     ) -> Result<Checker, Error> {
+        let max_staleness = config.kubernetes.max_staleness;
+        let revocation = watched
+            .as_ref()
+            .map(|w| Revocation::new(w.objects.clone(), w.removed_kids.clone(), max_staleness));
+        let local = watched.map(|w| Local {
+            keys: w.keys,
+            objects: w.objects,
+            max_staleness,
+        });
         let cache = Cache::new(
             config.cache.max_entries,
             config.cache.ttl,
@@ -96,6 +136,8 @@ impl Checker {
             routes: Routes::new(&config.routes),
             cache: Arc::new(cache),
             reviewer: Arc::new(reviewer),
+            revocation,
+            local,
             metrics,
         })
     }
@@ -154,7 +196,15 @@ impl Checker {
         };
 
         let key = self.cache.key(token, &route.audiences);
-        let remembered = match self.cache.get(&key) {
+        let cached = self.cache.get(&key);
+        let cached = match cached {
+            Some(r) if !self.still_holds(&r, token) => {
+                self.cache.remove(&key);
+                None
+            }
+            other => other,
+        };
+        let remembered = match cached {
             Some(r) => {
                 self.metrics.cache_hits.inc();
                 r
@@ -169,24 +219,40 @@ impl Checker {
                         return deny(Some(route), denial);
                     }
                 };
-                // The review runs in its own task (see `cache`), so it owns its inputs.
+                let cap = claims
+                    .exp
+                    .map(|exp| std::time::Duration::from_secs((exp - now).max(0) as u64));
+                let local = self
+                    .local
+                    .clone()
+                    .filter(|_| route.verification == Verification::Local);
+                // The load runs in its own task (see `cache`), so it owns its inputs.
                 let loaded = self
                     .cache
                     .get_or_load(key, || {
                         let reviewer = Arc::clone(&self.reviewer);
+                        let metrics = Arc::clone(&self.metrics);
                         let token = token.to_owned();
                         let audiences = route.audiences.clone();
                         async move {
-                            let verdict = reviewer.review(&token, &audiences).await?;
-                            Ok(match verdict {
-                                Verdict::Authenticated(id) => {
-                                    let cap = claims.exp.map(|exp| {
-                                        std::time::Duration::from_secs((exp - now).max(0) as u64)
-                                    });
-                                    (Ok(Arc::new(id)), Freshness::Positive { cap })
+                            if let Some(local) = local {
+                                if let Some(known) =
+                                    verify_locally(&local, &token, &audiences, &metrics).await?
+                                {
+                                    return Ok(remember(known, cap));
                                 }
-                                Verdict::Rejected(denial) => (Err(denial), Freshness::Negative),
-                            })
+                            }
+                            let verdict = reviewer.review(&token, &audiences).await?;
+                            Ok(remember(
+                                match verdict {
+                                    Verdict::Authenticated(id) => Ok(Arc::new(Admitted {
+                                        identity: Arc::new(id),
+                                        kid: header_kid(&token),
+                                    })),
+                                    Verdict::Rejected(denial) => Err(denial),
+                                },
+                                cap,
+                            ))
                         }
                     })
                     .await;
@@ -197,7 +263,7 @@ impl Checker {
             }
         };
         let identity = match remembered {
-            Ok(id) => id,
+            Ok(admitted) => Arc::clone(&admitted.identity),
             Err(denial) => {
                 tracing::debug!(route = %route.name, token = %TokenHash(token), reason = denial.code(), "TokenReview refused");
                 return deny(Some(route), denial);
@@ -213,6 +279,105 @@ impl Checker {
             source,
         }
     }
+}
+
+impl Checker {
+    /// A cached answer may be used: denials always, positive verdicts unless revocation says
+    /// their object or key is gone (dropped from the cache, counted) or the watches are too
+    /// stale to vouch (verified again).
+    fn still_holds(&self, remembered: &Remembered, token: &str) -> bool {
+        let (Some(revocation), Ok(admitted)) = (&self.revocation, remembered) else {
+            return true;
+        };
+        match revocation.vouch(admitted) {
+            Vouch::Holds => true,
+            Vouch::Stale => false,
+            Vouch::Revoked(cause) => {
+                self.metrics.revocation(cause);
+                tracing::info!(
+                    token = %TokenHash(token),
+                    user = %admitted.identity.username,
+                    cause = cause.code(),
+                    "cached verdict revoked"
+                );
+                false
+            }
+        }
+    }
+}
+
+/// How a verdict is cached: admitted until the token's `exp` (`cap`) at most, refusals briefly.
+fn remember(verdict: Remembered, cap: Option<std::time::Duration>) -> (Remembered, Freshness) {
+    match verdict {
+        Ok(admitted) => (Ok(admitted), Freshness::Positive { cap }),
+        Err(denial) => (Err(denial), Freshness::Negative),
+    }
+}
+
+/// Local verification of one token: `Some` verdict, `None` when it cannot judge the token
+/// (TokenReview decides; counted by reason), or an error when keys or caches are too stale.
+async fn verify_locally(
+    local: &Local,
+    token: &str,
+    audiences: &[String],
+    metrics: &Metrics,
+) -> Result<Option<Remembered>, ReviewError> {
+    let verdict = verify::verify_with_keys(
+        token,
+        audiences,
+        &local.keys,
+        local.objects.as_ref(),
+        local.max_staleness,
+    )
+    .await;
+    Ok(Some(match verdict {
+        LocalVerdict::Valid(v) => Ok(Arc::new(Admitted {
+            identity: Arc::new(v.identity),
+            kid: Some(v.kid.into()),
+        })),
+        LocalVerdict::Invalid(invalid) => Err(match invalid.kind {
+            InvalidKind::Malformed => Denial::MalformedToken,
+            InvalidKind::TooLarge => Denial::TokenTooLarge,
+            InvalidKind::WrongAudience => Denial::WrongAudience,
+            InvalidKind::Expired => Denial::TokenExpired,
+            InvalidKind::UnknownKey | InvalidKind::Rejected => Denial::TokenRejected,
+        }),
+        LocalVerdict::CannotJudge(why) => {
+            metrics.local_fallback(why.code());
+            tracing::debug!(token = %TokenHash(token), reason = why.code(), "local verification cannot judge; asking TokenReview");
+            return Ok(None);
+        }
+        LocalVerdict::Stale(stale) => {
+            return Err(ReviewError::Stale(match stale {
+                Stale::NoKeys => "no keys fetched from the API server yet".to_owned(),
+                Stale::Keys(age) => format!(
+                    "keys last confirmed {}s ago (max_staleness {}s)",
+                    age.as_secs(),
+                    local.max_staleness.as_secs()
+                ),
+                Stale::Objects(age) => format!(
+                    "watch caches last confirmed {}s ago (max_staleness {}s)",
+                    age.as_secs(),
+                    local.max_staleness.as_secs()
+                ),
+            }))
+        }
+    }))
+}
+
+/// The `kid` of a token's (unverified) header, for revocation when the key leaves the JWKS.
+fn header_kid(token: &str) -> Option<Box<str>> {
+    use base64::Engine as _;
+    #[derive(serde::Deserialize)]
+    struct Header {
+        kid: Option<String>,
+    }
+    let header = token.split('.').next()?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(header)
+        .ok()?;
+    let header: Header = serde_json::from_slice(&bytes).ok()?;
+    header.kid.map(Into::into)
 }
 
 #[cfg(test)]
@@ -246,7 +411,7 @@ mod tests {
         let reviewer = Reviewer::connect(&config.kubernetes, metrics.clone())
             .await
             .unwrap();
-        Checker::new(&config, reviewer, metrics).unwrap()
+        Checker::new(&config, reviewer, None, metrics).unwrap()
     }
 
     fn jwt(exp: i64) -> String {
@@ -274,6 +439,13 @@ mod tests {
             pod_name: None,
             pod_uid: None,
         }
+    }
+
+    fn admitted(identity: Identity) -> Arc<Admitted> {
+        Arc::new(Admitted {
+            identity: Arc::new(identity),
+            kid: None,
+        })
     }
 
     /// Puts a TokenReview answer in the cache, as a completed review would.
@@ -345,8 +517,8 @@ mod tests {
             jwt(unix_now() + 3601),
             jwt(unix_now() + 3602),
         );
-        remember(&c, &good, Ok(Arc::new(identity("default", "api")))).await;
-        remember(&c, &other, Ok(Arc::new(identity("default", "web")))).await;
+        remember(&c, &good, Ok(admitted(identity("default", "api")))).await;
+        remember(&c, &other, Ok(admitted(identity("default", "web")))).await;
         remember(&c, &rejected, Err(Denial::TokenRejected)).await;
 
         let headers = [("x-client-id", good.as_str())];

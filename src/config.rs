@@ -69,6 +69,35 @@ pub mod defaults {
     pub const HEADER_POD_UID: &str = "x-k8s-pod-uid";
     /// Log level (an `EnvFilter` directive).
     pub const LOG_LEVEL: &str = "info";
+    /// How tokens are verified unless a route says otherwise.
+    pub const VERIFICATION: super::Verification = super::Verification::TokenReview;
+    /// Local verification: how long the last-known keys and watch caches are trusted without
+    /// contact with the API server.
+    pub const MAX_STALENESS: Duration = Duration::from_secs(300);
+    /// Positive cache TTL when watches push revocations: a verdict then lives until the
+    /// token's own `exp` (this only bounds tokens without one).
+    pub const CACHE_TTL_WATCHED: Duration = Duration::from_secs(24 * 3600);
+}
+
+/// How a route's tokens are verified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verification {
+    /// Ask the API server (TokenReview) on every cache miss.
+    TokenReview,
+    /// Check the signature against the cluster's JWKS and the claims against the watch caches,
+    /// as the API server would; what cannot be judged locally falls back to TokenReview.
+    Local,
+}
+
+impl Verification {
+    /// `tokenreview` or `local`.
+    pub fn parse(text: &str) -> Result<Verification, String> {
+        match text.trim() {
+            "tokenreview" => Ok(Verification::TokenReview),
+            "local" => Ok(Verification::Local),
+            other => Err(format!("`{other}` is not `tokenreview` or `local`")),
+        }
+    }
 }
 
 /// The validated configuration.
@@ -131,6 +160,17 @@ pub struct Kubernetes {
     pub retries: u32,
     /// Cap on TokenReviews in flight.
     pub max_in_flight: usize,
+    /// Default verification of routes that do not set their own.
+    pub verification: Verification,
+    /// Watch pods and service accounts (metadata only) and the JWKS, and revoke cached
+    /// verdicts whose object or key went away. On when asked for, or when any route verifies
+    /// locally.
+    pub watch: bool,
+    /// Namespaces to watch; empty means all.
+    pub watch_namespaces: Vec<String>,
+    /// Local verification answers UNAVAILABLE once keys or watch caches have gone this long
+    /// without contact with the API server; cached verdicts are then re-verified.
+    pub max_staleness: Duration,
 }
 
 /// One place a token may be found.
@@ -157,6 +197,8 @@ pub struct RouteConfig {
     pub strip_token: bool,
     /// 403 or 401 for invalid tokens.
     pub invalid_token_status: u16,
+    /// How this route's tokens are verified.
+    pub verification: Verification,
 }
 
 /// Cache settings.
@@ -345,6 +387,11 @@ struct RawKubernetes {
     timeout: Option<Spanned<String>>,
     retries: Option<Spanned<u32>>,
     max_in_flight: Option<Spanned<usize>>,
+    verification: Option<Spanned<String>>,
+    watch: Option<Spanned<bool>>,
+    #[serde(default)]
+    watch_namespaces: Vec<Spanned<String>>,
+    max_staleness: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -365,6 +412,7 @@ struct RawRoute {
     #[serde(default)]
     strip_token: bool,
     invalid_token_status: Option<Spanned<u16>>,
+    verification: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -591,10 +639,18 @@ fn parse_header_name(name: &str) -> Result<String, String> {
 fn validate(raw: RawConfig) -> Result<Config, Vec<FieldError>> {
     let mut p = Problems::default();
     let listen = listen(&raw.listen, &mut p);
-    let kubernetes = kubernetes(&raw.kubernetes, &mut p);
+    let mut kubernetes = kubernetes(&raw.kubernetes, &mut p);
     let token_sources = token_sources(raw.token_sources.as_ref(), &mut p);
-    let routes = routes(&raw.routes, &mut p);
-    let cache = cache(&raw.cache, &mut p);
+    let default_verification = kubernetes
+        .as_ref()
+        .map_or(defaults::VERIFICATION, |k| k.verification);
+    let routes = routes(&raw.routes, default_verification, &mut p);
+    // Local verification needs the watch caches (bound objects) and the keys.
+    if let (Some(k), Some(routes)) = (kubernetes.as_mut(), routes.as_ref()) {
+        k.watch |= routes.iter().any(|r| r.verification == Verification::Local);
+    }
+    let watched = kubernetes.as_ref().is_some_and(|k| k.watch);
+    let cache = cache(&raw.cache, watched, &mut p);
     let identity_headers =
         identity_headers(&raw.identity_headers, token_sources.as_deref(), &mut p);
     let log = log(&raw.log, &mut p);
@@ -681,6 +737,35 @@ fn kubernetes(raw: &RawKubernetes, p: &mut Problems) -> Option<Kubernetes> {
             }
         },
     );
+    let verification = p.field(
+        "kubernetes.verification",
+        &raw.verification,
+        defaults::VERIFICATION,
+        |v| Verification::parse(v),
+    );
+    let watch_namespaces = p.list("kubernetes.watch_namespaces", &raw.watch_namespaces, |n| {
+        let n = n.trim();
+        let dns_label = !n.is_empty()
+            && n.len() <= 63
+            && n.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !n.starts_with('-')
+            && !n.ends_with('-');
+        if dns_label {
+            Ok(n.to_owned())
+        } else {
+            Err(format!("`{n}` is not a namespace name (a DNS label)"))
+        }
+    });
+    let max_staleness = p.field(
+        "kubernetes.max_staleness",
+        &raw.max_staleness,
+        defaults::MAX_STALENESS,
+        |t| match parse_duration(t)? {
+            Duration::ZERO => Err("must be greater than zero".to_owned()),
+            d => Ok(d),
+        },
+    );
     let kubeconfig = p.field("kubernetes.kubeconfig", &raw.kubeconfig, None, |c| {
         if c.trim().is_empty() {
             Err("must not be empty".to_owned())
@@ -694,6 +779,10 @@ fn kubernetes(raw: &RawKubernetes, p: &mut Problems) -> Option<Kubernetes> {
         timeout: timeout?,
         retries: retries?,
         max_in_flight: max_in_flight?,
+        verification: verification?,
+        watch: raw.watch.as_ref().is_some_and(|w| w.value),
+        watch_namespaces: watch_namespaces?,
+        max_staleness: max_staleness?,
     })
 }
 
@@ -748,7 +837,11 @@ fn token_sources(
     (ok && !sources.is_empty()).then_some(sources)
 }
 
-fn routes(raw: &Spanned<Vec<RawRoute>>, p: &mut Problems) -> Option<Vec<RouteConfig>> {
+fn routes(
+    raw: &Spanned<Vec<RawRoute>>,
+    default_verification: Verification,
+    p: &mut Problems,
+) -> Option<Vec<RouteConfig>> {
     if raw.value.is_empty() {
         p.push(
             "routes",
@@ -781,7 +874,7 @@ fn routes(raw: &Spanned<Vec<RawRoute>>, p: &mut Problems) -> Option<Vec<RouteCon
                 format!("unreachable: route `{earlier}` before it has no `match` and catches every request"),
             );
         }
-        let route = route(&format!("routes[{i}]"), r, p);
+        let route = route(&format!("routes[{i}]"), r, default_verification, p);
         let matches_all = match &route {
             Some(route) => route
                 .matcher
@@ -798,7 +891,12 @@ fn routes(raw: &Spanned<Vec<RawRoute>>, p: &mut Problems) -> Option<Vec<RouteCon
 }
 
 /// One route, `f` its field path (`routes[3]`).
-fn route(f: &str, r: &RawRoute, p: &mut Problems) -> Option<RouteConfig> {
+fn route(
+    f: &str,
+    r: &RawRoute,
+    default_verification: Verification,
+    p: &mut Problems,
+) -> Option<RouteConfig> {
     if r.audiences.value.is_empty() {
         p.push(
             format!("{f}.audiences"),
@@ -830,6 +928,12 @@ fn route(f: &str, r: &RawRoute, p: &mut Problems) -> Option<RouteConfig> {
             _ => Err("must be 401 or 403".to_owned()),
         },
     );
+    let verification = p.field(
+        format!("{f}.verification"),
+        &r.verification,
+        default_verification,
+        |v| Verification::parse(v),
+    );
     Some(RouteConfig {
         name: r.name.value.trim().to_owned(),
         matcher: matcher?,
@@ -837,6 +941,7 @@ fn route(f: &str, r: &RawRoute, p: &mut Problems) -> Option<RouteConfig> {
         allow: allow?,
         strip_token: r.strip_token,
         invalid_token_status: invalid_token_status?,
+        verification: verification?,
     })
 }
 
@@ -871,7 +976,8 @@ fn allow(f: &str, a: &RawAllow, p: &mut Problems) -> Option<AllowList> {
     })
 }
 
-fn cache(raw: &RawCache, p: &mut Problems) -> Option<CacheConfig> {
+/// `watched`: revocations are pushed by watches, so positive verdicts may live to `exp`.
+fn cache(raw: &RawCache, watched: bool, p: &mut Problems) -> Option<CacheConfig> {
     let max_entries = p.field(
         "cache.max_entries",
         &raw.max_entries,
@@ -881,9 +987,12 @@ fn cache(raw: &RawCache, p: &mut Problems) -> Option<CacheConfig> {
             None => Err("must be at least 1 (set ttl: 0s to disable caching)".to_owned()),
         },
     );
-    let ttl = p.field("cache.ttl", &raw.ttl, defaults::CACHE_TTL, |t| {
-        parse_duration(t)
-    });
+    let default_ttl = if watched {
+        defaults::CACHE_TTL_WATCHED
+    } else {
+        defaults::CACHE_TTL
+    };
+    let ttl = p.field("cache.ttl", &raw.ttl, default_ttl, |t| parse_duration(t));
     let negative_ttl = p.field(
         "cache.negative_ttl",
         &raw.negative_ttl,

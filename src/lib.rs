@@ -1,5 +1,7 @@
 //! tokengate: an Envoy/Istio external authorization server (`envoy.service.auth.v3.Authorization`)
-//! that checks Kubernetes service-account tokens with TokenReview.
+//! that checks Kubernetes service-account tokens with TokenReview, or locally against the
+//! cluster's keys, and revokes cached verdicts as soon as the API server's watch stream says
+//! a pod, service account or signing key is gone.
 //!
 //! # Architecture
 //!
@@ -18,7 +20,11 @@
 //! keyed hash of token and audiences; on a miss [`precheck`] refuses junk on unverified claims
 //! (no TokenReview spent), then [`review`] asks the API server (single-flight per key, bounded
 //! retries, capped concurrency) and the result is cached (positive up to the token's `exp`,
-//! negative briefly, errors never); [`policy`] applies the route's allow-list. The sequencer
+//! negative briefly, errors never); [`policy`] applies the route's allow-list. On a route with
+//! `verification: local`, [`verify`] judges the token first, as the API server would (the
+//! issuer's keys from [`keys`], bound objects from [`watch`]), and only what it cannot judge
+//! goes to TokenReview. With watches on, every cache hit is first put to [`revocation`]: a
+//! verdict whose pod, service account or key is gone is dropped. The sequencer
 //! returns a [`check::Outcome`] (allow with identity and token source, deny with a
 //! [`denial::Denial`], or unavailable with the [`review::ReviewError`]), and [`decision`]
 //! turns it into Envoy's answer: a CheckResponse, or gRPC UNAVAILABLE when the API server
@@ -36,6 +42,10 @@
 //! | [`cache`] | [`cache::Cache`] (keyed hash, TTL, single-flight) |
 //! | [`precheck`] | [`precheck::precheck`] on unverified claims |
 //! | [`review`] | [`review::Reviewer`], [`review::Verdict`], [`review::ReviewError`], [`review::SetupError`] |
+//! | [`verify`] | [`verify::verify`] (local verification in the API server's order), [`verify::LocalVerdict`], [`verify::ObjectLookup`] |
+//! | [`keys`] | [`keys::KeySet`] (OIDC discovery + JWKS, refreshed; removed kids), [`keys::KeySnapshot`] |
+//! | [`watch`] | [`watch::Objects`]: metadata-only watch caches of pods and service accounts |
+//! | [`revocation`] | [`revocation::Revocation`] (does a cached verdict still hold?), [`revocation::Admitted`] |
 //! | [`policy`] | [`policy::AllowList`], [`policy::ServiceAccountPattern`], [`policy::Glob`] |
 //! | [`decision`] | [`decision::Responder`]: Outcome → CheckResponse / gRPC status |
 //! | [`identity`] | [`identity::Identity`], [`identity::TokenHash`] |
@@ -46,7 +56,7 @@
 //! | [`error`] | [`Error`] (what [`serve`] returns), [`error::Report`] (a cause chain, once) |
 //!
 //! Envoy types appear only in `server`, `request` and `decision`; Kubernetes types only in
-//! `review`; the middle speaks [`identity::Identity`], [`denial::Denial`] and
+//! `review`, `keys` and `watch` (the three that talk to the API server); the middle speaks [`identity::Identity`], [`denial::Denial`] and
 //! [`check::Outcome`]. [`config`] turns YAML into typed, compiled settings once, at start-up.
 //! Shutdown is one signal ([`shutdown`]) that the gRPC server and the admin port both
 //! observe. Tokens are never logged, only a short hash ([`identity::TokenHash`]).
@@ -70,6 +80,7 @@ pub mod policy;
 pub mod precheck;
 pub mod request;
 pub mod review;
+pub mod revocation;
 pub mod route;
 pub mod server;
 pub mod shutdown;
@@ -97,15 +108,29 @@ pub async fn serve(
         config.routes.iter().map(|r| r.name.as_str()),
     ));
     let reviewer = review::Reviewer::connect(&config.kubernetes, metrics.clone()).await?;
-    let checker = Arc::new(check::Checker::new(&config, reviewer, metrics.clone())?);
+    let (mut lifecycle, observer) = shutdown::Lifecycle::new(shutdown::DRAIN_GRACE);
+    let watched = config
+        .kubernetes
+        .watch
+        .then(|| start_watches(&config, &reviewer, &metrics, &observer));
+    let watches_ready = watched.as_ref().map(|w| {
+        let (objects, keys) = (w.objects.clone(), w.keys.clone());
+        Arc::new(move || objects.synced() && keys.snapshot().is_some()) as admin::ReadyCheck
+    });
+    let checker = Arc::new(check::Checker::new(
+        &config,
+        reviewer,
+        watched,
+        metrics.clone(),
+    )?);
     let responder = decision::Responder::new(&config.identity_headers);
 
-    let (mut lifecycle, observer) = shutdown::Lifecycle::new(shutdown::DRAIN_GRACE);
     let admin_task = tokio::spawn(admin::run(
         admin,
         admin::AdminState {
             metrics,
             shutdown: observer.clone(),
+            also_ready: watches_ready,
         },
     ));
     let grpc = grpc.into();
@@ -125,4 +150,88 @@ pub async fn serve(
     served.unwrap_or(Ok(()))?;
     tracing::info!("tokengate stopped");
     Ok(())
+}
+
+/// Resolves once serving has stopped: the end of the background tasks' lives.
+fn stopped(observer: &shutdown::Shutdown) -> impl Future<Output = ()> + Send + 'static {
+    let mut observer = observer.clone();
+    async move { observer.reached(shutdown::Phase::Stopped).await }
+}
+
+/// Starts what `kubernetes.watch` asks for: the pod and service-account watch caches, the
+/// issuer's keys (fetched now, then refreshed; kids that leave the JWKS are remembered for
+/// revocation), and a task that copies their state into gauges once a second.
+fn start_watches(
+    config: &Config,
+    reviewer: &review::Reviewer,
+    metrics: &Arc<metrics::Metrics>,
+    observer: &shutdown::Shutdown,
+) -> check::Watched {
+    let client = reviewer.api_client();
+    let objects = watch::Objects::spawn(
+        client.clone(),
+        &config.kubernetes.watch_namespaces,
+        stopped(observer),
+    );
+    let keys = keys::KeySet::new(
+        keys::KubeKeySource::new(client),
+        keys::KeySettings::default(),
+    );
+    let removed_kids: Arc<std::sync::Mutex<std::collections::HashSet<Box<str>>>> = Arc::default();
+
+    let mut removed = keys.subscribe_removed();
+    let (first, refresher) = (keys.clone(), stopped(observer));
+    let into = removed_kids.clone();
+    tokio::spawn(async move {
+        if let Err(e) = first.refresh().await {
+            tracing::warn!(error = %error::Report(&e), "fetching the issuer's keys failed; retrying");
+        }
+        let _refresher = first.spawn_refresher(refresher);
+        loop {
+            match removed.recv().await {
+                Ok(kids) => {
+                    tracing::info!(kids = ?kids, "signing keys left the JWKS; their tokens' verdicts are revoked");
+                    into.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .extend(kids.iter().map(|k| Box::from(k.as_str())));
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+            }
+        }
+    });
+
+    let (gauge_objects, gauge_keys, m) = (objects.clone(), keys.clone(), metrics.clone());
+    let stop = stopped(observer);
+    tokio::spawn(async move {
+        let update = async {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                m.watch_staleness.set(
+                    gauge_objects
+                        .staleness()
+                        .map_or(-1.0, |age| age.as_secs_f64()),
+                );
+                m.watch_pods.set(gauge_objects.len(watch::Kind::Pod) as i64);
+                m.watch_service_accounts
+                    .set(gauge_objects.len(watch::Kind::ServiceAccount) as i64);
+                if let Some(snapshot) = gauge_keys.snapshot() {
+                    m.jwks_age
+                        .set(snapshot.age(std::time::SystemTime::now()).as_secs_f64());
+                    m.jwks_keys.set(snapshot.len() as i64);
+                }
+            }
+        };
+        tokio::select! {
+            () = update => {}
+            () = stop => {}
+        }
+    });
+
+    check::Watched {
+        objects,
+        keys,
+        removed_kids,
+    }
 }

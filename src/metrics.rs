@@ -13,6 +13,11 @@
 //! | `tokengate_tokenreview_duration_seconds` | histogram (per attempt) | |
 //! | `tokengate_tokenreview_errors_total` | counter (per failed attempt) | `kind` |
 //! | `tokengate_tokenreview_in_flight` | gauge | |
+//! | `tokengate_revocations_total` | counter (cached verdicts dropped) | `cause` (`service_account`/`pod`/`key`) |
+//! | `tokengate_local_fallbacks_total` | counter (local verification asked TokenReview) | `reason` |
+//! | `tokengate_watch_staleness_seconds` | gauge (time since the watches were last confirmed; -1 before the first list) | |
+//! | `tokengate_watch_objects` | gauge | `kind` (`pod`/`service_account`) |
+//! | `tokengate_jwks_age_seconds`, `tokengate_jwks_keys` | gauge (-1 / 0 before the first fetch) | |
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -41,6 +46,24 @@ struct DecisionLabels {
 struct ErrorLabels {
     kind: &'static str,
 }
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CauseLabels {
+    cause: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+/// A gauge of seconds.
+pub type Seconds = Gauge<f64, std::sync::atomic::AtomicU64>;
 
 /// Pre-built counters for one route.
 #[derive(Debug, Clone)]
@@ -80,6 +103,18 @@ pub struct Metrics {
     review_errors: Family<ErrorLabels, Counter>,
     /// TokenReviews in flight.
     pub review_in_flight: Gauge,
+    revocations: Family<CauseLabels, Counter>,
+    local_fallbacks: Family<ReasonLabels, Counter>,
+    /// Time since the watches were last confirmed current (-1: never listed).
+    pub watch_staleness: Seconds,
+    /// Pods in the watch cache.
+    pub watch_pods: Gauge,
+    /// Service accounts in the watch cache.
+    pub watch_service_accounts: Gauge,
+    /// Age of the JWKS (-1: never fetched).
+    pub jwks_age: Seconds,
+    /// Keys in the JWKS.
+    pub jwks_keys: Gauge,
 }
 
 impl Metrics {
@@ -149,8 +184,67 @@ impl Metrics {
             "TokenReviews in flight",
             review_in_flight.clone(),
         );
+        let revocations = Family::<CauseLabels, Counter>::default();
+        registry.register(
+            "tokengate_revocations",
+            "Cached verdicts dropped because their pod, service account or key went away",
+            revocations.clone(),
+        );
+        for cause in crate::revocation::Cause::ALL {
+            // Created up front so every cause is exported, at 0, from the start.
+            drop(revocations.get_or_create(&CauseLabels {
+                cause: cause.code(),
+            }));
+        }
+        let local_fallbacks = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "tokengate_local_fallbacks",
+            "Tokens local verification could not judge and sent to TokenReview, by reason",
+            local_fallbacks.clone(),
+        );
+        let watch_staleness = Seconds::default();
+        watch_staleness.set(-1.0);
+        registry.register(
+            "tokengate_watch_staleness_seconds",
+            "Time since the pod and service-account watches were last confirmed current (-1: not listed yet)",
+            watch_staleness.clone(),
+        );
+        let watch_objects = Family::<KindLabels, Gauge>::default();
+        registry.register(
+            "tokengate_watch_objects",
+            "Objects in the watch caches",
+            watch_objects.clone(),
+        );
+        let watch_pods = watch_objects
+            .get_or_create(&KindLabels { kind: "pod" })
+            .clone();
+        let watch_service_accounts = watch_objects
+            .get_or_create(&KindLabels {
+                kind: "service_account",
+            })
+            .clone();
+        let jwks_age = Seconds::default();
+        jwks_age.set(-1.0);
+        registry.register(
+            "tokengate_jwks_age_seconds",
+            "Time since the issuer's JWKS was last fetched (-1: never)",
+            jwks_age.clone(),
+        );
+        let jwks_keys = Gauge::default();
+        registry.register(
+            "tokengate_jwks_keys",
+            "Verification keys in the JWKS",
+            jwks_keys.clone(),
+        );
         Metrics {
             registry,
+            revocations,
+            local_fallbacks,
+            watch_staleness,
+            watch_pods,
+            watch_service_accounts,
+            jwks_age,
+            jwks_keys,
             rows,
             check_duration,
             cache_hits,
@@ -177,6 +271,22 @@ impl Metrics {
     pub fn review_error(&self, kind: &'static str) {
         self.review_errors
             .get_or_create(&ErrorLabels { kind })
+            .inc();
+    }
+
+    /// Counts a cached verdict dropped by revocation.
+    pub fn revocation(&self, cause: crate::revocation::Cause) {
+        self.revocations
+            .get_or_create(&CauseLabels {
+                cause: cause.code(),
+            })
+            .inc();
+    }
+
+    /// Counts a token local verification sent to TokenReview.
+    pub fn local_fallback(&self, reason: &'static str) {
+        self.local_fallbacks
+            .get_or_create(&ReasonLabels { reason })
             .inc();
     }
 

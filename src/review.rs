@@ -92,6 +92,10 @@ pub enum ReviewError {
     /// The task running the TokenReview ended without an answer (a bug; logged).
     #[error("the TokenReview task ended without an answer")]
     Aborted,
+    /// Local verification: the keys or watch caches have not been confirmed by the API
+    /// server for longer than `kubernetes.max_staleness`.
+    #[error("local verification cannot vouch: {0}")]
+    Stale(String),
 }
 
 impl From<crate::cache::FlightLost> for ReviewError {
@@ -115,6 +119,7 @@ impl ReviewError {
             ReviewError::Decode(_) => "decode",
             ReviewError::Overloaded => "overloaded",
             ReviewError::Aborted => "aborted",
+            ReviewError::Stale(_) => "stale",
         }
     }
 }
@@ -239,6 +244,10 @@ impl ReviewerToken {
 /// Calls TokenReview.
 pub struct Reviewer {
     client: kube::Client,
+    /// The same connection settings with kube's own credential handling (it re-reads a
+    /// token file about once a minute): for the watches and the JWKS, whose requests are
+    /// long-lived or rare, where our per-request header logic would not fit.
+    api_client: kube::Client,
     token: Option<ReviewerToken>,
     timeout: Duration,
     retries: u32,
@@ -288,6 +297,7 @@ impl Reviewer {
         // We retry ourselves, with our own bounds; kube's retry layer would multiply them.
         config.default_retry = false;
         config.connect_timeout = Some(cfg.timeout);
+        let api_client = kube::Client::try_from(config.clone())?;
         let token = match (&config.auth_info.token, config.auth_info.token_file.take()) {
             (None, Some(file)) => Some(ReviewerToken::load(PathBuf::from(file))?),
             _ => None,
@@ -295,12 +305,19 @@ impl Reviewer {
         let client = kube::Client::try_from(config)?;
         Ok(Reviewer {
             client,
+            api_client,
             token,
             timeout: cfg.timeout,
             retries: cfg.retries,
             permits: Arc::new(Semaphore::new(cfg.max_in_flight)),
             metrics,
         })
+    }
+
+    /// A client for other reads from the API server (watches, OIDC discovery), with the
+    /// reviewer's credentials.
+    pub fn api_client(&self) -> kube::Client {
+        self.api_client.clone()
     }
 
     /// Reviews `token` for `audiences`.

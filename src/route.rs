@@ -12,7 +12,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::config::RouteConfig;
+use crate::config::{RouteConfig, Verification};
 use crate::policy::AllowList;
 use crate::request::RequestView;
 
@@ -32,6 +32,8 @@ pub struct Route {
     pub strip_token: bool,
     /// 403 or 401 for invalid tokens.
     pub invalid_token_status: u16,
+    /// TokenReview or local verification.
+    pub verification: Verification,
 }
 
 /// Route conditions; all given conditions must hold.
@@ -91,10 +93,17 @@ impl HostPattern {
 
 impl Matcher {
     /// Parses a path prefix: it must start with `/`; `/` itself matches every path (`None`).
+    /// It must also be canonical (see [`canonical_path`]), since requests are matched in
+    /// canonical form.
     pub fn parse_path_prefix(s: &str) -> Result<Option<String>, String> {
         match s {
             "/" => Ok(None),
-            p if p.starts_with('/') => Ok(Some(p.to_owned())),
+            p if p.starts_with('/') => match canonical_path(p) {
+                c if c == p => Ok(Some(p.to_owned())),
+                c => Err(format!(
+                    "`{p}` is not in canonical form; write it as `{c}` (requests are matched after merging slashes, decoding and removing dot segments)"
+                )),
+            },
             _ => Err("must start with `/`".to_owned()),
         }
     }
@@ -124,13 +133,74 @@ impl Matcher {
             && self
                 .path_prefix
                 .as_deref()
-                .is_none_or(|p| req.path.starts_with(p))
+                .is_none_or(|p| canonical_path(req.path).starts_with(p))
             && (self.methods.is_empty()
                 || self
                     .methods
                     .iter()
                     .any(|m| m.eq_ignore_ascii_case(req.method)))
     }
+}
+
+/// The path an application would serve for `path` (query already removed): `%2F`/`%5C` and
+/// percent-encoded unreserved characters decoded, runs of `/` merged, `.` and `..` segments
+/// removed (RFC 3986 §5.2.4). Routes match on this form, so `//internal/x`,
+/// `/a/../internal/x` or `/%69nternal/x` cannot fall through to a broader route when the
+/// proxy in front did not normalize them (Istio's default `BASE` normalization does not merge
+/// slashes; the CVE-2021-31920 class). Paths already canonical are borrowed, not copied.
+pub fn canonical_path(path: &str) -> std::borrow::Cow<'_, str> {
+    let suspicious =
+        path.contains("//") || path.contains('%') || path.contains("/.") || path.contains('\\');
+    if !suspicious {
+        return std::borrow::Cow::Borrowed(path);
+    }
+    // 1. Decode what an application would: encoded slashes and unreserved characters.
+    let bytes = path.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b == b'%' && i + 2 < bytes.len() {
+            let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                let c = h * 16 + l;
+                if c == b'/' || c == b'\\' {
+                    decoded.push(b'/');
+                    i += 3;
+                    continue;
+                }
+                if c.is_ascii_alphanumeric() || b"-._~".contains(&c) {
+                    decoded.push(c);
+                    i += 3;
+                    continue;
+                }
+            }
+        }
+        decoded.push(if b == b'\\' { b'/' } else { b });
+        i += 1;
+    }
+    let decoded = String::from_utf8_lossy(&decoded);
+    // 2 and 3. Merge slashes and remove dot segments, segment by segment.
+    let mut out: Vec<&str> = Vec::new();
+    let trailing = decoded.ends_with('/') || decoded.ends_with("/.") || decoded.ends_with("/..");
+    for segment in decoded.split('/') {
+        match segment {
+            "" | "." => {}
+            ".." => {
+                out.pop();
+            }
+            s => out.push(s),
+        }
+    }
+    let mut canonical = String::with_capacity(decoded.len());
+    for s in &out {
+        canonical.push('/');
+        canonical.push_str(s);
+    }
+    if trailing || out.is_empty() {
+        canonical.push('/');
+    }
+    std::borrow::Cow::Owned(canonical)
 }
 
 /// All routes, in configuration order.
@@ -151,6 +221,7 @@ impl Routes {
                     allow: r.allow.clone(),
                     strip_token: r.strip_token,
                     invalid_token_status: r.invalid_token_status,
+                    verification: r.verification,
                 })
                 .collect(),
         )
@@ -180,6 +251,59 @@ mod tests {
 
     fn routes(yaml: &str) -> Routes {
         Routes::new(&Config::from_yaml_str(yaml).unwrap().routes)
+    }
+
+    #[test]
+    fn paths_are_matched_as_the_application_would_serve_them() {
+        for p in [
+            "//internal/x",
+            "///internal/x",
+            "/./internal/x",
+            "/a/../internal/x",
+            "/%2finternal/x",
+            "/%2Finternal/x",
+            "/%69nternal/x",
+            "/internal//x",
+            "/internal/./x",
+            "\\internal/x",
+            "/%5cinternal/x",
+            "/../internal/x",
+        ] {
+            assert!(
+                canonical_path(p).starts_with("/internal/"),
+                "{p} -> {}",
+                canonical_path(p)
+            );
+        }
+        assert_eq!(canonical_path("/internal/x/"), "/internal/x/");
+        assert_eq!(canonical_path("/a/b/.."), "/a/");
+        assert_eq!(canonical_path("/%25"), "/%25");
+        assert_eq!(canonical_path("/%zz/x"), "/%zz/x");
+        assert_eq!(canonical_path("/.well-known/x"), "/.well-known/x");
+        assert!(matches!(
+            canonical_path("/plain/path"),
+            std::borrow::Cow::Borrowed(_)
+        ));
+    }
+
+    #[test]
+    fn path_prefixes_must_be_canonical() {
+        assert!(Matcher::parse_path_prefix("/internal/").is_ok());
+        let e = Matcher::parse_path_prefix("//internal/").unwrap_err();
+        assert!(e.contains("`/internal/`"), "{e}");
+        assert!(Matcher::parse_path_prefix("/a/../b").is_err());
+    }
+
+    #[test]
+    fn a_doubled_slash_gets_the_narrow_route() {
+        let r = routes(
+            "routes:\n  - name: internal\n    match: {path_prefix: /internal/}\n    audiences: [internal]\n  - name: broad\n    audiences: [broad]\n",
+        );
+        for path in ["/internal/x", "//internal/x", "/x/../internal/x"] {
+            let c = req("h", path, "GET", &[]);
+            let view = RequestView::new(&c).unwrap();
+            assert_eq!(r.select(&view).unwrap().name, "internal", "{path}");
+        }
     }
 
     fn req(host: &str, path: &str, method: &str, ext: &[(&str, &str)]) -> CheckRequest {

@@ -26,7 +26,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt::Debug;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
@@ -37,6 +37,8 @@ use kube::runtime::WatchStreamExt;
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 use tokio::time::Instant;
+
+use crate::verify::{Lookup, ObjectLookup};
 
 /// A terminating object's tokens stay valid this long past its `deletionTimestamp`
 /// (the API server's go-jose leeway, §4 step 9).
@@ -85,9 +87,13 @@ type Namespaces = HashMap<Box<str>, Names>;
 #[derive(Default)]
 struct Store {
     by_namespace: RwLock<Namespaces>,
+    /// UIDs of deleted objects.
     tombstones: Mutex<Tombstones>,
+    /// `namespace/name` of deleted objects not (yet) recreated.
+    gone_names: Mutex<Tombstones>,
 }
 
+/// Recently deleted keys (UIDs, or `namespace/name`), bounded, oldest forgotten first.
 #[derive(Default)]
 struct Tombstones {
     set: HashSet<Box<str>>,
@@ -105,6 +111,15 @@ impl Tombstones {
             }
         }
     }
+
+    /// Forgets `key` (a name that exists again); its slot in `order` ages out harmlessly.
+    fn forget(&mut self, key: &str) {
+        self.set.remove(key);
+    }
+}
+
+fn name_key(namespace: &str, name: &str) -> Box<str> {
+    format!("{namespace}/{name}").into()
 }
 
 fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -133,7 +148,33 @@ impl Store {
         }
     }
 
+    /// The object `namespace/name` as local verification sees it: present, deleted (a
+    /// definite "not found"), or not known here.
+    fn lookup(&self, namespace: &str, name: &str) -> Lookup {
+        let found = read(&self.by_namespace)
+            .get(namespace)
+            .and_then(|names| names.get(name))
+            .cloned();
+        match found {
+            Some(m) => Lookup::Found {
+                uid: m.uid.into(),
+                deletion_timestamp: m
+                    .deleting_at
+                    .and_then(|t| u64::try_from(t).ok())
+                    .map(|t| UNIX_EPOCH + Duration::from_secs(t)),
+            },
+            None if lock(&self.gone_names)
+                .set
+                .contains(&*name_key(namespace, name)) =>
+            {
+                Lookup::Missing
+            }
+            None => Lookup::Unknown,
+        }
+    }
+
     fn apply(&self, namespace: &str, name: &str, meta: Meta) {
+        lock(&self.gone_names).forget(&name_key(namespace, name));
         let mut all = write(&self.by_namespace);
         let names = all.entry(namespace.into()).or_default();
         if let Some(old) = names.insert(name.into(), meta) {
@@ -149,6 +190,7 @@ impl Store {
         if let Some(names) = all.get_mut(namespace) {
             if names.get(name).is_some_and(|m| m.uid.as_ref() == uid) {
                 names.remove(name);
+                lock(&self.gone_names).add(name_key(namespace, name));
             }
         }
         lock(&self.tombstones).add(uid.into());
@@ -171,6 +213,9 @@ impl Store {
                     .is_some_and(|m| m.uid == meta.uid);
                 if !still {
                     tombstones.add(meta.uid.clone());
+                    if fresh.get(ns).and_then(|n| n.get(name)).is_none() {
+                        lock(&self.gone_names).add(name_key(ns, name));
+                    }
                 }
             }
         }
@@ -295,6 +340,21 @@ impl Objects {
 
     fn mark_fresh(&self) {
         lock(&self.health).fresh_at = Some(Instant::now());
+    }
+}
+
+impl ObjectLookup for Objects {
+    fn service_account(&self, namespace: &str, name: &str) -> Lookup {
+        self.service_accounts.lookup(namespace, name)
+    }
+
+    fn pod(&self, namespace: &str, name: &str) -> Lookup {
+        self.pods.lookup(namespace, name)
+    }
+
+    fn synced_at(&self) -> Option<SystemTime> {
+        let age = self.staleness()?;
+        SystemTime::now().checked_sub(age)
     }
 }
 
@@ -468,6 +528,26 @@ mod tests {
         s.delete("ns", "p", "old");
         assert_eq!(s.judge("ns", "p", "new", 0), Presence::Live);
         assert_eq!(s.judge("ns", "p", "old", 0), Presence::Gone);
+    }
+
+    #[test]
+    fn lookup_tells_deleted_from_never_seen() {
+        let s = Store::default();
+        assert_eq!(s.lookup("ns", "p"), Lookup::Unknown);
+        s.apply("ns", "p", meta("u1", Some(1000)));
+        assert_eq!(
+            s.lookup("ns", "p"),
+            Lookup::Found {
+                uid: "u1".into(),
+                deletion_timestamp: Some(UNIX_EPOCH + Duration::from_secs(1000)),
+            }
+        );
+        s.delete("ns", "p", "u1");
+        assert_eq!(s.lookup("ns", "p"), Lookup::Missing);
+        s.apply("ns", "p", meta("u2", None));
+        assert!(matches!(s.lookup("ns", "p"), Lookup::Found { uid, .. } if uid == "u2"));
+        s.replace(None, Namespaces::new());
+        assert_eq!(s.lookup("ns", "p"), Lookup::Missing);
     }
 
     #[test]

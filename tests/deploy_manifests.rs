@@ -52,8 +52,17 @@ fn find<'a>(objs: &'a [Value], kind: &str, name_prefix: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no {kind} named {name_prefix}*"))
 }
 
-/// Kinds kubernetes-validate has no schema for; checked by hand below.
-const ISTIO_KINDS: [&str; 2] = ["AuthorizationPolicy", "EnvoyFilter"];
+/// Kinds kubernetes-validate has no schema for (Istio, Gateway API, Envoy Gateway CRDs);
+/// checked by hand below.
+const CRD_KINDS: [&str; 7] = [
+    "AuthorizationPolicy",
+    "EnvoyFilter",
+    "Gateway",
+    "HTTPRoute",
+    "ReferenceGrant",
+    "SecurityPolicy",
+    "ClientTrafficPolicy",
+];
 
 /// Runs kubernetes-validate --strict on `yaml`; returns (success, combined output).
 fn kubernetes_validate(yaml: &str) -> (bool, String) {
@@ -79,8 +88,8 @@ fn kubernetes_validate(yaml: &str) -> (bool, String) {
     (out.status.success(), text)
 }
 
-/// Validates every rendered object: core kinds must pass the schema; Istio kinds are the only
-/// ones allowed to lack one.
+/// Validates every rendered object: core kinds must pass the schema; the CRD kinds above are
+/// the only ones allowed to lack one.
 fn validate_rendered(dir: &str) -> Vec<Value> {
     let yaml = kustomize(dir);
     let objs = parse_all(&yaml).unwrap();
@@ -89,7 +98,7 @@ fn validate_rendered(dir: &str) -> Vec<Value> {
     for obj in &objs {
         let kind = obj["kind"].as_str().unwrap();
         let name = obj["metadata"]["name"].as_str().unwrap();
-        if ISTIO_KINDS.contains(&kind) {
+        if CRD_KINDS.contains(&kind) {
             assert!(
                 out.contains(&format!("Couldn't find schema for kind {kind}")),
                 "{out}"
@@ -117,7 +126,14 @@ fn configmap_file<'a>(objs: &'a [Value], name_prefix: &str, key: &str) -> &'a st
 
 #[test]
 fn every_kustomization_renders_and_validates() {
-    for dir in ["base", "istio", "envoy-sidecar"] {
+    for dir in [
+        "base",
+        "istio",
+        "istio-ambient",
+        "envoy-sidecar",
+        "envoy-gateway",
+        "local-verification",
+    ] {
         let objs = validate_rendered(dir);
         assert!(!objs.is_empty(), "deploy/{dir} rendered nothing");
     }
@@ -144,18 +160,42 @@ fn base_is_complete_and_hardened() {
     for kind in [
         "Namespace",
         "ServiceAccount",
+        "ClusterRole",
         "ClusterRoleBinding",
         "ConfigMap",
         "Deployment",
         "Service",
         "PodDisruptionBudget",
+        "NetworkPolicy",
     ] {
         assert!(kinds.contains(kind), "deploy/base lacks a {kind}");
     }
 
-    // RBAC: the pod's service account may create TokenReviews.
+    // RBAC: the pod's service account may create TokenReviews, and nothing else
+    // (system:auth-delegator would add SubjectAccessReviews).
     let crb = find(&objs, "ClusterRoleBinding", "tokengate");
-    assert_eq!(crb["roleRef"]["name"], "system:auth-delegator");
+    let role = find(&objs, "ClusterRole", "tokengate");
+    assert_eq!(crb["roleRef"]["name"], role["metadata"]["name"]);
+    assert_eq!(
+        role["rules"],
+        serde_json::json!([{
+            "apiGroups": ["authentication.k8s.io"],
+            "resources": ["tokenreviews"],
+            "verbs": ["create"]
+        }])
+    );
+    for kind in ["Role", "RoleBinding"] {
+        assert!(
+            !kinds.contains(kind),
+            "deploy/base grants more through a {kind}"
+        );
+    }
+    assert_eq!(
+        objs.iter()
+            .filter(|o| o["kind"] == "ClusterRoleBinding")
+            .count(),
+        1
+    );
     assert_eq!(crb["roleRef"]["kind"], "ClusterRole");
     assert_eq!(crb["subjects"][0]["kind"], "ServiceAccount");
     assert_eq!(crb["subjects"][0]["name"], "tokengate");
@@ -228,6 +268,25 @@ fn base_is_complete_and_hardened() {
     assert_eq!(c["livenessProbe"]["httpGet"]["port"], "admin");
     assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
     assert_eq!(c["readinessProbe"]["httpGet"]["port"], "admin");
+
+    // Rollouts: a preStop the distroless image can run (the kubelet's sleep action, no exec),
+    // then tokengate's drain (at most tokengate::shutdown::DRAIN_GRACE), both inside the grace
+    // period.
+    let pre_stop = &c["lifecycle"]["preStop"];
+    assert!(
+        pre_stop["exec"].is_null(),
+        "no shell in the image: {pre_stop}"
+    );
+    let sleep = pre_stop["sleep"]["seconds"]
+        .as_u64()
+        .expect("lifecycle.preStop.sleep.seconds");
+    assert!(sleep >= 5, "endpoints and DNS need seconds to drop the pod");
+    let drain = tokengate::shutdown::DRAIN_GRACE.as_secs();
+    let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
+    assert!(
+        sleep + drain < grace,
+        "preStop {sleep} s + drain {drain} s must end before SIGKILL at {grace} s"
+    );
 
     // The config: mounted from the generated ConfigMap, read where the args say.
     let cm = find(&objs, "ConfigMap", "tokengate-config");
@@ -317,6 +376,107 @@ fn configmap_configs_pass_check_config_and_match_the_tested_ones() {
 }
 
 #[test]
+fn network_policy_admits_only_the_proxies_and_monitoring() {
+    let objs = objects("base");
+    let np = find(&objs, "NetworkPolicy", "tokengate");
+    let deploy = find(&objs, "Deployment", "tokengate");
+    let pod_labels = &deploy["spec"]["template"]["metadata"]["labels"];
+    let selector = np["spec"]["podSelector"]["matchLabels"]
+        .as_object()
+        .unwrap();
+    assert!(!selector.is_empty());
+    for (k, v) in selector {
+        assert_eq!(&pod_labels[k], v, "the policy selects other pods");
+    }
+    assert_eq!(np["spec"]["policyTypes"], serde_json::json!(["Ingress"]));
+    let container_ports: BTreeSet<&str> = deploy["spec"]["template"]["spec"]["containers"][0]
+        ["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    let rules = np["spec"]["ingress"].as_array().unwrap();
+    let mut admitted = BTreeSet::new();
+    for rule in rules {
+        // Every rule names its sources and its ports: no rule admits everyone.
+        let from = rule["from"].as_array().expect("ingress rule without from");
+        assert!(!from.is_empty());
+        for peer in from {
+            assert!(peer["ipBlock"].is_null(), "{peer}");
+            let ns = peer["namespaceSelector"]["matchLabels"].as_object();
+            assert!(
+                ns.is_some_and(|m| !m.is_empty()),
+                "a peer from every namespace: {peer}"
+            );
+        }
+        let ports = rule["ports"]
+            .as_array()
+            .expect("ingress rule without ports");
+        for port in ports {
+            let name = port["port"].as_str().unwrap();
+            assert!(container_ports.contains(name), "unknown port {name}");
+            admitted.insert((name.to_string(), from[0]["namespaceSelector"].to_string()));
+        }
+    }
+    let grpc_from = serde_json::json!({"matchLabels": {"tokengate.io/authz-client": "true"}});
+    let admin_from =
+        serde_json::json!({"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}});
+    assert_eq!(
+        admitted,
+        [
+            ("grpc".to_string(), grpc_from.to_string()),
+            ("admin".to_string(), admin_from.to_string()),
+        ]
+        .into(),
+        "gRPC from the labelled proxy namespaces, admin from monitoring, nothing else"
+    );
+    // The sample's proxies are admitted.
+    let sample = objects("envoy-sidecar");
+    let ns = find(&sample, "Namespace", "data-store");
+    assert_eq!(
+        ns["metadata"]["labels"]["tokengate.io/authz-client"],
+        "true"
+    );
+}
+
+#[test]
+fn local_verification_reads_pods_service_accounts_and_keys_only() {
+    let objs = validate_rendered("local-verification");
+    let roles: Vec<&Value> = objs.iter().filter(|o| o["kind"] == "ClusterRole").collect();
+    assert_eq!(roles.len(), 2, "base's tokenreview role + the component's");
+    let role = find(&objs, "ClusterRole", "tokengate-local-verification");
+    assert_eq!(
+        role["rules"],
+        serde_json::json!([
+            {"apiGroups": [""], "resources": ["pods", "serviceaccounts"],
+             "verbs": ["get", "list", "watch"]},
+            {"nonResourceURLs": ["/.well-known/openid-configuration", "/openid/v1/jwks"],
+             "verbs": ["get"]}
+        ])
+    );
+    let crb = find(&objs, "ClusterRoleBinding", "tokengate-local-verification");
+    assert_eq!(crb["roleRef"]["name"], role["metadata"]["name"]);
+    assert_eq!(
+        crb["subjects"],
+        serde_json::json!([{"kind": "ServiceAccount", "name": "tokengate", "namespace": "tokengate"}])
+    );
+    // Nothing rendered grants anything on secrets.
+    for obj in &objs {
+        for rule in obj["rules"].as_array().into_iter().flatten() {
+            assert!(
+                !rule["resources"].to_string().contains("secrets"),
+                "{}: {rule}",
+                obj["metadata"]["name"]
+            );
+        }
+    }
+    // Otherwise exactly deploy/base.
+    let base = objects("base");
+    assert_eq!(objs.len(), base.len() + 2);
+}
+
+#[test]
 fn istio_objects_are_well_formed() {
     let objs = validate_rendered("istio");
     let mesh = load("deploy/istio/mesh-config.yaml").unwrap();
@@ -342,6 +502,29 @@ fn istio_objects_are_well_formed() {
     assert_eq!(grpc["port"], 9001);
     assert_eq!(grpc["failOpen"], false);
     assert_eq!(grpc["statusOnError"], "503");
+    // Slashes merged before any path-based decision (CVE-2021-31920 class); envoy/istio.yaml
+    // runs the Envoy settings this produces.
+    assert_eq!(
+        at(&mesh, "spec.meshConfig.pathNormalization.normalization"),
+        "MERGE_SLASHES"
+    );
+    // The gRPC provider takes none of the HTTP provider's header fields.
+    let known: BTreeSet<&str> = [
+        "service",
+        "port",
+        "timeout",
+        "failOpen",
+        "statusOnError",
+        "clearRouteCache",
+        "includeRequestBodyInCheck",
+    ]
+    .into();
+    for key in grpc.as_object().unwrap().keys() {
+        assert!(
+            known.contains(key.as_str()),
+            "unknown envoyExtAuthzGrpc field {key}"
+        );
+    }
     // envoy/istio.yaml reproduces these settings; the tests run that file.
     let envoy = load("envoy/istio.yaml").unwrap();
     let filters = at(
@@ -375,8 +558,8 @@ fn istio_objects_are_well_formed() {
     assert_eq!(rules.len(), 1);
     assert_eq!(
         rules[0]["to"][0]["operation"]["notPaths"],
-        serde_json::json!(["/healthz"]),
-        "envoy/istio.yaml's shadow RBAC rule mirrors this"
+        serde_json::json!(["/healthz", "/readyz"]),
+        "envoy/istio.yaml's shadow RBAC rule mirrors this (tests/envoy_configs.rs)"
     );
     let known: BTreeSet<&str> = ["selector", "action", "provider", "rules"].into();
     for key in ap["spec"].as_object().unwrap().keys() {
@@ -408,6 +591,300 @@ fn istio_objects_are_well_formed() {
         .filter_map(|m| m["remove"].as_str())
         .collect();
     assert_eq!(removed, IDENTITY_HEADERS.into_iter().collect());
+
+    // EnvoyFilter: merges into istiod's ext_authz filter exactly the allowed_headers that
+    // envoy/istio.yaml runs, which are the token_sources of the deployed tokengate config.
+    let ef = find(&objs, "EnvoyFilter", "tokengate-check-headers");
+    assert_eq!(ef["apiVersion"], "networking.istio.io/v1alpha3");
+    assert_eq!(ef["metadata"]["namespace"], "data-store");
+    assert_eq!(
+        ef["spec"]["workloadSelector"]["labels"]["app"],
+        "data-store"
+    );
+    let patch = &ef["spec"]["configPatches"][0];
+    assert_eq!(patch["applyTo"], "HTTP_FILTER");
+    assert_eq!(patch["match"]["context"], "SIDECAR_INBOUND");
+    assert_eq!(
+        at(
+            &patch["match"],
+            "listener.filterChain.filter.subFilter.name"
+        ),
+        "envoy.filters.http.ext_authz"
+    );
+    assert_eq!(patch["patch"]["operation"], "MERGE");
+    let merged = &patch["patch"]["value"]["typed_config"];
+    assert_eq!(merged["@type"], authz["typed_config"]["@type"]);
+    assert_eq!(
+        merged["allowed_headers"],
+        authz["typed_config"]["allowed_headers"]
+    );
+    let deployed = parse(configmap_file(&objs, "tokengate-config", "tokengate.yaml")).unwrap();
+    let sources: Vec<Value> = deployed["token_sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| serde_json::json!({"exact": s["header"]}))
+        .collect();
+    assert_eq!(merged["allowed_headers"]["patterns"], Value::Array(sources));
+}
+
+/// The keys of `obj` must all be in `known` (a misspelt CRD field would be pruned or refused by
+/// the API server, silently changing what the object means).
+fn assert_known_keys(label: &str, obj: &Value, known: &[&str]) {
+    for key in obj
+        .as_object()
+        .unwrap_or_else(|| panic!("{label}: not an object"))
+        .keys()
+    {
+        assert!(
+            known.contains(&key.as_str()),
+            "{label}: unknown field {key}"
+        );
+    }
+}
+
+/// The header names of a tokengate config's token_sources, lower-cased.
+fn token_headers(config: &Value) -> Vec<String> {
+    config["token_sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["header"].as_str().unwrap().to_ascii_lowercase())
+        .collect()
+}
+
+#[test]
+fn istio_ambient_checks_every_request_at_the_waypoint() {
+    let objs = validate_rendered("istio-ambient");
+    // The same host/path routing as the sidecar overlay.
+    let config = configmap_file(&objs, "tokengate-config", "tokengate.yaml");
+    assert_eq!(
+        parse(config).unwrap()["routes"],
+        load("deploy/istio/tokengate.yaml").unwrap()["routes"]
+    );
+    check_config_text("deploy/istio-ambient/tokengate.yaml", config);
+
+    // The waypoint: Istio's waypoint class, the HBONE listener.
+    let waypoint = find(&objs, "Gateway", "waypoint");
+    assert_eq!(waypoint["apiVersion"], "gateway.networking.k8s.io/v1");
+    assert_eq!(waypoint["spec"]["gatewayClassName"], "istio-waypoint");
+    assert_eq!(
+        waypoint["spec"]["listeners"],
+        serde_json::json!([{"name": "mesh", "port": 15008, "protocol": "HBONE"}])
+    );
+    let ns_name = waypoint["metadata"]["namespace"].as_str().unwrap();
+    let ns = objs
+        .iter()
+        .find(|o| o["kind"] == "Namespace" && o["metadata"]["name"] == ns_name)
+        .expect("the data-store Namespace");
+    let labels = &ns["metadata"]["labels"];
+    assert_eq!(labels["istio.io/dataplane-mode"], "ambient");
+    assert_eq!(
+        labels["istio.io/use-waypoint"],
+        waypoint["metadata"]["name"]
+    );
+    assert_eq!(labels["tokengate.io/authz-client"], "true", "NetworkPolicy");
+
+    // CUSTOM at the waypoint, bound by targetRefs (selector is for sidecars and ztunnel).
+    let mesh = load("deploy/istio/mesh-config.yaml").unwrap();
+    let provider = at(&mesh, "spec.meshConfig.extensionProviders.0.name");
+    let ap = find(&objs, "AuthorizationPolicy", "tokengate");
+    assert_eq!(ap["apiVersion"], "security.istio.io/v1");
+    assert_eq!(ap["metadata"]["namespace"], ns_name);
+    assert_known_keys(
+        "AuthorizationPolicy tokengate",
+        &ap["spec"],
+        &["targetRefs", "action", "provider", "rules"],
+    );
+    assert_eq!(
+        ap["spec"]["targetRefs"],
+        serde_json::json!([{"kind": "Gateway", "group": "gateway.networking.k8s.io",
+                            "name": waypoint["metadata"]["name"]}])
+    );
+    assert_eq!(ap["spec"]["action"], "CUSTOM");
+    assert_eq!(&ap["spec"]["provider"]["name"], provider);
+    // Every request: no EnvoyFilter strips identity headers on a waypoint, so no request may
+    // skip tokengate's overwrite.
+    assert_eq!(ap["spec"]["rules"], serde_json::json!([{}]));
+    assert!(
+        !objs.iter().any(|o| o["kind"] == "EnvoyFilter"),
+        "EnvoyFilter is not applied on waypoints"
+    );
+
+    // ztunnel admits only the waypoint into the data-store pods.
+    let l4 = find(&objs, "AuthorizationPolicy", "data-store-via-waypoint-only");
+    assert_eq!(l4["spec"]["action"], "ALLOW");
+    assert_eq!(l4["spec"]["selector"]["matchLabels"]["app"], "data-store");
+    assert_eq!(
+        l4["spec"]["rules"],
+        serde_json::json!([{"from": [{"source": {"principals": [format!(
+            "cluster.local/ns/{ns_name}/sa/{}",
+            waypoint["metadata"]["name"].as_str().unwrap()
+        )]}}]}])
+    );
+}
+
+#[test]
+fn envoy_gateway_security_policies_send_checks_to_tokengate() {
+    let objs = validate_rendered("envoy-gateway");
+    let base = objects("base");
+    let config = parse(configmap_file(&base, "tokengate-config", "tokengate.yaml")).unwrap();
+    let route_names: BTreeSet<&str> = config["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["match"]["context_extensions"]["route"].as_str())
+        .collect();
+    let svc = find(&base, "Service", "tokengate");
+    let grpc_port = &svc["spec"]["ports"][0];
+    assert_eq!(grpc_port["name"], "grpc");
+
+    let gateway = find(&objs, "Gateway", "data-store");
+    let routes: Vec<&Value> = objs.iter().filter(|o| o["kind"] == "HTTPRoute").collect();
+    assert!(routes.len() >= 2);
+    for route in &routes {
+        assert_eq!(route["apiVersion"], "gateway.networking.k8s.io/v1");
+        assert_eq!(
+            route["spec"]["parentRefs"][0]["name"],
+            gateway["metadata"]["name"]
+        );
+        assert_eq!(
+            route["metadata"]["namespace"],
+            gateway["metadata"]["namespace"]
+        );
+    }
+    let policies: Vec<&Value> = objs
+        .iter()
+        .filter(|o| o["kind"] == "SecurityPolicy")
+        .collect();
+    let mut checked = BTreeSet::new();
+    for sp in &policies {
+        let name = sp["metadata"]["name"].as_str().unwrap();
+        assert_eq!(sp["apiVersion"], "gateway.envoyproxy.io/v1alpha1");
+        assert_known_keys(name, &sp["spec"], &["targetRefs", "extAuth"]);
+        let target = &sp["spec"]["targetRefs"][0];
+        assert_eq!(target["group"], "gateway.networking.k8s.io");
+        assert_eq!(target["kind"], "HTTPRoute");
+        assert!(
+            routes
+                .iter()
+                .any(|r| r["metadata"]["name"] == target["name"]
+                    && r["metadata"]["namespace"] == sp["metadata"]["namespace"]),
+            "{name} targets no rendered HTTPRoute"
+        );
+        checked.insert(target["name"].as_str().unwrap().to_string());
+        // Field names as in envoyproxy/gateway api/v1alpha1/ext_auth_types.go (v1.8+).
+        let ext = &sp["spec"]["extAuth"];
+        assert_known_keys(
+            name,
+            ext,
+            &[
+                "grpc",
+                "http",
+                "headersToExtAuth",
+                "bodyToExtAuth",
+                "timeout",
+                "failOpen",
+                "recomputeRoute",
+                "includeRouteMetadata",
+                "contextExtensions",
+                "statusOnError",
+            ],
+        );
+        assert!(ext["http"].is_null(), "{name}: tokengate speaks gRPC");
+        assert_known_keys(
+            name,
+            &ext["grpc"],
+            &["backendRef", "backendRefs", "backendSettings"],
+        );
+        assert_eq!(
+            ext["grpc"]["backendRefs"],
+            serde_json::json!([{"name": svc["metadata"]["name"],
+                                "namespace": svc["metadata"]["namespace"],
+                                "port": grpc_port["port"]}])
+        );
+        let retry = &ext["grpc"]["backendSettings"]["retry"];
+        assert_eq!(
+            retry["retryOn"]["triggers"],
+            serde_json::json!(["connect-failure", "refused-stream", "reset"])
+        );
+        assert!(retry["numRetries"].as_u64().unwrap() >= 1);
+        assert_eq!(ext["failOpen"], false);
+        assert_eq!(ext["statusOnError"], 503);
+        assert_eq!(ext["timeout"], "500ms");
+        let headers: Vec<String> = ext["headersToExtAuth"]
+            .as_array()
+            .expect("headersToExtAuth: without it Envoy sends every header")
+            .iter()
+            .map(|h| h.as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(headers, token_headers(&config));
+        let ce = ext["contextExtensions"].as_array().unwrap();
+        assert_eq!(ce.len(), 1);
+        assert_eq!(ce[0]["name"], "route");
+        assert_eq!(ce[0]["type"], "Value");
+        let route = ce[0]["value"].as_str().unwrap();
+        assert!(
+            route_names.contains(route),
+            "{name}: no tokengate route {route}"
+        );
+    }
+    assert_eq!(
+        checked.len(),
+        policies.len(),
+        "one SecurityPolicy per HTTPRoute"
+    );
+    // Every HTTPRoute is checked, or strips the identity headers itself.
+    for route in &routes {
+        let name = route["metadata"]["name"].as_str().unwrap();
+        if checked.contains(name) {
+            continue;
+        }
+        for rule in route["spec"]["rules"].as_array().unwrap() {
+            let removed: BTreeSet<&str> = rule["filters"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|f| f["type"] == "RequestHeaderModifier")
+                .flat_map(|f| f["requestHeaderModifier"]["remove"].as_array().unwrap())
+                .filter_map(|h| h.as_str())
+                .collect();
+            assert_eq!(
+                removed,
+                IDENTITY_HEADERS.into_iter().collect(),
+                "unchecked HTTPRoute {name} passes client identity headers"
+            );
+        }
+    }
+    // Gateway-wide: identity headers stripped before routing, slashes merged.
+    let ctp = find(&objs, "ClientTrafficPolicy", "data-store");
+    assert_eq!(ctp["apiVersion"], "gateway.envoyproxy.io/v1alpha1");
+    assert_eq!(ctp["spec"]["targetRefs"][0]["kind"], "Gateway");
+    assert_eq!(
+        ctp["spec"]["targetRefs"][0]["name"],
+        gateway["metadata"]["name"]
+    );
+    let early: BTreeSet<&str> = ctp["spec"]["headers"]["earlyRequestHeaders"]["remove"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|h| h.as_str())
+        .collect();
+    assert_eq!(early, IDENTITY_HEADERS.into_iter().collect());
+    assert_ne!(ctp["spec"]["path"]["disableMergeSlashes"], true);
+    assert_eq!(ctp["spec"]["path"]["escapedSlashesAction"], "RejectRequest");
+    // The cross-namespace backendRefs are granted.
+    let grant = find(&objs, "ReferenceGrant", "data-store-security-policies");
+    assert_eq!(grant["metadata"]["namespace"], svc["metadata"]["namespace"]);
+    assert_eq!(
+        grant["spec"]["from"],
+        serde_json::json!([{"group": "gateway.envoyproxy.io", "kind": "SecurityPolicy",
+                            "namespace": gateway["metadata"]["namespace"]}])
+    );
+    assert_eq!(
+        grant["spec"]["to"],
+        serde_json::json!([{"group": "", "kind": "Service", "name": svc["metadata"]["name"]}])
+    );
 }
 
 /// The listener (HCM, routes, filters) of a copy must equal envoy/sidecar.yaml's exactly; only
@@ -459,14 +936,49 @@ fn envoy_sidecar_sample_matches_the_published_config() {
         .iter()
         .find(|c| c["name"] == "tokengate")
         .unwrap();
-    assert_eq!(
-        at(
-            authz,
-            "load_assignment.endpoints.0.lb_endpoints.0.endpoint.address.socket_address.address"
-        ),
-        "tokengate.tokengate.svc.cluster.local",
-        "the sidecar must reach the deploy/base Service"
+    // The sidecar reaches deploy/base's headless Service: one host per ready pod, each
+    // health-checked over grpc.health.v1 (tests/envoy_headless.rs runs this file against two
+    // tokengates behind one DNS name).
+    let address = at(
+        authz,
+        "load_assignment.endpoints.0.lb_endpoints.0.endpoint.address.socket_address",
     );
+    assert_eq!(
+        address["address"],
+        "tokengate-grpc.tokengate.svc.cluster.local"
+    );
+    assert_eq!(authz["type"], "STRICT_DNS");
+    let base = objects("base");
+    let headless = base
+        .iter()
+        .find(|o| o["kind"] == "Service" && o["metadata"]["name"] == "tokengate-grpc")
+        .expect("deploy/base has the headless Service tokengate-grpc");
+    assert_eq!(headless["metadata"]["namespace"], "tokengate");
+    assert_eq!(headless["spec"]["clusterIP"], "None", "headless");
+    assert_ne!(headless["spec"]["publishNotReadyAddresses"], true);
+    let tokengate_pods =
+        &find(&base, "Deployment", "tokengate")["spec"]["template"]["metadata"]["labels"];
+    for (k, v) in headless["spec"]["selector"].as_object().unwrap() {
+        assert_eq!(&tokengate_pods[k], v, "headless Service selects other pods");
+    }
+    assert_eq!(headless["spec"]["ports"][0]["port"], address["port_value"]);
+    assert_eq!(headless["spec"]["ports"][0]["targetPort"], "grpc");
+    let hc = &authz["health_checks"][0];
+    assert_eq!(
+        hc["grpc_health_check"]["service_name"],
+        "envoy.service.auth.v3.Authorization"
+    );
+    for key in [
+        "timeout",
+        "interval",
+        "unhealthy_threshold",
+        "healthy_threshold",
+    ] {
+        assert!(!hc[key].is_null(), "health check without {key}: {hc}");
+    }
+    // The ClusterIP Service stays for Istio (its sidecars balance over endpoints themselves).
+    let cluster_ip = find(&base, "Service", "tokengate");
+    assert!(cluster_ip["spec"]["clusterIP"].is_null());
 
     let deploy = find(&objs, "Deployment", "data-store");
     let pod = &deploy["spec"]["template"]["spec"];
@@ -634,7 +1146,7 @@ fn compose_demo_is_wired_like_the_local_demo() {
         String::from_utf8_lossy(&py.stderr)
     );
 
-    // setup.sh: valid shell; binds tokengate to auth-delegator; scopes the minter to api/api.
+    // setup.sh: valid shell; lets tokengate create tokenreviews; scopes the minter to api/api.
     let setup = std::fs::read_to_string(compose_dir.join("setup.sh")).unwrap();
     let sh = Command::new("sh")
         .arg("-n")
@@ -646,7 +1158,8 @@ fn compose_demo_is_wired_like_the_local_demo() {
         "{}",
         String::from_utf8_lossy(&sh.stderr)
     );
-    assert!(setup.contains("name: system:auth-delegator"));
+    // The reviewer's role is deploy/base's: create tokenreviews, nothing else.
+    assert!(!setup.contains("name: system:auth-delegator"));
     assert!(setup.contains(written), "setup.sh must read {written}");
     assert!(setup.contains("resources: [serviceaccounts/token]"));
     assert!(setup.contains("resourceNames: [api]"));
@@ -658,6 +1171,12 @@ fn compose_demo_is_wired_like_the_local_demo() {
             .unwrap(),
     )
     .unwrap();
+    let base_role = find(&objects("base"), "ClusterRole", "tokengate-tokenreview").clone();
+    let role = find(&setup_objs, "ClusterRole", "tokengate-tokenreview");
+    assert_eq!(role["rules"], base_role["rules"]);
+    let crb = find(&setup_objs, "ClusterRoleBinding", "tokengate");
+    assert_eq!(crb["roleRef"]["name"], "tokengate-tokenreview");
+    assert_eq!(crb["subjects"][0]["name"], "tokengate");
     let stream: Vec<String> = setup_objs.iter().map(|o| o.to_string()).collect();
     let (ok, out) = kubernetes_validate(&stream.join("\n---\n"));
     assert!(ok, "setup.sh objects invalid:\n{out}");

@@ -129,6 +129,20 @@ fn sidecar_fails_closed_and_cannot_be_spoofed() {
     let timeout = authz["grpc_service"]["timeout"].as_str().unwrap();
     let secs: f64 = timeout.trim_end_matches('s').parse().unwrap();
     assert!((0.2..=1.0).contains(&secs), "timeout {timeout}");
+    // A Check that meets a tokengate going away is retried on another one; never on gRPC
+    // UNAVAILABLE (the API server's outage: tokengate already retried it).
+    let retry = &authz["grpc_service"]["retry_policy"];
+    let on: BTreeSet<&str> = retry["retry_on"]
+        .as_str()
+        .expect("grpc_service.retry_policy.retry_on")
+        .split(',')
+        .collect();
+    assert_eq!(on, ["connect-failure", "refused-stream", "reset"].into());
+    assert!(retry["num_retries"].as_u64().unwrap() >= 1);
+    assert_eq!(
+        retry["retry_host_predicate"][0]["name"],
+        "envoy.retry_host_predicates.previous_hosts"
+    );
     assert_authz_cluster(&config, "tokengate");
 
     // HCM-level stripping of every identity header, before routing and filters.
@@ -235,10 +249,33 @@ fn istio_config_matches_what_istiod_generates() {
         cluster,
         "outbound|9001||tokengate.tokengate.svc.cluster.local"
     );
-    assert_eq!(
+    // Since Istio 1.20 the authority is the service host; before, it was derived from the
+    // cluster name (`outbound_.9001_._.<host>`), which this file no longer reproduces.
+    let host = cluster.rsplit('|').next().unwrap();
+    assert_eq!(host, "tokengate.tokengate.svc.cluster.local");
+    assert_eq!(authz["grpc_service"]["envoy_grpc"]["authority"], host);
+    assert_ne!(
         authz["grpc_service"]["envoy_grpc"]["authority"],
-        cluster.replace('|', "_.")
+        cluster.replace('|', "_."),
+        "the pre-1.20 authority"
     );
+    // MERGE_SLASHES (deploy/istio/mesh-config.yaml): normalize_path and merge_slashes.
+    assert_eq!(hcm["normalize_path"], true);
+    assert_eq!(hcm["merge_slashes"], true);
+    // Only tokengate's token_sources travel in a Check (deploy/istio/check-headers.yaml).
+    let allowed: Vec<&str> = authz["allowed_headers"]["patterns"]
+        .as_array()
+        .expect("allowed_headers")
+        .iter()
+        .map(|p| p["exact"].as_str().expect("exact header names"))
+        .collect();
+    let sources: Vec<String> = load("envoy/tokengate-istio.yaml").unwrap()["token_sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["header"].as_str().unwrap().to_ascii_lowercase())
+        .collect();
+    assert_eq!(allowed, sources, "allowed_headers vs token_sources");
     assert_eq!(
         authz["filter_enabled_metadata"]["path"][0]["key"],
         "istio_ext_authz_shadow_effective_policy_id"
@@ -255,6 +292,27 @@ fn istio_config_matches_what_istiod_generates() {
     assert_eq!(rbac["shadow_rules_stat_prefix"], "istio_ext_authz_");
     let policies = rbac["shadow_rules"]["policies"].as_object().unwrap();
     assert!(policies.keys().all(|k| k.starts_with("istio-ext-authz")));
+    // The policy's notPaths, in the shape istiod emits (model.go `permission`): one and_rules
+    // holding not(or[paths]). `and[or[not(path)]]` would select every request once there are
+    // two paths (each path is "not the other one").
+    let ap = load("deploy/istio/authorization-policy.yaml").unwrap();
+    let not_paths = ap["spec"]["rules"][0]["to"][0]["operation"]["notPaths"]
+        .as_array()
+        .unwrap();
+    assert!(not_paths.len() >= 2, "two notPaths tell the shapes apart");
+    let url_paths: Vec<Value> = not_paths
+        .iter()
+        .map(|p| serde_json::json!({"url_path": {"path": {"exact": p}}}))
+        .collect();
+    let expected = serde_json::json!([{"and_rules": {"rules": [
+        {"not_rule": {"or_rules": {"rules": url_paths}}}
+    ]}}]);
+    let policy = &policies["istio-ext-authz-ns[data-store]-policy[tokengate]-rule[0]"];
+    assert_eq!(policy["permissions"], expected);
+    assert_eq!(
+        policy["principals"],
+        serde_json::json!([{"and_ids": {"ids": [{"any": true}]}}])
+    );
 
     // No context_extensions anywhere: Istio cannot set them.
     for route in routes(hcm) {

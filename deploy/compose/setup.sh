@@ -3,7 +3,7 @@
 # Creates the seeds' identities and writes credentials to /creds:
 #   admin.kubeconfig       cluster-admin (for you: docker compose cp setup:/creds/admin.kubeconfig .)
 #   ca.crt                 the API server's CA
-#   tokengate.kubeconfig   tokengate's reviewer identity (bound to system:auth-delegator)
+#   tokengate.kubeconfig   tokengate's reviewer identity (may only create tokenreviews)
 #   api-minter.token       may only create tokens for serviceaccount api/api (the kubelet's role)
 set -eu
 
@@ -31,10 +31,18 @@ apiVersion: v1
 kind: ServiceAccount
 metadata: {name: tokengate, namespace: tokengate}
 ---
+# Only create on tokenreviews, as deploy/base/rbac.yaml (system:auth-delegator would also
+# grant subjectaccessreviews).
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: tokengate-tokenreview}
+rules:
+- {apiGroups: [authentication.k8s.io], resources: [tokenreviews], verbs: [create]}
+---
 apiVersion: rbac.authorization.k8s.io/v1
 kind: ClusterRoleBinding
-metadata: {name: tokengate-auth-delegator}
-roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: system:auth-delegator}
+metadata: {name: tokengate-tokenreview}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: tokengate-tokenreview}
 subjects:
 - {kind: ServiceAccount, name: tokengate, namespace: tokengate}
 ---

@@ -51,14 +51,39 @@ impl Stack {
         tokengate_file: &str,
         options: Options,
     ) -> Result<Stack> {
-        Stack::start_inner(envoy_file, tokengate_file, options, None).await
+        Stack::start_inner(envoy_file, tokengate_file, options, None, None).await
+    }
+
+    /// Like [`Stack::start`], with the rendered Envoy config passed through `edit` first (a
+    /// variant of a published file, e.g. Istio's default path normalization). `edit` must
+    /// fail when the text it changes is missing, so a variant cannot silently equal the file.
+    pub async fn start_edited(
+        envoy_file: &str,
+        tokengate_file: &str,
+        edit: &dyn Fn(String) -> Result<String>,
+    ) -> Result<Stack> {
+        Stack::start_inner(
+            envoy_file,
+            tokengate_file,
+            Options::default(),
+            None,
+            Some(edit),
+        )
+        .await
     }
 
     /// Like [`Stack::start`], but tokengate listens on the Unix socket `socket` and the
     /// published Envoy config's `tokengate` cluster is rewritten to reach it through
     /// `pipe: {path: socket}` instead of loopback TCP.
     pub async fn start_uds(envoy_file: &str, tokengate_file: &str, socket: &Path) -> Result<Stack> {
-        Stack::start_inner(envoy_file, tokengate_file, Options::default(), Some(socket)).await
+        Stack::start_inner(
+            envoy_file,
+            tokengate_file,
+            Options::default(),
+            Some(socket),
+            None,
+        )
+        .await
     }
 
     async fn start_inner(
@@ -66,6 +91,7 @@ impl Stack {
         tokengate_file: &str,
         options: Options,
         socket: Option<&Path>,
+        edit: Option<&dyn Fn(String) -> Result<String>>,
     ) -> Result<Stack> {
         let world = World::start_with(options).await?;
         let yaml = published_config(tokengate_file, &world.standin.kubeconfig_path())?;
@@ -108,6 +134,9 @@ impl Stack {
             );
             envoy_config =
                 envoy_config.replace(&tcp, &format!("pipe: {{path: {}}}", path.display()));
+        }
+        if let Some(edit) = edit {
+            envoy_config = edit(envoy_config).with_context(|| format!("editing {envoy_file}"))?;
         }
         let envoy = Envoy::start(&envoy_config, ports)
             .await
