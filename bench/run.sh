@@ -13,6 +13,9 @@
 # mints fast; rs256 is what most clusters use), BENCH_FILL (identities for the RSS measurement, 100000),
 # BENCH_NULL_WORKERS (null server tokio workers, 2; 0 = current-thread), BENCH_TG_WORKERS
 # (tokengate --worker-threads; unset = its default), BENCH_SCENARIOS (space-separated subset),
+# BENCH_ISSUE9 (issue 9's revocation / restart / watch-RSS measurements: 1 by default when
+# tokengate_miss_local runs), BENCH_REVOCATIONS (50), BENCH_RESTART_CALLERS (10000),
+# BENCH_WATCH_PODS (100000), BENCH_WATCH_SAS (10000),
 # BENCH_OUT (results directory), ENVOY_BIN, TOKENGATE_BIN (another tokengate build to measure), BENCH_PROFILE=1 (perf-record the ext_authz server,
 # and Envoy, in an extra unrecorded round after the measured ones: profile-*.txt in the results).
 #
@@ -48,6 +51,11 @@ TG=0; [[ $SCENARIOS == *tokengate* ]] && TG=1
 # A tokengate with `verification: local` (watch on) only for the local cache-miss scenario.
 LOCAL=0; [[ $SCENARIOS == *tokengate_miss_local* ]] && LOCAL=1
 ALG=${BENCH_ALG:-es256}
+# Issue 9's measurements (tokengate-bench revocation / restart-reviews / watch-rss) after the
+# saturation and latency runs; on by default when the local scenario runs.
+ISSUE9=${BENCH_ISSUE9:-$LOCAL}
+REV_N=${BENCH_REVOCATIONS:-50}; RR_N=${BENCH_RESTART_CALLERS:-10000}
+RSS_PODS=${BENCH_WATCH_PODS:-100000}; RSS_SAS=${BENCH_WATCH_SAS:-10000}
 mkdir -p "$OUT/logs" "$OUT/conf"
 : > "$OUT/sat.tsv"; : > "$OUT/lat.jsonl"; : > "$OUT/cpu.tsv"; : > "$OUT/extra.txt"
 
@@ -430,6 +438,21 @@ rss1=$(rss_kib)
   echo "RSS of tokengate: $((rss0 / 1024)) MiB idle → $((rss1 / 1024)) MiB with $FILL cached identities ($(((rss1 - rss0) * 1024 / (FILL > 0 ? FILL : 1))) bytes per identity; fill: $fill_res)"
   curl -s "http://127.0.0.1:${TG_ADMIN[rss]}/metrics" | grep -iE '^tokengate_cache[a-z_]*(entries|size)' | sed 's/^/metrics: /' || true
 } >> "$OUT/extra.txt"
+fi
+
+# ---- issue 9: revocation latency, TokenReviews after a restart, RSS of the watch caches ------------
+# Each subcommand runs its own stand-in (in-process) and tokengate ($TG_BIN) as a process; the
+# run.sh processes above stay idle meanwhile. JSON lines in issue9.jsonl, summaries in extra.txt.
+if ((ISSUE9)); then
+  log "issue 9: revocation ($REV_N deletions per mode), restart-reviews ($RR_N callers), watch-rss ($RSS_PODS pods)"
+  i9=("--tokengate" "$TG_BIN")
+  "$BIN/tokengate-bench" revocation --n "$REV_N" --dir "$OUT/issue9/revocation" "${i9[@]}" \
+    >> "$OUT/issue9.jsonl" 2> >(tee -a "$OUT/logs/issue9.log" | grep '^revocation' >> "$OUT/extra.txt")
+  "$BIN/tokengate-bench" restart-reviews --n "$RR_N" --dir "$OUT/issue9/restart" "${i9[@]}" \
+    >> "$OUT/issue9.jsonl" 2> >(tee -a "$OUT/logs/issue9.log" | grep '^restart-reviews' >> "$OUT/extra.txt")
+  "$BIN/tokengate-bench" watch-rss --pods "$RSS_PODS" --service-accounts "$RSS_SAS" --dir "$OUT/issue9/rss" "${i9[@]}" \
+    >> "$OUT/issue9.jsonl" 2> >(tee -a "$OUT/logs/issue9.log" | grep '^watch-rss' >> "$OUT/extra.txt")
+  sleep 0.2 # the process substitutions above finish writing extra.txt
 fi
 
 # ---- report -------------------------------------------------------------------------------------
