@@ -84,7 +84,7 @@ async fn local_route_rides_out_an_api_server_outage_until_max_staleness() {
         .standin
         .create_pod("api", "api-1", "api", Some("node-1"));
     let yaml = local_config(&world.standin.kubeconfig_path());
-    let stack = Stack::start_world(ENVOY, world, &yaml, None)
+    let stack = Stack::start_world(ENVOY, world, &yaml, None, None)
         .await
         .unwrap_or_else(|e| panic!("starting the stack: {e:#}"));
 

@@ -95,18 +95,20 @@ impl Stack {
     ) -> Result<Stack> {
         let world = World::start_with(options).await?;
         let yaml = published_config(tokengate_file, &world.standin.kubeconfig_path())?;
-        Stack::start_world(envoy_file, world, &yaml, socket).await
+        Stack::start_world(envoy_file, world, &yaml, socket, edit).await
     }
 
     /// Starts tokengate with the configuration text `yaml` (kubeconfig included) against an
     /// already prepared `world` (e.g. with the reviewer's list/watch grant), the echo upstream
     /// and Envoy running `envoy_file`; over the Unix socket `socket` when given (see
-    /// [`Stack::start_uds`]).
+    /// [`Stack::start_uds`]), with the rendered Envoy config passed through `edit` when given
+    /// (see [`Stack::start_edited`]).
     pub async fn start_world(
         envoy_file: &str,
         world: World,
         yaml: &str,
         socket: Option<&Path>,
+        edit: Option<&dyn Fn(String) -> Result<String>>,
     ) -> Result<Stack> {
         let (grpc, grpc_port) = match socket {
             None => {
