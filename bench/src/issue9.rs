@@ -158,6 +158,9 @@ pub async fn revocation(r: Revocation) -> Result<()> {
             s.create_pod("rev", &name, "client", Some("node-1"));
             // Let the watch see the pod first, so local mode judges it locally (otherwise the
             // first Check falls back to TokenReview, which is also correct, just not this path).
+            // Only a coarse guard: the gauge is refreshed once a second and may still show the
+            // previous pod. Whether the first Checks were local shows in `token_reviews_served`
+            // (0 in local mode) and `local_fallbacks`.
             if let Some(b) = base_pods {
                 if !wait_pods_seen(&gate, b + 1.0, Duration::from_secs(5)).await {
                     not_seen += 1;
