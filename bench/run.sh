@@ -9,10 +9,14 @@
 # latency, default 2000 rps), BENCH_LAT_ROUNDS (latency runs per scenario, 1), BENCH_CONNS (wrk
 # connections, 32), BENCH_ENVOY_CONCURRENCY (Envoy workers, 1; wrk threads follow it),
 # BENCH_MISS_LATENCY_MS (stand-in TokenReview delay, 2),
-# BENCH_POOL (cache-miss tokens), BENCH_FILL (identities for the RSS measurement, 100000),
+# BENCH_POOL (cache-miss tokens), BENCH_ALG (signing key of the pool tokens: es256, the default,
+# mints fast; rs256 is what most clusters use), BENCH_FILL (identities for the RSS measurement, 100000),
 # BENCH_NULL_WORKERS (null server tokio workers, 2; 0 = current-thread), BENCH_TG_WORKERS
 # (tokengate --worker-threads; unset = its default), BENCH_SCENARIOS (space-separated subset),
-# BENCH_OUT (results directory), ENVOY_BIN, BENCH_PROFILE=1 (perf-record the ext_authz server,
+# BENCH_ISSUE9 (issue 9's revocation / restart / watch-RSS measurements: 1 by default when
+# tokengate_miss_local runs), BENCH_REVOCATIONS (50), BENCH_RESTART_CALLERS (10000),
+# BENCH_WATCH_PODS (100000), BENCH_WATCH_SAS (10000),
+# BENCH_OUT (results directory), ENVOY_BIN, TOKENGATE_BIN (another tokengate build to measure), BENCH_PROFILE=1 (perf-record the ext_authz server,
 # and Envoy, in an extra unrecorded round after the measured ones: profile-*.txt in the results).
 #
 # Everything listens on 127.0.0.1 on free ports; every process started here is stopped on exit.
@@ -36,13 +40,22 @@ CONNS=${BENCH_CONNS:-32}
 CONC=${BENCH_ENVOY_CONCURRENCY:-1}
 MISS_MS=${BENCH_MISS_LATENCY_MS:-2}
 NULL_WORKERS=${BENCH_NULL_WORKERS:-2}
-ALL_SCENARIOS="noauth jwt_nocache jwt_cache extauthz_null extauthz_null_hdrs tokengate_hit tokengate_miss check_null check_tokengate"
+ALL_SCENARIOS="noauth jwt_nocache jwt_cache extauthz_null extauthz_null_hdrs tokengate_hit tokengate_miss tokengate_miss_local check_null check_tokengate"
 SCENARIOS=${BENCH_SCENARIOS:-$ALL_SCENARIOS}
 ENVOY=${ENVOY_BIN:-$ROOT/.venv/bin/envoy}
 OUT=${BENCH_OUT:-$ROOT/target/bench/$(date -u +%Y%m%dT%H%M%SZ)}
 BIN=$ROOT/target/release
+TG_BIN=${TOKENGATE_BIN:-$BIN/tokengate}
 # tokengate (and the stand-in) are only needed when a tokengate scenario is selected.
 TG=0; [[ $SCENARIOS == *tokengate* ]] && TG=1
+# A tokengate with `verification: local` (watch on) only for the local cache-miss scenario.
+LOCAL=0; [[ $SCENARIOS == *tokengate_miss_local* ]] && LOCAL=1
+ALG=${BENCH_ALG:-es256}
+# Issue 9's measurements (tokengate-bench revocation / restart-reviews / watch-rss) after the
+# saturation and latency runs; on by default when the local scenario runs.
+ISSUE9=${BENCH_ISSUE9:-$LOCAL}
+REV_N=${BENCH_REVOCATIONS:-50}; RR_N=${BENCH_RESTART_CALLERS:-10000}
+RSS_PODS=${BENCH_WATCH_PODS:-100000}; RSS_SAS=${BENCH_WATCH_SAS:-10000}
 mkdir -p "$OUT/logs" "$OUT/conf"
 : > "$OUT/sat.tsv"; : > "$OUT/lat.jsonl"; : > "$OUT/cpu.tsv"; : > "$OUT/extra.txt"
 
@@ -95,16 +108,14 @@ wait_for() {
 }
 ready_line() { grep -m1 '^ready ' "$OUT/logs/$1.log"; }
 
-read -r -a P <<<"$("$BIN/tokengate-bench" ports 24 | tr '\n' ' ')"
-port_i=0
-# take_port VAR: assign the next free port to VAR (no subshell, so the counter advances).
-take_port() { printf -v "$1" '%s' "${P[$port_i]}"; port_i=$((port_i + 1)); }
 
 # ---- the Kubernetes API stand-in, with pre-minted tokens -----------------------------------
 SDIR=$OUT/standin
 if ((!TG)); then POOL=0; FILL=0; fi
 log "starting the API stand-in and minting $((8 + POOL + FILL)) tokens"
-spawn standin "$BIN/tokengate-bench" standin --dir "$SDIR" --pool "$POOL" --fill "$FILL" --single 8
+# The reviewer may list/watch pods and service accounts (verification: local, watch).
+spawn standin "$BIN/tokengate-bench" standin --dir "$SDIR" --pool "$POOL" --fill "$FILL" --single 8 \
+  --alg "$ALG" --grant-reviewer-watch
 wait_for "stand-in ready" 180 ready_line standin
 STANDIN_URL=$(ready_line standin | awk '{print $2}')
 ADMIN_TOKEN=$(cat "$SDIR/admin-token")
@@ -125,10 +136,19 @@ set_latency() {
 reviews() { standin_api GET /standin/v1/counters | sed -E 's/.*"token_reviews":([0-9]+).*/\1/'; }
 HIT_TOKEN=$(sed -n 1p "$SDIR/single.txt")
 
+# Free ports, chosen only now: minting takes a while, and a port picked before it may have been
+# taken (as an ephemeral port) by then.
+read -r -a P <<<"$("$BIN/tokengate-bench" ports 32 | tr '\n' ' ')"
+port_i=0
+# take_port VAR: assign the next free port to VAR (no subshell, so the counter advances).
+take_port() { printf -v "$1" '%s' "${P[$port_i]}"; port_i=$((port_i + 1)); }
+
 # ---- tokengate instances ------------------------------------------------------------------
-# tg_config NAME GRPC_PORT ADMIN_PORT: writes conf/tokengate-NAME.yaml, prints its path.
+# tg_config NAME GRPC_PORT ADMIN_PORT [VERIFICATION]: writes conf/tokengate-NAME.yaml, prints
+# its path. VERIFICATION `local` adds `verification: local` (which implies the watch).
 tg_config() {
-  local f=$OUT/conf/tokengate-$1.yaml
+  local f=$OUT/conf/tokengate-$1.yaml local_lines=""
+  [[ ${4:-} == local ]] && local_lines=$'\n  verification: local\n  watch: true\n  max_staleness: 5m'
   cat > "$f" <<EOF
 listen:
   grpc: 127.0.0.1:$2
@@ -137,7 +157,7 @@ kubernetes:
   kubeconfig: $SDIR/kubeconfig
   timeout: 2s
   retries: 0
-  max_in_flight: 64
+  max_in_flight: 64$local_lines
 token_sources:
   - header: authorization
     scheme: Bearer
@@ -159,7 +179,7 @@ EOF
 declare -A TG_GRPC=() TG_ADMIN=()
 start_tokengate() { # NAME
   local name=tokengate-$1
-  spawn "$name" "$BIN/tokengate" serve --config "$OUT/conf/$name.yaml" \
+  spawn "$name" "$TG_BIN" serve --config "$OUT/conf/$name.yaml" \
     ${BENCH_TG_WORKERS:+--worker-threads "$BENCH_TG_WORKERS"}
   wait_for "$name ready" 30 curl -sf "http://127.0.0.1:${TG_ADMIN[$1]}/readyz"
 }
@@ -169,6 +189,13 @@ for t in hit miss; do
   ((TG)) && start_tokengate $t
 done
 ((TG)) && log "tokengate hit :${TG_GRPC[hit]}  miss :${TG_GRPC[miss]}"
+# missl: the same cache-miss setting with `verification: local`.
+if ((LOCAL)); then
+  take_port "TG_GRPC[missl]"; take_port "TG_ADMIN[missl]"
+  tg_config missl "${TG_GRPC[missl]}" "${TG_ADMIN[missl]}" local >/dev/null
+  start_tokengate missl
+  log "tokengate local miss :${TG_GRPC[missl]}"
+fi
 
 # ---- null ext_authz server ------------------------------------------------------------------
 take_port NULL_PORT
@@ -203,6 +230,7 @@ if ((TG)); then
   start_envoy tokengate_hit extauthz "${TG_GRPC[hit]}"
   start_envoy tokengate_miss extauthz "${TG_GRPC[miss]}"
 fi
+((LOCAL)) && start_envoy tokengate_miss_local extauthz "${TG_GRPC[missl]}"
 for s in "${!LISTEN[@]}"; do
   wait_for "envoy $s ready" 30 curl -sf "http://127.0.0.1:${EADMIN[$s]}/ready"
 done
@@ -219,6 +247,12 @@ if ((TG)); then
     die "tokengate lets a bad token through"
   [[ $(code "${LISTEN[tokengate_hit]}" -H "Authorization: Bearer $HIT_TOKEN") == 200 ]] ||
     die "tokengate denies a valid token"
+fi
+if ((LOCAL)); then
+  [[ $(code "${LISTEN[tokengate_miss_local]}" -H 'Authorization: Bearer nope') =~ ^40[13]$ ]] ||
+    die "tokengate (local) lets a bad token through"
+  [[ $(code "${LISTEN[tokengate_miss_local]}" -H "Authorization: Bearer $HIT_TOKEN") == 200 ]] ||
+    die "tokengate (local) denies a valid token"
 fi
 for s in extauthz_null extauthz_null_hdrs; do
   [[ $(code "${LISTEN[$s]}" -H "Authorization: Bearer $HIT_TOKEN") == 200 ]] || die "$s: not 200"
@@ -240,7 +274,7 @@ log "stand-in TokenReview latency +${MISS_MS} ms; pool $(wc -l < "$SDIR/pool.txt
   echo "rustc: $(rustc --version)"
   echo "wrk: $(wrk -v 2>&1 | head -1)"
   echo "h2load: $(h2load --version 2>&1 | head -1)"
-  echo "settings: rounds=$ROUNDS sat=${SAT}s lat=${LAT}s rate=$RATE lat_rounds=$LAT_ROUNDS conns=$CONNS envoy_concurrency=$CONC miss_latency=${MISS_MS}ms pool=$POOL fill=$FILL null_workers=$NULL_WORKERS tokengate_workers=${BENCH_TG_WORKERS:-default}"
+  echo "settings: rounds=$ROUNDS sat=${SAT}s lat=${LAT}s rate=$RATE lat_rounds=$LAT_ROUNDS conns=$CONNS envoy_concurrency=$CONC miss_latency=${MISS_MS}ms pool=$POOL alg=$ALG fill=$FILL null_workers=$NULL_WORKERS tokengate_workers=${BENCH_TG_WORKERS:-default}"
 } > "$OUT/env.txt"
 
 # ---- measurement helpers ----------------------------------------------------------------------
@@ -253,19 +287,27 @@ authz_of() { # scenario -> process name of its authz server ("" if none)
     extauthz_null_hdrs) echo null-authz-hdrs ;;
     tokengate_hit|check_tokengate) echo tokengate-hit ;;
     tokengate_miss) echo tokengate-miss ;;
+    tokengate_miss_local) echo tokengate-missl ;;
     *) echo "" ;;
   esac
 }
-restart_miss() { stop tokengate-miss; start_tokengate miss; }
+# restart_miss SCENARIO: a fresh (empty-cache) tokengate for a cache-miss scenario.
+restart_miss() {
+  local t=miss
+  [[ $1 == tokengate_miss_local ]] && t=missl
+  stop "tokengate-$t"; start_tokengate $t
+}
 
 # saturate SCENARIO ROUND: one closed-loop saturation run; appends to sat.tsv and cpu.tsv.
 saturate() {
   local s=$1 r=$2 out rps bad authz e0 a0 e1 a1 n
-  [[ $s == tokengate_miss ]] && restart_miss
+  [[ $s == tokengate_miss* ]] && restart_miss "$s"
   authz=$(authz_of "$s")
   local envoy_pid=${PIDS[envoy-$s]:-} authz_pid=${authz:+${PIDS[$authz]}}
   e0=$([[ -n $envoy_pid ]] && cpu_us "$envoy_pid" || echo 0)
   a0=$([[ -n $authz_pid ]] && cpu_us "$authz_pid" || echo 0)
+  # TokenReviews made during the run (read outside the CPU window).
+  local rv0; rv0=$( ((TG)) && reviews || echo 0)
   local k0 k1; k0=$(cpu_us "${PIDS[standin]}")
   local profs=()
   if [[ $r == profile ]]; then
@@ -286,7 +328,7 @@ saturate() {
     jwt_*) out=$("${wrk[@]}" -H "Authorization: Bearer $JWT" "http://127.0.0.1:${LISTEN[$s]}/") ;;
     extauthz_null|extauthz_null_hdrs|tokengate_hit)
       out=$("${wrk[@]}" -H "Authorization: Bearer $HIT_TOKEN" "http://127.0.0.1:${LISTEN[$s]}/") ;;
-    tokengate_miss)
+    tokengate_miss|tokengate_miss_local)
       out=$("${wrk[@]}" -s "$ROOT/bench/pool.lua" "http://127.0.0.1:${LISTEN[$s]}/" -- "$SDIR/pool.txt" "$CONC") ;;
     check_null|check_tokengate)
       local p=$NULL_PORT; [[ $s == check_tokengate ]] && p=${TG_GRPC[hit]}
@@ -311,14 +353,18 @@ saturate() {
     rps=$(echo "$out" | awk '/^Requests\/sec:/ {print $2}')
     n=$(echo "$out" | awk '/requests in/ {print $1}')
     bad=$(echo "$out" | awk '/Non-2xx/ {b += $NF} /Socket errors/ {gsub(",", ""); b += $4 + $6 + $8 + $10} END {print b + 0}')
-    if [[ $s == tokengate_miss ]] && grep -q '^pool_wrapped [1-9]' <<<"$out"; then
+    if [[ $s == tokengate_miss* ]] && grep -q '^pool_wrapped [1-9]' <<<"$out"; then
       log "WARNING: cache-miss run used more requests than the pool holds (raise BENCH_POOL)"
-      echo "WARNING: round $r of tokengate_miss reused tokens (pool too small): $(grep pool_wrapped <<<"$out")" >> "$OUT/extra.txt"
+      echo "WARNING: round $r of $s reused tokens (pool too small): $(grep pool_wrapped <<<"$out")" >> "$OUT/extra.txt"
     fi
+
   fi
   e1=$([[ -n $envoy_pid ]] && cpu_us "$envoy_pid" || echo 0)
   a1=$([[ -n $authz_pid ]] && cpu_us "$authz_pid" || echo 0)
   k1=$(cpu_us "${PIDS[standin]}")
+  if [[ $s == tokengate_miss_local && $r != 0 && $r != profile ]]; then
+    echo "local cache miss, round $r: $(($(reviews) - rv0)) TokenReview call(s) for ${n:-0} requests" >> "$OUT/extra.txt"
+  fi
   printf '%s\t%s\t%s\t%s\n' "$s" "$r" "${rps:-0}" "${bad:-0}" >> "$OUT/sat.tsv"
   awk -v s="$s" -v r="$r" -v n="${n:-0}" -v e="$((${e1%.*} - ${e0%.*}))" -v a="$((${a1%.*} - ${a0%.*}))" \
     -v k="$((${k1%.*} - ${k0%.*}))" \
@@ -329,13 +375,13 @@ saturate() {
 # latency SCENARIO: one open-loop fixed-rate run; appends to lat.jsonl.
 latency() {
   local s=$1 load=("$BIN/tokengate-bench" load --label "$1" --rate "$RATE" --duration "$LAT" --warmup 1)
-  [[ $s == tokengate_miss ]] && restart_miss
+  [[ $s == tokengate_miss* ]] && restart_miss "$s"
   echo "$JWT" > "$OUT/conf/jwt-token.txt"
   case $s in
     noauth) load+=(--http "127.0.0.1:${LISTEN[$s]}") ;;
     jwt_*) load+=(--http "127.0.0.1:${LISTEN[$s]}" --tokens "$OUT/conf/jwt-token.txt") ;;
     extauthz_null|extauthz_null_hdrs|tokengate_hit) load+=(--http "127.0.0.1:${LISTEN[$s]}" --tokens "$SDIR/single.txt" --first 1) ;;
-    tokengate_miss) load+=(--http "127.0.0.1:${LISTEN[$s]}" --tokens "$SDIR/pool.txt") ;;
+    tokengate_miss|tokengate_miss_local) load+=(--http "127.0.0.1:${LISTEN[$s]}" --tokens "$SDIR/pool.txt") ;;
     check_null) load+=(--grpc "http://127.0.0.1:$NULL_PORT" --tokens "$SDIR/single.txt" --first 1) ;;
     check_tokengate) load+=(--grpc "http://127.0.0.1:${TG_GRPC[hit]}" --tokens "$SDIR/single.txt" --first 1) ;;
   esac
@@ -347,7 +393,7 @@ latency() {
 # ---- the runs: saturation rounds, alternating scenarios, then fixed-rate latency ----------------
 read -r -a SC <<<"$SCENARIOS"
 log "warm-up"
-for s in "${SC[@]}"; do [[ $s == tokengate_miss ]] || SAT=1 saturate "$s" 0 >/dev/null 2>&1; done
+for s in "${SC[@]}"; do [[ $s == tokengate_miss* ]] || SAT=1 saturate "$s" 0 >/dev/null 2>&1; done
 sed -i '/\t0\t/d' "$OUT/sat.tsv" "$OUT/cpu.tsv"
 for ((r = 1; r <= ROUNDS; r++)); do
   # Rotate the starting scenario each round so no scenario always follows the same neighbour.
@@ -392,6 +438,21 @@ rss1=$(rss_kib)
   echo "RSS of tokengate: $((rss0 / 1024)) MiB idle → $((rss1 / 1024)) MiB with $FILL cached identities ($(((rss1 - rss0) * 1024 / (FILL > 0 ? FILL : 1))) bytes per identity; fill: $fill_res)"
   curl -s "http://127.0.0.1:${TG_ADMIN[rss]}/metrics" | grep -iE '^tokengate_cache[a-z_]*(entries|size)' | sed 's/^/metrics: /' || true
 } >> "$OUT/extra.txt"
+fi
+
+# ---- issue 9: revocation latency, TokenReviews after a restart, RSS of the watch caches ------------
+# Each subcommand runs its own stand-in (in-process) and tokengate ($TG_BIN) as a process; the
+# run.sh processes above stay idle meanwhile. JSON lines in issue9.jsonl, summaries in extra.txt.
+if ((ISSUE9)); then
+  log "issue 9: revocation ($REV_N deletions per mode), restart-reviews ($RR_N callers), watch-rss ($RSS_PODS pods)"
+  i9=("--tokengate" "$TG_BIN")
+  "$BIN/tokengate-bench" revocation --n "$REV_N" --dir "$OUT/issue9/revocation" "${i9[@]}" \
+    >> "$OUT/issue9.jsonl" 2> >(tee -a "$OUT/logs/issue9.log" | grep '^revocation' >> "$OUT/extra.txt")
+  "$BIN/tokengate-bench" restart-reviews --n "$RR_N" --dir "$OUT/issue9/restart" "${i9[@]}" \
+    >> "$OUT/issue9.jsonl" 2> >(tee -a "$OUT/logs/issue9.log" | grep '^restart-reviews' >> "$OUT/extra.txt")
+  "$BIN/tokengate-bench" watch-rss --pods "$RSS_PODS" --service-accounts "$RSS_SAS" --dir "$OUT/issue9/rss" "${i9[@]}" \
+    >> "$OUT/issue9.jsonl" 2> >(tee -a "$OUT/logs/issue9.log" | grep '^watch-rss' >> "$OUT/extra.txt")
+  sleep 0.2 # the process substitutions above finish writing extra.txt
 fi
 
 # ---- report -------------------------------------------------------------------------------------

@@ -9,12 +9,16 @@
 //! - [`stats`]: latency percentiles from raw samples;
 //! - [`load`]: an open-loop (fixed-rate) HTTP/1.1 and gRPC client that reports p50/p99
 //!   measured from the *intended* send time when a connection falls behind, so a slow server
-//!   cannot hide its queueing (the coordinated-omission trap of closed-loop tools like `wrk`).
+//!   cannot hide its queueing (the coordinated-omission trap of closed-loop tools like `wrk`);
+//! - [`gate`], [`issue9`]: tokengate as a process, and issue 9's measurements (revocation
+//!   latency, TokenReviews after a restart, RSS of the watch caches).
 //!
 //! The binaries are `null-authz` (a Check server that allows everything: the ceiling for any
 //! tonic ext_authz server on this stack) and `tokengate-bench` (helpers as subcommands).
 
 pub mod check;
+pub mod gate;
+pub mod issue9;
 pub mod jwt;
 pub mod load;
 pub mod stats;

@@ -9,7 +9,9 @@
 //! - `load`: open-loop fixed-rate latency (HTTP/1.1 through Envoy, or gRPC Check);
 //! - `fill`: one Check per token (fills tokengate's cache, e.g. for the RSS measurement);
 //! - `burst`: N concurrent Checks with one new token (single-flight);
-//! - `report`: the Markdown table from a results directory.
+//! - `report`: the Markdown table from a results directory;
+//! - `revocation`, `restart-reviews`, `watch-rss`: issue 9's measurements (see
+//!   `tokengate_bench::issue9`).
 
 mod report;
 
@@ -24,6 +26,8 @@ use envoy_types::pb::envoy::service::auth::v3::authorization_client::Authorizati
 use kube_standin::{KeyAlg, MintRequest, Options, Standin};
 use serde_json::json;
 use tokengate_bench::check::{check_request_with, grpc_frame};
+use tokengate_bench::gate::{self, Mode};
+use tokengate_bench::issue9;
 use tokengate_bench::jwt::{claims, Signer};
 use tokengate_bench::load::{self, Outcome, Spec};
 
@@ -67,6 +71,10 @@ enum Cmd {
         /// Signing key: es256 (fast to mint in bulk) or rs256 (like most clusters).
         #[arg(long, default_value = "es256")]
         alg: String,
+        /// Give tokengate's reviewer list/watch on pods and service accounts (watch,
+        /// `verification: local`).
+        #[arg(long)]
+        grant_reviewer_watch: bool,
     },
     /// Write a gRPC-framed CheckRequest carrying line LINE of TOKENS to OUT.
     CheckBody {
@@ -131,6 +139,63 @@ enum Cmd {
     },
     /// Print the Markdown results table for a results directory written by run.sh.
     Report { dir: PathBuf },
+    /// Issue 9: delete→denied latency of pod-bound tokens (cache TTL 10 min, watch on).
+    Revocation {
+        /// Comma-separated: tokenreview, local.
+        #[arg(long, default_value = "tokenreview,local")]
+        modes: String,
+        /// Deletions per mode.
+        #[arg(long, default_value_t = 50)]
+        n: usize,
+        /// Pause between Checks while waiting for the denial (ms).
+        #[arg(long, default_value_t = 2)]
+        interval_ms: u64,
+        /// Give up on one deletion after this many seconds.
+        #[arg(long, default_value_t = 10.0)]
+        limit_secs: f64,
+        #[command(flatten)]
+        common: Issue9Args,
+    },
+    /// Issue 9: TokenReviews for N distinct new callers against a freshly started tokengate.
+    RestartReviews {
+        #[arg(long, default_value = "tokenreview,local")]
+        modes: String,
+        /// Distinct callers (pods, one token each).
+        #[arg(long, default_value_t = 10_000)]
+        n: usize,
+        /// Service accounts the pods run as.
+        #[arg(long, default_value_t = 1_000)]
+        service_accounts: usize,
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        #[command(flatten)]
+        common: Issue9Args,
+    },
+    /// Issue 9: tokengate's RSS with the watch caches full (and watch off, for comparison).
+    WatchRss {
+        #[arg(long, default_value_t = 100_000)]
+        pods: usize,
+        #[arg(long, default_value_t = 10_000)]
+        service_accounts: usize,
+        #[arg(long, default_value_t = 100)]
+        namespaces: usize,
+        #[command(flatten)]
+        common: Issue9Args,
+    },
+}
+
+/// Options shared by the issue 9 subcommands.
+#[derive(clap::Args, Debug)]
+struct Issue9Args {
+    /// Work directory (stand-in files, tokengate configs and logs).
+    #[arg(long)]
+    dir: PathBuf,
+    /// tokengate binary; default: `tokengate` next to this executable.
+    #[arg(long)]
+    tokengate: Option<PathBuf>,
+    /// Signing key of the stand-in: es256 or rs256 (most clusters).
+    #[arg(long, default_value = "rs256")]
+    alg: String,
 }
 
 fn main() -> Result<()> {
@@ -153,13 +218,22 @@ fn main() -> Result<()> {
             fill,
             single,
             alg,
+            grant_reviewer_watch,
         } => {
             // The stand-in serves TokenReview for the cache-miss scenario: give it two workers.
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
                 .build()?;
-            rt.block_on(standin(dir, audience, pool, fill, single, alg))
+            rt.block_on(standin(
+                dir,
+                audience,
+                pool,
+                fill,
+                single,
+                alg,
+                grant_reviewer_watch,
+            ))
         }
         Cmd::CheckBody {
             tokens,
@@ -238,7 +312,57 @@ fn main() -> Result<()> {
             rt.block_on(burst(&grpc, token, n))
         }
         Cmd::Report { dir } => report::print(&dir),
+        Cmd::Revocation {
+            modes,
+            n,
+            interval_ms,
+            limit_secs,
+            common,
+        } => issue9_runtime()?.block_on(issue9::revocation(issue9::Revocation {
+            modes: Mode::parse_list(&modes)?,
+            n,
+            interval: Duration::from_millis(interval_ms),
+            limit: Duration::from_secs_f64(limit_secs),
+            bin: gate::tokengate_bin(common.tokengate)?,
+            dir: common.dir,
+            alg: issue9::key_alg(&common.alg)?,
+        })),
+        Cmd::RestartReviews {
+            modes,
+            n,
+            service_accounts,
+            concurrency,
+            common,
+        } => issue9_runtime()?.block_on(issue9::restart_reviews(issue9::RestartReviews {
+            modes: Mode::parse_list(&modes)?,
+            n,
+            service_accounts,
+            concurrency,
+            bin: gate::tokengate_bin(common.tokengate)?,
+            dir: common.dir,
+            alg: issue9::key_alg(&common.alg)?,
+        })),
+        Cmd::WatchRss {
+            pods,
+            service_accounts,
+            namespaces,
+            common,
+        } => issue9_runtime()?.block_on(issue9::watch_rss(issue9::WatchRss {
+            pods,
+            service_accounts,
+            namespaces,
+            bin: gate::tokengate_bin(common.tokengate)?,
+            dir: common.dir,
+        })),
     }
+}
+
+/// The stand-in and the client share this process: two workers, as for `standin`.
+fn issue9_runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
 }
 
 fn ports(n: usize) -> Result<()> {
@@ -277,6 +401,7 @@ async fn standin(
     fill: usize,
     single: usize,
     alg: String,
+    grant_reviewer_watch: bool,
 ) -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     let key_alg = match alg.as_str() {
@@ -290,6 +415,9 @@ async fn standin(
         ..Options::default()
     })
     .await?;
+    if grant_reviewer_watch {
+        standin.grant_reviewer_watch();
+    }
     standin.create_service_account("bench", "client");
     let started = Instant::now();
     for (name, n) in [("single", single), ("pool", pool), ("fill", fill)] {

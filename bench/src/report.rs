@@ -31,6 +31,10 @@ const SCENARIOS: &[(&str, &str)] = &[
         "tokengate_miss",
         "Envoy + ext_authz → tokengate, cache miss (TokenReview +2 ms)",
     ),
+    (
+        "tokengate_miss_local",
+        "Envoy + ext_authz → tokengate, cache miss, `verification: local`",
+    ),
     ("check_null", "Check RPC alone → null server"),
     ("check_tokengate", "Check RPC alone → tokengate, cache hit"),
 ];
@@ -271,6 +275,27 @@ pub fn print(dir: &Path) -> Result<()> {
         "- Envoy + tokengate (hit) ÷ jwt_authn without cache: {} (stretch goal ≥ 1.00×)",
         ratio(m("tokengate_hit"), m("jwt_nocache"))
     );
+    // Issue 9: a local-mode miss against a hit (rps and tokengate's CPU per Check) and against
+    // a TokenReview-mode miss.
+    let authz_cpu = |k: &str| {
+        cpu.get(k)
+            .map(|c| median(&mut c[1].clone()))
+            .filter(|v| *v > 0.0)
+    };
+    if m("tokengate_miss_local").is_some() {
+        println!(
+            "- local cache miss ÷ cache hit (through Envoy): {} of the requests/s; tokengate CPU per Check {} ({} vs {} µs; target ≤ 2.00×)",
+            ratio(m("tokengate_miss_local"), m("tokengate_hit")),
+            ratio(authz_cpu("tokengate_miss_local"), authz_cpu("tokengate_hit")),
+            authz_cpu("tokengate_miss_local").map_or("–".into(), |v| format!("{v:.1}")),
+            authz_cpu("tokengate_hit").map_or("–".into(), |v| format!("{v:.1}")),
+        );
+        println!(
+            "- local cache miss ÷ TokenReview cache miss: {} of the requests/s; tokengate CPU per Check {}",
+            ratio(m("tokengate_miss_local"), m("tokengate_miss")),
+            ratio(authz_cpu("tokengate_miss_local"), authz_cpu("tokengate_miss")),
+        );
+    }
     if let (Some(a), Some(b), Some(c)) = (p99("tokengate_hit"), p99("noauth"), p99("extauthz_null"))
     {
         println!(

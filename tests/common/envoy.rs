@@ -95,6 +95,21 @@ impl Stack {
     ) -> Result<Stack> {
         let world = World::start_with(options).await?;
         let yaml = published_config(tokengate_file, &world.standin.kubeconfig_path())?;
+        Stack::start_world(envoy_file, world, &yaml, socket, edit).await
+    }
+
+    /// Starts tokengate with the configuration text `yaml` (kubeconfig included) against an
+    /// already prepared `world` (e.g. with the reviewer's list/watch grant), the echo upstream
+    /// and Envoy running `envoy_file`; over the Unix socket `socket` when given (see
+    /// [`Stack::start_uds`]), with the rendered Envoy config passed through `edit` when given
+    /// (see [`Stack::start_edited`]).
+    pub async fn start_world(
+        envoy_file: &str,
+        world: World,
+        yaml: &str,
+        socket: Option<&Path>,
+        edit: Option<&dyn Fn(String) -> Result<String>>,
+    ) -> Result<Stack> {
         let (grpc, grpc_port) = match socket {
             None => {
                 let l = testkit::ports::listener().await?;
@@ -108,7 +123,7 @@ impl Stack {
                 (tokengate::GrpcListener::bind(&addr).await?, port)
             }
         };
-        let gate = Tokengate::start(&yaml, grpc).await?;
+        let gate = Tokengate::start(yaml, grpc).await?;
 
         let echo = spawn_echo(testkit::ports::listener().await?)?;
         let ports = Ports::new(grpc_port, echo.addr().port());
@@ -151,6 +166,11 @@ impl Stack {
             .await
             .unwrap_or_else(|e| panic!("reading Envoy stat {name}: {e:#}"))
             .unwrap_or_else(|| panic!("Envoy has no stat {name}\n{}", self.envoy.diagnostics()))
+    }
+
+    /// GET on tokengate's admin port (`/readyz`, `/metrics`); returns (status, body).
+    pub async fn tokengate_admin(&self, path: &str) -> (u16, String) {
+        self.gate.admin_get(path).await
     }
 
     /// Stops tokengate (graceful shutdown) and fails if it ended with an error or panic.
