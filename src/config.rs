@@ -32,6 +32,10 @@ pub mod defaults {
     pub const LISTEN_GRPC: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 9001);
     /// Admin HTTP listen address (`/healthz`, `/readyz`, `/metrics`): `0.0.0.0:9090`.
     pub const LISTEN_ADMIN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 9090);
+    /// After SIGTERM, how long Checks are still served (not ready) before draining begins.
+    pub const DRAIN_DELAY: Duration = Duration::from_secs(5);
+    /// How often the gRPC listener's TLS certificate and key files are checked for changes.
+    pub const TLS_RELOAD_INTERVAL: Duration = Duration::from_secs(10);
     /// Timeout of one TokenReview attempt.
     pub const KUBE_TIMEOUT: Duration = Duration::from_secs(2);
     /// Extra TokenReview attempts on transient failures.
@@ -167,6 +171,11 @@ pub struct Listen {
     pub grpc: GrpcAddr,
     /// `/healthz`, `/readyz`, `/metrics`.
     pub admin: SocketAddr,
+    /// After the shutdown signal, how long Checks are still served while health reports
+    /// NOT_SERVING and `/readyz` 503, before the listener closes and in-flight Checks drain.
+    pub drain_delay: Duration,
+    /// TLS on the gRPC listener (TCP only); `None`: plaintext.
+    pub tls: Option<TlsSettings>,
     /// Limits of the gRPC port.
     pub limits: GrpcLimits,
     /// Limits of the admin port.
@@ -204,6 +213,19 @@ pub struct AdminLimits {
     pub header_read_timeout: Duration,
     /// Close a connection quiet for this long.
     pub idle_timeout: Duration,
+}
+
+/// `listen.tls`: the gRPC listener's certificate, key and optional client CA, as files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// PEM certificate chain, leaf first (cert-manager's `tls.crt`).
+    pub cert_file: PathBuf,
+    /// PEM private key of the leaf (`tls.key`).
+    pub key_file: PathBuf,
+    /// PEM CA certificates; when set, clients must present a certificate they signed.
+    pub client_ca_file: Option<PathBuf>,
+    /// How often the certificate and key files are checked for changes.
+    pub reload_interval: Duration,
 }
 
 /// Where the gRPC server listens: a TCP address or a Unix domain socket (a sidecar Envoy in
@@ -463,6 +485,8 @@ struct RawConfig {
 struct RawListen {
     grpc: Option<Spanned<String>>,
     admin: Option<Spanned<String>>,
+    drain_delay: Option<Spanned<String>>,
+    tls: Option<Spanned<RawTls>>,
     #[serde(default)]
     limits: RawGrpcLimits,
     #[serde(default)]
@@ -488,6 +512,15 @@ struct RawAdminLimits {
     max_connections: Option<Spanned<usize>>,
     header_read_timeout: Option<Spanned<String>>,
     idle_timeout: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert_file: Spanned<String>,
+    key_file: Spanned<String>,
+    client_ca_file: Option<Spanned<String>>,
+    reload_interval: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -813,11 +846,23 @@ fn listen(raw: &RawListen, p: &mut Problems) -> Option<Listen> {
     });
     let limits = grpc_limits(&raw.limits, p);
     let admin_limits = admin_limits(&raw.admin_limits, p);
+    let drain_delay = p.field(
+        "listen.drain_delay",
+        &raw.drain_delay,
+        defaults::DRAIN_DELAY,
+        |d| parse_duration(d),
+    );
+    let tls = match &raw.tls {
+        None => Some(None),
+        Some(t) => listen_tls(t, grpc.as_ref(), p).map(Some),
+    };
     Some(Listen {
         grpc: grpc?,
         admin: admin?,
         limits: limits?,
         admin_limits: admin_limits?,
+        drain_delay: drain_delay?,
+        tls: tls?,
     })
 }
 
@@ -950,6 +995,61 @@ fn admin_limits(raw: &RawAdminLimits, p: &mut Problems) -> Option<AdminLimits> {
         header_read_timeout: header_read_timeout?,
         idle_timeout: idle_timeout?,
     })
+}
+
+/// `listen.tls`: paths and interval, then the files themselves (readable, a certificate, a
+/// key that matches it, a client CA), so `check-config` catches what start-up would.
+fn listen_tls(
+    raw: &Spanned<RawTls>,
+    grpc: Option<&GrpcAddr>,
+    p: &mut Problems,
+) -> Option<TlsSettings> {
+    if let Some(GrpcAddr::Unix(_)) = grpc {
+        p.push(
+            "listen.tls",
+            line(raw),
+            "TLS applies to a TCP listener; a Unix socket is reachable only inside the pod",
+        );
+        return None;
+    }
+    let t = &raw.value;
+    let path = |p: &mut Problems, field: &str, v: &Spanned<String>| {
+        p.parsed(format!("listen.tls.{field}"), v, |s| match s.trim() {
+            "" => Err("must name a file".to_owned()),
+            s => Ok(PathBuf::from(s)),
+        })
+    };
+    let cert_file = path(p, "cert_file", &t.cert_file);
+    let key_file = path(p, "key_file", &t.key_file);
+    let client_ca_file = match &t.client_ca_file {
+        None => Some(None),
+        Some(v) => path(p, "client_ca_file", v).map(Some),
+    };
+    let reload_interval = p.field(
+        "listen.tls.reload_interval",
+        &t.reload_interval,
+        defaults::TLS_RELOAD_INTERVAL,
+        |d| match parse_duration(d)? {
+            Duration::ZERO => Err("must be greater than zero".to_owned()),
+            d => Ok(d),
+        },
+    );
+    let settings = TlsSettings {
+        cert_file: cert_file?,
+        key_file: key_file?,
+        client_ca_file: client_ca_file?,
+        reload_interval: reload_interval?,
+    };
+    if let Err(e) = crate::tls::check(&settings) {
+        let at = match e.field() {
+            "key_file" => line(&t.key_file),
+            "client_ca_file" => t.client_ca_file.as_ref().map_or(line(raw), line),
+            _ => line(&t.cert_file),
+        };
+        p.push(format!("listen.tls.{}", e.field()), at, e.to_string());
+        return None;
+    }
+    Some(settings)
 }
 
 fn kubernetes(raw: &RawKubernetes, p: &mut Problems) -> Option<Kubernetes> {
@@ -1516,6 +1616,21 @@ log:
     }
 
     #[test]
+    fn drain_delay_is_a_duration() {
+        let c = Config::from_yaml_str(
+            "listen:\n  drain_delay: 0s\nroutes:\n  - name: all\n    audiences: [a]\n",
+        )
+        .unwrap();
+        assert_eq!(c.listen.drain_delay, Duration::ZERO);
+        let e = errors("routes:\n  - name: all\n    audiences: [a]\nlisten:\n  drain_delay: 5\n");
+        assert_eq!(
+            (e[0].field.as_str(), e[0].line),
+            ("listen.drain_delay", 5),
+            "{e:?}"
+        );
+    }
+
+    #[test]
     fn all_semantic_errors_reported_at_once() {
         let yaml = "\
 listen:
@@ -1599,6 +1714,7 @@ routes:
             .unwrap_or_else(|e| panic!("README example: {e}"));
         assert_eq!(c.listen.grpc, GrpcAddr::Tcp(defaults::LISTEN_GRPC));
         assert_eq!(c.listen.admin, defaults::LISTEN_ADMIN);
+        assert_eq!(c.listen.drain_delay, defaults::DRAIN_DELAY);
         assert_eq!(c.kubernetes.retries, defaults::KUBE_RETRIES);
         assert_eq!(c.kubernetes.max_in_flight, defaults::KUBE_MAX_IN_FLIGHT);
         assert_eq!(c.cache.max_entries, defaults::CACHE_MAX_ENTRIES);

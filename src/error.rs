@@ -17,6 +17,12 @@ pub enum Error {
     /// The gRPC server failed.
     #[error("gRPC server")]
     Transport(#[source] tonic::transport::Error),
+    /// The gRPC listener's TLS files could not be used (`listen.tls`).
+    #[error("listen.tls")]
+    Tls(#[from] crate::tls::TlsError),
+    /// `listen.tls` is set but the gRPC listener is a Unix socket.
+    #[error("listen.tls: TLS applies to a TCP listener, not a Unix socket")]
+    TlsOnUnixSocket,
 }
 
 /// Displays an error and its sources as `outer: cause: root cause`. A cause whose text the

@@ -51,7 +51,8 @@
 //! | [`identity`] | [`identity::Identity`], [`identity::TokenHash`] |
 //! | [`denial`] | [`denial::Denial`], the reason codes |
 //! | [`config`] | [`Config`] and its sections, [`config::defaults`] |
-//! | [`shutdown`] | [`shutdown::Lifecycle`], [`shutdown::Shutdown`], the drain grace |
+//! | [`shutdown`] | [`shutdown::Lifecycle`], [`shutdown::Shutdown`], the drain delay and grace |
+//! | [`tls`] | [`tls::Acceptor`]: TLS/mTLS on the gRPC listener, certificate reload |
 //! | [`metrics`], [`admin`] | metrics; `/healthz`, `/readyz`, `/metrics` (beside the path) |
 //! | [`error`] | [`Error`] (what [`serve`] returns), [`error::Report`] (a cause chain, once) |
 //!
@@ -84,6 +85,7 @@ pub mod revocation;
 pub mod route;
 pub mod server;
 pub mod shutdown;
+pub mod tls;
 pub mod verify;
 pub mod watch;
 
@@ -95,8 +97,9 @@ pub use error::Error;
 pub use server::GrpcListener;
 
 /// Runs tokengate: Check + health on `grpc` (a TCP listener or a [`GrpcListener`]), admin
-/// endpoints on `admin`, until `shutdown` completes; then health goes NOT_SERVING and
-/// in-flight Checks drain (see [`shutdown`]). A Unix socket's file is removed when serving
+/// endpoints on `admin`, until `shutdown` completes; then health goes NOT_SERVING while Checks
+/// are still served for `listen.drain_delay`, and then in-flight Checks drain (see
+/// [`shutdown`]). A Unix socket's file is removed when serving
 /// ends.
 pub async fn serve(
     config: Config,
@@ -109,6 +112,7 @@ pub async fn serve(
     ));
     let reviewer = review::Reviewer::connect(&config.kubernetes, metrics.clone()).await?;
     let (mut lifecycle, observer) = shutdown::Lifecycle::new(shutdown::DRAIN_GRACE);
+    lifecycle.delay_drain(config.listen.drain_delay);
     let watched = config
         .kubernetes
         .watch
@@ -134,7 +138,7 @@ pub async fn serve(
         },
         config.listen.admin_limits.clone(),
     ));
-    let grpc = grpc.into();
+    let grpc = grpc.into().with_tls(config.listen.tls.as_ref())?;
     if let Some(path) = grpc.socket_file() {
         lifecycle.remove_when_stopped(path);
     }

@@ -2,8 +2,8 @@
 //!
 //! Each Check is read into a [`RequestView`], decided by the [`Checker`] and answered by the
 //! [`Responder`]; this is the only place the three meet. On shutdown the health status turns
-//! NOT_SERVING first, then tonic stops accepting and drains in-flight Checks (see
-//! [`crate::shutdown`]).
+//! NOT_SERVING first while Checks are still served (the drain delay), then tonic stops
+//! accepting, sends GOAWAY and drains in-flight Checks (see [`crate::shutdown`]).
 //!
 //! Connection hygiene (`listen.limits`, [`GrpcLimits`]): a cap on open connections (more are
 //! closed on accept), a deadline for the HTTP/2 preface and an idle deadline ([`Guarded`]),
@@ -126,6 +126,8 @@ pub enum GrpcListener {
     Tcp(tokio::net::TcpListener),
     /// `unix:/path`.
     Unix(tokio::net::UnixListener),
+    /// `IP:port` with TLS (`listen.tls`, see [`crate::tls`]).
+    Tls(tokio::net::TcpListener, crate::tls::Acceptor),
 }
 
 impl From<tokio::net::TcpListener> for GrpcListener {
@@ -161,10 +163,22 @@ impl GrpcListener {
         }
     }
 
+    /// Adds TLS to a TCP listener when `tls` is set (`listen.tls`): loads the files.
+    pub fn with_tls(self, tls: Option<&crate::config::TlsSettings>) -> Result<GrpcListener, Error> {
+        match (tls, self) {
+            (None, listener) => Ok(listener),
+            (Some(tls), GrpcListener::Tcp(l)) => {
+                Ok(GrpcListener::Tls(l, crate::tls::Acceptor::new(tls)?))
+            }
+            (Some(_), GrpcListener::Unix(_)) => Err(Error::TlsOnUnixSocket),
+            (Some(_), listener @ GrpcListener::Tls(..)) => Ok(listener),
+        }
+    }
+
     /// The socket file of a Unix listener bound to a path.
     pub fn socket_file(&self) -> Option<std::path::PathBuf> {
         match self {
-            GrpcListener::Tcp(_) => None,
+            GrpcListener::Tcp(_) | GrpcListener::Tls(..) => None,
             GrpcListener::Unix(l) => l
                 .local_addr()
                 .ok()
@@ -178,6 +192,9 @@ impl GrpcListener {
             GrpcListener::Tcp(l) => l
                 .local_addr()
                 .map_or_else(|e| format!("tcp ({e})"), |a| a.to_string()),
+            GrpcListener::Tls(l, _) => l
+                .local_addr()
+                .map_or_else(|e| format!("tls ({e})"), |a| format!("{a} (TLS)")),
             GrpcListener::Unix(_) => match self.socket_file() {
                 Some(p) => format!("unix:{}", p.display()),
                 None => "unix (unnamed)".to_owned(),
@@ -210,9 +227,10 @@ impl Stream for UnixIncoming {
     }
 }
 
-/// Serves Check and health on `listener` until `shutdown` reaches [`Phase::Draining`]; then
-/// health turns NOT_SERVING (so Envoy's active health check and Kubernetes probes steer away)
-/// and tonic stops accepting and drains. The grace period is the [`Lifecycle`]'s.
+/// Serves Check and health on `listener`. When `shutdown` reaches [`Phase::Leaving`] health
+/// turns NOT_SERVING (so Envoy's active health check steers away) while Checks are still
+/// served; at [`Phase::Draining`] tonic stops accepting, sends GOAWAY and drains. The delay
+/// and the grace period are the [`Lifecycle`]'s.
 ///
 /// [`Lifecycle`]: crate::shutdown::Lifecycle
 pub async fn run(
@@ -241,13 +259,14 @@ pub async fn run(
     );
 
     let signal = async move {
-        shutdown.reached(Phase::Draining).await;
+        shutdown.reached(Phase::Leaving).await;
         health
             .set_service_status("", ServingStatus::NotServing)
             .await;
         health
             .set_not_serving::<AuthorizationServer<AuthzService>>()
             .await;
+        shutdown.reached(Phase::Draining).await;
     };
     // One write per batch of responses, not one per response: see `ScalarWrites`.
     let router = tonic::transport::Server::builder()
@@ -270,6 +289,11 @@ pub async fn run(
         GrpcListener::Unix(listener) => {
             router
                 .serve_with_incoming_shutdown(UnixIncoming(listener, admission), signal)
+                .await
+        }
+        GrpcListener::Tls(listener, acceptor) => {
+            router
+                .serve_with_incoming_shutdown(acceptor.incoming(listener), signal)
                 .await
         }
     };

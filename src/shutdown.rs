@@ -3,11 +3,15 @@
 //! [`Lifecycle`] (owned by [`crate::serve`]) moves a single `watch` channel through the
 //! [`Phase`]s; every part of the server holds a [`Shutdown`] and reads the same value, so
 //! there is exactly one mechanism (as in tokio's mini-redis). When the caller's shutdown future
-//! completes, the phase becomes [`Phase::Draining`]: `/readyz` turns 503, gRPC health turns
-//! NOT_SERVING and tonic stops accepting and drains in-flight Checks, bounded by the grace
-//! period. Then the phase becomes [`Phase::Stopped`]: the admin port closes and the gRPC
-//! socket file (when listening on a Unix socket) is removed. The admin port stays up while
-//! draining so readiness probes see 503 rather than a refused connection.
+//! completes (SIGTERM), the phase becomes [`Phase::Leaving`] for the drain delay
+//! (`listen.drain_delay`): `/readyz` turns 503 and gRPC health NOT_SERVING, but Checks are
+//! still served on existing and new connections, because Kubernetes endpoints, DNS answers
+//! and Envoy's health checks take a few seconds to steer proxies away, and a pod that stopped
+//! accepting at once would refuse the Checks they still send. Then [`Phase::Draining`]: tonic
+//! stops accepting, sends HTTP/2 GOAWAY and drains in-flight Checks, bounded by the grace
+//! period. Then [`Phase::Stopped`]: the admin port closes and the gRPC socket file (when
+//! listening on a Unix socket) is removed. The admin port stays up until then so readiness
+//! probes see 503 rather than a refused connection.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -25,7 +29,10 @@ pub enum Phase {
     Starting,
     /// Serving Checks: ready.
     Serving,
-    /// Shutdown has begun: not ready, no new connections, in-flight Checks finishing.
+    /// Shutdown has begun: not ready (health NOT_SERVING, `/readyz` 503) while proxies move
+    /// away, but Checks are still served on existing and new connections (the drain delay).
+    Leaving,
+    /// Draining: not ready, no new connections, GOAWAY sent, in-flight Checks finishing.
     Draining,
     /// The gRPC server has stopped; everything else stops too.
     Stopped,
@@ -61,21 +68,29 @@ impl Shutdown {
 pub struct Lifecycle {
     phase: watch::Sender<Phase>,
     grace: Duration,
+    delay: Duration,
     socket_file: Option<PathBuf>,
 }
 
 impl Lifecycle {
-    /// A lifecycle in [`Phase::Starting`], and its first observer.
+    /// A lifecycle in [`Phase::Starting`] with no drain delay, and its first observer.
     pub fn new(grace: Duration) -> (Lifecycle, Shutdown) {
         let (phase, rx) = watch::channel(Phase::Starting);
         (
             Lifecycle {
                 phase,
                 grace,
+                delay: Duration::ZERO,
                 socket_file: None,
             },
             Shutdown { phase: rx },
         )
+    }
+
+    /// Keeps serving for `delay` after the signal, not ready ([`Phase::Leaving`]), before
+    /// draining begins. Zero skips the phase.
+    pub fn delay_drain(&mut self, delay: Duration) {
+        self.delay = delay;
     }
 
     /// Removes `path` (the gRPC Unix socket file) once the server has stopped.
@@ -83,9 +98,9 @@ impl Lifecycle {
         self.socket_file = Some(path);
     }
 
-    /// Runs `server` (which observes a [`Shutdown`]) until it ends, or until `signal` completes
-    /// and it has drained or the grace period has run out. Returns the server's result, or
-    /// `None` when the grace period cut it off.
+    /// Runs `server` (which observes a [`Shutdown`]) until it ends, or until `signal` completes,
+    /// the drain delay has passed and it has drained or the grace period has run out. Returns
+    /// the server's result, or `None` when the grace period cut it off.
     pub async fn run<T>(
         self,
         server: impl Future<Output = T>,
@@ -97,17 +112,7 @@ impl Lifecycle {
             biased;
             // Ended on its own (an error: a healthy server only ends when told to).
             result = &mut server => Some(result),
-            () = signal => {
-                tracing::info!("shutting down: health NOT_SERVING, draining in-flight checks");
-                self.phase.send_replace(Phase::Draining);
-                match tokio::time::timeout(self.grace, &mut server).await {
-                    Ok(result) => Some(result),
-                    Err(_) => {
-                        tracing::warn!(grace = ?self.grace, "in-flight checks did not finish in time; stopping anyway");
-                        None
-                    }
-                }
-            }
+            () = signal => self.leave_and_drain(&mut server).await,
         };
         self.phase.send_replace(Phase::Stopped);
         if let Some(path) = &self.socket_file {
@@ -116,6 +121,32 @@ impl Lifecycle {
             }
         }
         result
+    }
+
+    /// After the signal: [`Phase::Leaving`] for the delay (unless the server ends on its own),
+    /// then [`Phase::Draining`] within the grace period.
+    async fn leave_and_drain<T>(
+        &self,
+        server: &mut std::pin::Pin<&mut impl Future<Output = T>>,
+    ) -> Option<T> {
+        if !self.delay.is_zero() {
+            tracing::info!(delay = ?self.delay, "shutting down: health NOT_SERVING, still serving checks while proxies move away");
+            self.phase.send_replace(Phase::Leaving);
+            tokio::select! {
+                biased;
+                result = &mut *server => return Some(result),
+                () = tokio::time::sleep(self.delay) => {}
+            }
+        }
+        tracing::info!("draining: no new connections (GOAWAY), in-flight checks finishing");
+        self.phase.send_replace(Phase::Draining);
+        match tokio::time::timeout(self.grace, server).await {
+            Ok(result) => Some(result),
+            Err(_) => {
+                tracing::warn!(grace = ?self.grace, "in-flight checks did not finish in time; stopping anyway");
+                None
+            }
+        }
     }
 }
 
@@ -154,6 +185,47 @@ mod tests {
             7
         };
         assert_eq!(lifecycle.run(server, async {}).await, Some(7));
+        assert_eq!(shutdown.phase(), Phase::Stopped);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_drain_delay_keeps_serving_unready_before_draining() {
+        let (mut lifecycle, shutdown) = Lifecycle::new(Duration::from_secs(10));
+        lifecycle.delay_drain(Duration::from_secs(5));
+        let (mut leaving, mut draining) = (shutdown.clone(), shutdown.clone());
+        let server = async move {
+            leaving.reached(Phase::Leaving).await;
+            let left = tokio::time::Instant::now();
+            assert_eq!(leaving.phase(), Phase::Leaving);
+            assert!(!leaving.is_ready());
+            draining.reached(Phase::Draining).await;
+            left.elapsed()
+        };
+        let started = tokio::time::Instant::now();
+        let result = lifecycle
+            .run(server, tokio::time::sleep(Duration::from_secs(1)))
+            .await;
+        assert_eq!(
+            result,
+            Some(Duration::from_secs(5)),
+            "Leaving lasts the delay"
+        );
+        assert_eq!(started.elapsed(), Duration::from_secs(6));
+        assert_eq!(shutdown.phase(), Phase::Stopped);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_server_ending_during_the_delay_ends_the_run() {
+        let (mut lifecycle, shutdown) = Lifecycle::new(Duration::from_secs(10));
+        lifecycle.delay_drain(Duration::from_secs(60));
+        let mut observer = shutdown.clone();
+        let server = async move {
+            observer.reached(Phase::Leaving).await;
+            "failed"
+        };
+        let started = tokio::time::Instant::now();
+        assert_eq!(lifecycle.run(server, async {}).await, Some("failed"));
+        assert_eq!(started.elapsed(), Duration::ZERO);
         assert_eq!(shutdown.phase(), Phase::Stopped);
     }
 }

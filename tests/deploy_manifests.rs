@@ -54,7 +54,8 @@ fn find<'a>(objs: &'a [Value], kind: &str, name_prefix: &str) -> &'a Value {
 
 /// Kinds kubernetes-validate has no schema for (Istio, Gateway API, Envoy Gateway CRDs);
 /// checked by hand below.
-const CRD_KINDS: [&str; 7] = [
+const CRD_KINDS: [&str; 8] = [
+    "Certificate",
     "AuthorizationPolicy",
     "EnvoyFilter",
     "Gateway",
@@ -133,6 +134,7 @@ fn every_kustomization_renders_and_validates() {
         "envoy-sidecar",
         "envoy-gateway",
         "local-verification",
+        "grpc-tls",
     ] {
         let objs = validate_rendered(dir);
         assert!(!objs.is_empty(), "deploy/{dir} rendered nothing");
@@ -270,8 +272,8 @@ fn base_is_complete_and_hardened() {
     assert_eq!(c["readinessProbe"]["httpGet"]["port"], "admin");
 
     // Rollouts: a preStop the distroless image can run (the kubelet's sleep action, no exec),
-    // then tokengate's drain (at most tokengate::shutdown::DRAIN_GRACE), both inside the grace
-    // period.
+    // then tokengate's drain delay and drain (at most tokengate::shutdown::DRAIN_GRACE), all
+    // inside the grace period.
     let pre_stop = &c["lifecycle"]["preStop"];
     assert!(
         pre_stop["exec"].is_null(),
@@ -282,10 +284,22 @@ fn base_is_complete_and_hardened() {
         .expect("lifecycle.preStop.sleep.seconds");
     assert!(sleep >= 5, "endpoints and DNS need seconds to drop the pod");
     let drain = tokengate::shutdown::DRAIN_GRACE.as_secs();
+    // ... and before draining, the config's drain delay (serving, not ready).
+    let config = tokengate::Config::from_yaml_str(configmap_file(
+        &objs,
+        "tokengate-config",
+        "tokengate.yaml",
+    ))
+    .unwrap();
+    let delay = config.listen.drain_delay.as_secs();
+    assert!(
+        delay >= 2,
+        "Envoy's health checks need seconds to see NOT_SERVING"
+    );
     let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
     assert!(
-        sleep + drain < grace,
-        "preStop {sleep} s + drain {drain} s must end before SIGKILL at {grace} s"
+        sleep + delay + drain < grace,
+        "preStop {sleep} s + drain delay {delay} s + drain {drain} s must end before SIGKILL at {grace} s"
     );
 
     // The config: mounted from the generated ConfigMap, read where the args say.
@@ -347,6 +361,66 @@ fn base_is_complete_and_hardened() {
     assert_eq!(
         pdb["spec"]["selector"]["matchLabels"],
         deploy["spec"]["selector"]["matchLabels"]
+    );
+}
+
+#[test]
+fn grpc_tls_overlay_mounts_the_certificate_where_the_config_reads_it() {
+    let objs = objects("grpc-tls");
+    let config: Value =
+        testkit::yaml::parse(configmap_file(&objs, "tokengate-config", "tokengate.yaml")).unwrap();
+    // The listen.tls block tested with real files and Envoy (tests/envoy_tls.rs) ...
+    let sample = testkit::yaml::load("envoy/tokengate-sidecar-tls.yaml").unwrap();
+    let tls = &config["listen"]["tls"];
+    assert_eq!(tls, &sample["listen"]["tls"]);
+    // ... on top of exactly the base config.
+    let mut without_tls = config.clone();
+    without_tls["listen"].as_object_mut().unwrap().remove("tls");
+    let base: Value = testkit::yaml::parse(configmap_file(
+        &objects("base"),
+        "tokengate-config",
+        "tokengate.yaml",
+    ))
+    .unwrap();
+    assert_eq!(
+        without_tls, base,
+        "deploy/components/grpc-tls/tokengate.yaml drifted from base"
+    );
+
+    // The Certificate's Secret is mounted where the files are read.
+    let cert = find(&objs, "Certificate", "tokengate-grpc");
+    let secret = cert["spec"]["secretName"].as_str().unwrap();
+    let names: Vec<&str> = cert["spec"]["dnsNames"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap())
+        .collect();
+    assert!(names.contains(&"tokengate-grpc.tokengate.svc"), "{names:?}");
+    let pod = &find(&objs, "Deployment", "tokengate")["spec"]["template"]["spec"];
+    let volume = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["secret"]["secretName"] == secret)
+        .unwrap_or_else(|| panic!("no volume from Secret {secret}"));
+    let mount = pod["containers"][0]["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == volume["name"])
+        .expect("the Secret volume is mounted");
+    let dir = mount["mountPath"].as_str().unwrap();
+    for (key, file) in [
+        ("cert_file", "tls.crt"),
+        ("key_file", "tls.key"),
+        ("client_ca_file", "ca.crt"),
+    ] {
+        assert_eq!(tls[key], format!("{dir}/{file}"), "listen.tls.{key}");
+    }
+    assert!(
+        mount.get("subPath").is_none(),
+        "subPath mounts never see renewals"
     );
 }
 

@@ -7,6 +7,8 @@
 //! What must hold: Envoy spreads Checks over both instances (a ClusterIP, one address, pins
 //! them all to one: the contrast test), a Check that meets a stopped instance is retried on the
 //! other (`retry_policy`), and the gRPC health check takes the stopped one out of rotation.
+//! And a rolling restart under steady load (each instance stopped with the drain delay, then
+//! started again on its address) loses no request.
 
 mod common;
 
@@ -15,6 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::load::Load;
 use common::{published_config, Tokengate};
 use testkit::echo::{spawn_echo, EchoServer};
 use testkit::envoy::{render, Envoy, Ports};
@@ -138,6 +141,10 @@ fn sample_config(ports: &Ports, dns: SocketAddr) -> String {
 /// stub answering `answers` for the Service name.
 struct Headless {
     world: World,
+    /// tokengate's configuration, to start an instance again.
+    yaml: String,
+    /// The gRPC port both instances listen on.
+    port: u16,
     gates: Vec<Tokengate>,
     echo: EchoServer,
     envoy: Envoy,
@@ -146,8 +153,24 @@ struct Headless {
 
 impl Headless {
     async fn start(answers: Vec<Ipv4Addr>) -> Headless {
+        Headless::start_with_drain_delay(answers, None).await
+    }
+
+    /// Like [`Headless::start`], with `listen.drain_delay` set (else the harness makes it 0s).
+    async fn start_with_drain_delay(answers: Vec<Ipv4Addr>, delay: Option<&str>) -> Headless {
         let world = World::start().await.unwrap_or_else(|e| panic!("{e:#}"));
-        let yaml = published_config(TOKENGATE, &world.standin.kubeconfig_path()).unwrap();
+        let mut yaml = published_config(TOKENGATE, &world.standin.kubeconfig_path()).unwrap();
+        if let Some(delay) = delay {
+            assert_eq!(
+                yaml.matches("\nlisten:\n").count(),
+                1,
+                "{TOKENGATE}: one listen block"
+            );
+            yaml = yaml.replace(
+                "\nlisten:\n",
+                &format!("\nlisten:\n  drain_delay: {delay}\n"),
+            );
+        }
         let a = TcpListener::bind((POD_A, 0)).await.unwrap();
         let port = a.local_addr().unwrap().port();
         let b = TcpListener::bind((POD_B, port))
@@ -169,6 +192,8 @@ impl Headless {
         );
         Headless {
             world,
+            yaml,
+            port,
             gates,
             echo,
             envoy,
@@ -231,7 +256,20 @@ impl Headless {
         }
     }
 
+    /// Starts instance `i` again on its address (after [`Tokengate::stop`]).
+    async fn restart(&mut self, i: usize) {
+        let ip = [POD_A, POD_B][i];
+        let listener = TcpListener::bind((ip, self.port))
+            .await
+            .unwrap_or_else(|e| panic!("binding {ip}:{} again: {e}", self.port));
+        self.gates[i] = Tokengate::start(&self.yaml, listener.into()).await.unwrap();
+    }
+
     async fn finish(mut self) {
+        // Drain delays (if any) run side by side.
+        for gate in &mut self.gates {
+            gate.begin_shutdown();
+        }
         for gate in &mut self.gates {
             gate.stop().await;
         }
@@ -269,6 +307,74 @@ async fn checks_spread_over_every_pod_and_survive_one_going_away() {
     stack.get_ok(10, &token).await;
     assert_eq!(stack.checks(0).await, a + 30);
     assert_eq!(stack.echo.requests_seen(), 70);
+    stack.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_restart_under_load_loses_no_request() {
+    // The drain delay must outlast the sample's health checking (2 s interval, 2 failures),
+    // so that Envoy takes an instance out while it still serves (at most ~6 s; 10 s leaves a
+    // margin and keeps the test inside nextest's 60 s).
+    let mut stack = Headless::start_with_drain_delay(vec![POD_A, POD_B], Some("10s")).await;
+    stack.wait_healthy(2, Duration::from_secs(10)).await;
+    let token = stack.world.api_token("data-store");
+    let load = Load::start(
+        stack.envoy.addr(),
+        "/items",
+        &[HOST, ("x-client-id", &token)],
+        4,
+    );
+
+    for i in [0, 1] {
+        load.wait_ok(load.ok(), 20).await;
+        let checks_before = stack.checks(i).await;
+        stack.gates[i].begin_shutdown();
+        // During the delay: NOT_SERVING takes it out of Envoy's rotation, while it still runs
+        // (its admin port closes only when it has stopped).
+        stack.wait_healthy(1, Duration::from_secs(9)).await;
+        let (status, _) = stack.gates[i].admin_get("/readyz").await;
+        assert_eq!(
+            status, 503,
+            "instance {i} left rotation while in its drain delay"
+        );
+        let served_while_leaving = stack.checks(i).await;
+        stack.gates[i].stop().await;
+        // Envoy needs two failed health checks 2 s apart, and round robin kept sending it
+        // Checks meanwhile: answered, not refused.
+        assert!(
+            served_while_leaving > checks_before,
+            "instance {i} decided no Check after the signal ({checks_before})"
+        );
+
+        // Back on the same address: health checks put it back, and it decides Checks again.
+        stack.restart(i).await;
+        stack.wait_healthy(2, Duration::from_secs(15)).await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while stack.checks(i).await == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "restarted instance {i} got no Checks\n{}",
+                stack.envoy.diagnostics()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    load.wait_ok(load.ok(), 20).await;
+    let (ok, failures) = load.finish().await;
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests lost during the rolling restart, e.g. {:?}\n{}",
+        failures.len(),
+        ok + failures.len() as u64,
+        &failures[..failures.len().min(5)],
+        stack.envoy.diagnostics()
+    );
+    assert!(ok >= 100, "too little load to mean anything: {ok}");
+    assert_eq!(
+        stack.echo.requests_seen(),
+        ok,
+        "every 200 reached the upstream once"
+    );
     stack.finish().await;
 }
 

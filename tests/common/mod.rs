@@ -16,6 +16,7 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 pub mod envoy;
+pub mod load;
 
 use std::path::Path;
 use std::time::Duration;
@@ -118,13 +119,19 @@ pub struct Tokengate {
 
 impl Tokengate {
     /// Starts tokengate with the configuration text `yaml`, serving Check on `grpc` and the
-    /// admin endpoints on a fresh `127.0.0.1:0`.
+    /// admin endpoints on a fresh `127.0.0.1:0`. Without an explicit `listen.drain_delay` in
+    /// `yaml` the delay is zero: stopping drains at once.
     ///
     /// The only call of `tokengate::serve` and `Config::from_yaml_str` in the tests: their
     /// errors are turned into text here, so a change of their error types stops here.
     pub async fn start(yaml: &str, grpc: tokengate::GrpcListener) -> Result<Tokengate> {
-        let config = tokengate::Config::from_yaml_str(yaml)
+        let mut config = tokengate::Config::from_yaml_str(yaml)
             .map_err(|e| anyhow!("tokengate rejected the test config: {e}\n{yaml}"))?;
+        // Tests stop at once unless they ask for the drain delay (the published configs leave
+        // it at its default, which is right for pods and slow for a test suite).
+        if !yaml.contains("drain_delay:") {
+            config.listen.drain_delay = Duration::ZERO;
+        }
         let admin = testkit::ports::listener().await?;
         let admin_addr = admin.local_addr()?;
         let (tx, rx) = oneshot::channel::<()>();
