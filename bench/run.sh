@@ -36,7 +36,7 @@ CONNS=${BENCH_CONNS:-32}
 CONC=${BENCH_ENVOY_CONCURRENCY:-1}
 MISS_MS=${BENCH_MISS_LATENCY_MS:-2}
 NULL_WORKERS=${BENCH_NULL_WORKERS:-2}
-ALL_SCENARIOS="noauth jwt_nocache jwt_cache extauthz_null extauthz_null_hdrs tokengate_hit tokengate_miss check_null check_tokengate"
+ALL_SCENARIOS="noauth jwt_nocache jwt_cache extauthz_null extauthz_null_hdrs tokengate_hit tokengate_hit_http tokengate_hit_h2c tokengate_miss check_null check_tokengate"
 SCENARIOS=${BENCH_SCENARIOS:-$ALL_SCENARIOS}
 ENVOY=${ENVOY_BIN:-$ROOT/.venv/bin/envoy}
 OUT=${BENCH_OUT:-$ROOT/target/bench/$(date -u +%Y%m%dT%H%M%SZ)}
@@ -95,7 +95,7 @@ wait_for() {
 }
 ready_line() { grep -m1 '^ready ' "$OUT/logs/$1.log"; }
 
-read -r -a P <<<"$("$BIN/tokengate-bench" ports 24 | tr '\n' ' ')"
+read -r -a P <<<"$("$BIN/tokengate-bench" ports 32 | tr '\n' ' ')"
 port_i=0
 # take_port VAR: assign the next free port to VAR (no subshell, so the counter advances).
 take_port() { printf -v "$1" '%s' "${P[$port_i]}"; port_i=$((port_i + 1)); }
@@ -126,13 +126,16 @@ reviews() { standin_api GET /standin/v1/counters | sed -E 's/.*"token_reviews":(
 HIT_TOKEN=$(sed -n 1p "$SDIR/single.txt")
 
 # ---- tokengate instances ------------------------------------------------------------------
-# tg_config NAME GRPC_PORT ADMIN_PORT: writes conf/tokengate-NAME.yaml, prints its path.
+# tg_config NAME GRPC_PORT ADMIN_PORT [HTTP_PORT]: writes conf/tokengate-NAME.yaml, prints its
+# path. With HTTP_PORT, the HTTP front door listens there too (same process, same cache).
 tg_config() {
   local f=$OUT/conf/tokengate-$1.yaml
   cat > "$f" <<EOF
 listen:
   grpc: 127.0.0.1:$2
-  admin: 127.0.0.1:$3
+  admin: 127.0.0.1:$3${4:+
+  http: 127.0.0.1:$4
+  http_path_prefix: /authz}
 kubernetes:
   kubeconfig: $SDIR/kubeconfig
   timeout: 2s
@@ -163,12 +166,13 @@ start_tokengate() { # NAME
     ${BENCH_TG_WORKERS:+--worker-threads "$BENCH_TG_WORKERS"}
   wait_for "$name ready" 30 curl -sf "http://127.0.0.1:${TG_ADMIN[$1]}/readyz"
 }
+declare -A TG_HTTP=()
 for t in hit miss; do
-  take_port "TG_GRPC[$t]"; take_port "TG_ADMIN[$t]"
-  tg_config "$t" "${TG_GRPC[$t]}" "${TG_ADMIN[$t]}" >/dev/null
+  take_port "TG_GRPC[$t]"; take_port "TG_ADMIN[$t]"; take_port "TG_HTTP[$t]"
+  tg_config "$t" "${TG_GRPC[$t]}" "${TG_ADMIN[$t]}" "${TG_HTTP[$t]}" >/dev/null
   ((TG)) && start_tokengate $t
 done
-((TG)) && log "tokengate hit :${TG_GRPC[hit]}  miss :${TG_GRPC[miss]}"
+((TG)) && log "tokengate hit :${TG_GRPC[hit]} (http :${TG_HTTP[hit]})  miss :${TG_GRPC[miss]}"
 
 # ---- null ext_authz server ------------------------------------------------------------------
 take_port NULL_PORT
@@ -201,6 +205,10 @@ start_envoy extauthz_null extauthz "$NULL_PORT"
 start_envoy extauthz_null_hdrs extauthz "$NULL_HDRS_PORT"
 if ((TG)); then
   start_envoy tokengate_hit extauthz "${TG_GRPC[hit]}"
+  # The same tokengate process through Envoy's HTTP ext_authz (http_service), over HTTP/1.1
+  # and over h2c: only the protocol between Envoy and tokengate differs.
+  start_envoy tokengate_hit_http extauthz-http "${TG_HTTP[hit]}"
+  start_envoy tokengate_hit_h2c extauthz-h2c "${TG_HTTP[hit]}"
   start_envoy tokengate_miss extauthz "${TG_GRPC[miss]}"
 fi
 for s in "${!LISTEN[@]}"; do
@@ -215,10 +223,13 @@ for s in jwt_nocache jwt_cache; do
   [[ $(code "${LISTEN[$s]}" -H "Authorization: Bearer $JWT") == 200 ]] || die "$s: JWT rejected"
 done
 if ((TG)); then
-  [[ $(code "${LISTEN[tokengate_hit]}" -H 'Authorization: Bearer nope') =~ ^40[13]$ ]] ||
-    die "tokengate lets a bad token through"
-  [[ $(code "${LISTEN[tokengate_hit]}" -H "Authorization: Bearer $HIT_TOKEN") == 200 ]] ||
-    die "tokengate denies a valid token"
+  for s in tokengate_hit tokengate_hit_http tokengate_hit_h2c; do
+    [[ $(code "${LISTEN[$s]}" -H 'Authorization: Bearer nope') =~ ^40[13]$ ]] ||
+      die "$s: tokengate lets a bad token through"
+    [[ $(code "${LISTEN[$s]}") == 401 ]] || die "$s: no token is not 401"
+    [[ $(code "${LISTEN[$s]}" -H "Authorization: Bearer $HIT_TOKEN") == 200 ]] ||
+      die "$s: tokengate denies a valid token"
+  done
 fi
 for s in extauthz_null extauthz_null_hdrs; do
   [[ $(code "${LISTEN[$s]}" -H "Authorization: Bearer $HIT_TOKEN") == 200 ]] || die "$s: not 200"
@@ -251,7 +262,7 @@ authz_of() { # scenario -> process name of its authz server ("" if none)
   case $1 in
     extauthz_null|check_null) echo null-authz ;;
     extauthz_null_hdrs) echo null-authz-hdrs ;;
-    tokengate_hit|check_tokengate) echo tokengate-hit ;;
+    tokengate_hit|tokengate_hit_http|tokengate_hit_h2c|check_tokengate) echo tokengate-hit ;;
     tokengate_miss) echo tokengate-miss ;;
     *) echo "" ;;
   esac
@@ -284,7 +295,7 @@ saturate() {
   case $s in
     noauth) out=$("${wrk[@]}" "http://127.0.0.1:${LISTEN[$s]}/") ;;
     jwt_*) out=$("${wrk[@]}" -H "Authorization: Bearer $JWT" "http://127.0.0.1:${LISTEN[$s]}/") ;;
-    extauthz_null|extauthz_null_hdrs|tokengate_hit)
+    extauthz_null|extauthz_null_hdrs|tokengate_hit|tokengate_hit_http|tokengate_hit_h2c)
       out=$("${wrk[@]}" -H "Authorization: Bearer $HIT_TOKEN" "http://127.0.0.1:${LISTEN[$s]}/") ;;
     tokengate_miss)
       out=$("${wrk[@]}" -s "$ROOT/bench/pool.lua" "http://127.0.0.1:${LISTEN[$s]}/" -- "$SDIR/pool.txt" "$CONC") ;;
@@ -334,7 +345,7 @@ latency() {
   case $s in
     noauth) load+=(--http "127.0.0.1:${LISTEN[$s]}") ;;
     jwt_*) load+=(--http "127.0.0.1:${LISTEN[$s]}" --tokens "$OUT/conf/jwt-token.txt") ;;
-    extauthz_null|extauthz_null_hdrs|tokengate_hit) load+=(--http "127.0.0.1:${LISTEN[$s]}" --tokens "$SDIR/single.txt" --first 1) ;;
+    extauthz_null|extauthz_null_hdrs|tokengate_hit|tokengate_hit_http|tokengate_hit_h2c) load+=(--http "127.0.0.1:${LISTEN[$s]}" --tokens "$SDIR/single.txt" --first 1) ;;
     tokengate_miss) load+=(--http "127.0.0.1:${LISTEN[$s]}" --tokens "$SDIR/pool.txt") ;;
     check_null) load+=(--grpc "http://127.0.0.1:$NULL_PORT" --tokens "$SDIR/single.txt" --first 1) ;;
     check_tokengate) load+=(--grpc "http://127.0.0.1:${TG_GRPC[hit]}" --tokens "$SDIR/single.txt" --first 1) ;;

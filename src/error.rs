@@ -17,6 +17,15 @@ pub enum Error {
     /// The gRPC server failed.
     #[error("gRPC server")]
     Transport(#[source] tonic::transport::Error),
+    /// A listener could not be bound (`what` names its setting).
+    #[error("binding {what}")]
+    Bind {
+        /// The listen setting, e.g. `listen.http`.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Displays an error and its sources as `outer: cause: root cause`. A cause whose text the

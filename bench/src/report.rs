@@ -28,6 +28,14 @@ const SCENARIOS: &[(&str, &str)] = &[
     ),
     ("tokengate_hit", "Envoy + ext_authz → tokengate, cache hit"),
     (
+        "tokengate_hit_http",
+        "Envoy + ext_authz http_service (HTTP/1.1) → tokengate, cache hit",
+    ),
+    (
+        "tokengate_hit_h2c",
+        "Envoy + ext_authz http_service (h2c) → tokengate, cache hit",
+    ),
+    (
         "tokengate_miss",
         "Envoy + ext_authz → tokengate, cache miss (TokenReview +2 ms)",
     ),
@@ -271,6 +279,20 @@ pub fn print(dir: &Path) -> Result<()> {
         "- Envoy + tokengate (hit) ÷ jwt_authn without cache: {} (stretch goal ≥ 1.00×)",
         ratio(m("tokengate_hit"), m("jwt_nocache"))
     );
+    for (key, what) in [
+        ("tokengate_hit_http", "HTTP/1.1"),
+        ("tokengate_hit_h2c", "h2c"),
+    ] {
+        let envoy_cpu = |k: &str| cpu.get(k).map(|c| median(&mut c[0].clone()));
+        if let (Some(http), Some(grpc)) = (m(key), m("tokengate_hit")) {
+            println!(
+                "- Envoy http_service ({what}) ÷ gRPC ext_authz, same tokengate: {:.2}× rps; Envoy CPU µs/req {} vs {}",
+                http / grpc,
+                envoy_cpu(key).map_or("–".into(), |v| format!("{v:.1}")),
+                envoy_cpu("tokengate_hit").map_or("–".into(), |v| format!("{v:.1}")),
+            );
+        }
+    }
     if let (Some(a), Some(b), Some(c)) = (p99("tokengate_hit"), p99("noauth"), p99("extauthz_null"))
     {
         println!(
