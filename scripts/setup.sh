@@ -20,6 +20,19 @@ if ! command -v kubectl >/dev/null; then
   exit 1
 fi
 
+# nginx (Debian's package) for tests/nginx_forward_auth.rs: the tests run it as a
+# non-daemon process with a generated config in a temp dir; the package's own service is
+# never used.
+if ! command -v nginx >/dev/null; then
+  if command -v apt-get >/dev/null; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq && apt-get install -y -qq --no-install-recommends nginx
+  else
+    echo "setup: nginx is required (Debian: apt-get install nginx)" >&2
+    exit 1
+  fi
+fi
+
 if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install --locked cargo-nextest
 fi

@@ -171,6 +171,13 @@ pub struct Listen {
     pub grpc: GrpcAddr,
     /// `/healthz`, `/readyz`, `/metrics`.
     pub admin: SocketAddr,
+    // --- HTTP mode (issue 11 item 4; see `crate::http`) ---
+    /// The HTTP front door (Envoy `http_service`, Istio `envoyExtAuthzHttp`, forward-auth);
+    /// `None`: off.
+    pub http: Option<SocketAddr>,
+    /// Envoy's `http_service.path_prefix`, stripped from the path of Envoy-shaped checks;
+    /// `None`: the request path is the original path.
+    pub http_path_prefix: Option<String>,
     /// After the shutdown signal, how long Checks are still served while health reports
     /// NOT_SERVING and `/readyz` 503, before the listener closes and in-flight Checks drain.
     pub drain_delay: Duration,
@@ -485,6 +492,8 @@ struct RawConfig {
 struct RawListen {
     grpc: Option<Spanned<String>>,
     admin: Option<Spanned<String>>,
+    http: Option<Spanned<String>>,
+    http_path_prefix: Option<Spanned<String>>,
     drain_delay: Option<Spanned<String>>,
     tls: Option<Spanned<RawTls>>,
     #[serde(default)]
@@ -762,6 +771,25 @@ fn parse_grpc_addr(text: &str) -> Result<GrpcAddr, String> {
     }
 }
 
+/// `listen.http_path_prefix`: `/` followed by path characters, no trailing `/` (Envoy joins
+/// it to the original path, which starts with `/`), no query.
+fn parse_http_path_prefix(text: &str) -> Result<Option<String>, String> {
+    let ok = text.len() > 1
+        && text.starts_with('/')
+        && !text.ends_with('/')
+        && !text.contains("//")
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/-._~".contains(&b));
+    if ok {
+        Ok(Some(text.to_owned()))
+    } else {
+        Err(format!(
+            "`{text}` must be a path like \"/authz\" (starts with `/`, no trailing `/`, letters, digits, `-._~`)"
+        ))
+    }
+}
+
 /// A header name tokengate may emit or read: lower-case token characters only, not a pseudo
 /// header and not `host` (Envoy and gRFC A92 ignore those). Returns the trimmed name.
 fn parse_header_name(name: &str) -> Result<String, String> {
@@ -856,6 +884,15 @@ fn listen(raw: &RawListen, p: &mut Problems) -> Option<Listen> {
         None => Some(None),
         Some(t) => listen_tls(t, grpc.as_ref(), p).map(Some),
     };
+    // HTTP mode: off unless `listen.http` is set.
+    let http = match &raw.http {
+        None => Some(None),
+        Some(v) => p.parsed("listen.http", v, |a| parse_addr(a, "").map(Some)),
+    };
+    let http_path_prefix = match &raw.http_path_prefix {
+        None => Some(None),
+        Some(v) => p.parsed("listen.http_path_prefix", v, |s| parse_http_path_prefix(s)),
+    };
     Some(Listen {
         grpc: grpc?,
         admin: admin?,
@@ -863,6 +900,8 @@ fn listen(raw: &RawListen, p: &mut Problems) -> Option<Listen> {
         admin_limits: admin_limits?,
         drain_delay: drain_delay?,
         tls: tls?,
+        http: http?,
+        http_path_prefix: http_path_prefix?,
     })
 }
 

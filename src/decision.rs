@@ -83,23 +83,14 @@ impl Responder {
     /// OK, with the caller's identity in headers. `token_source` is where the token was found
     /// (its header is removed when the route strips tokens).
     pub fn allow(&self, id: &Identity, route: &Route, token_source: &TokenSource) -> CheckResponse {
-        let n = &self.names;
         let mut headers = Vec::with_capacity(7);
         let mut remove = Vec::new();
-        headers.push(overwrite(&n.user, id.username.clone()));
-        headers.push(overwrite(&n.namespace, id.namespace.clone()));
-        headers.push(overwrite(&n.name, id.name.clone()));
-        let mut optional = |name: &str, value: Option<String>| match value {
-            Some(v) => headers.push(overwrite(name, v)),
-            None => remove.push(name.to_owned()),
-        };
-        optional(&n.uid, id.uid.clone());
-        optional(
-            &n.groups,
-            (!id.groups.is_empty()).then(|| id.groups.join(",")),
-        );
-        optional(&n.pod_name, id.pod_name.clone());
-        optional(&n.pod_uid, id.pod_uid.clone());
+        for (name, value) in self.identity(id) {
+            match value {
+                Some(v) => headers.push(overwrite(name, v)),
+                None => remove.push(name.to_owned()),
+            }
+        }
         if route.strip_token {
             remove.push(token_source.header.clone());
         }
@@ -117,26 +108,73 @@ impl Responder {
         }
     }
 
+    /// The identity headers for `id`, in a fixed order: `(name, Some(value))` to set,
+    /// `(name, None)` for the optional ones that do not apply to this caller (to remove, so a
+    /// client-sent copy never survives). Shared by the gRPC answer and [`crate::http`].
+    pub fn identity<'n>(&'n self, id: &Identity) -> [(&'n str, Option<String>); 7] {
+        let n = &self.names;
+        [
+            (&n.user, Some(id.username.clone())),
+            (&n.namespace, Some(id.namespace.clone())),
+            (&n.name, Some(id.name.clone())),
+            (&n.uid, id.uid.clone()),
+            (
+                &n.groups,
+                (!id.groups.is_empty()).then(|| id.groups.join(",")),
+            ),
+            (&n.pod_name, id.pod_name.clone()),
+            (&n.pod_uid, id.pod_uid.clone()),
+        ]
+    }
+
     /// A denial; `route` decides 401 vs 403 for invalid tokens (403 without a route).
     pub fn deny(&self, denial: Denial, route: Option<&Route>) -> CheckResponse {
         deny(denial, route.map_or(403, |r| r.invalid_token_status))
     }
 }
 
+/// What a denial says, whatever the protocol: HTTP status, JSON body, and the
+/// `WWW-Authenticate` challenge on 401. Shared by the gRPC answer and [`crate::http`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DenialParts {
+    /// 401 or 403.
+    pub status: u16,
+    /// `{"error": ..., "reason": ...}`.
+    pub body: String,
+    /// RFC 6750 challenge, on 401 only.
+    pub challenge: Option<&'static str>,
+}
+
+impl DenialParts {
+    /// The parts of `denial` for a route answering `invalid_token_status` to invalid tokens.
+    pub fn new(denial: Denial, invalid_token_status: u16) -> DenialParts {
+        let status = denial.http_status(invalid_token_status);
+        let body = serde_json::json!({ "error": denial.to_string(), "reason": denial.code() });
+        let challenge = (status == 401).then_some(if denial == Denial::MissingToken {
+            CHALLENGE
+        } else {
+            CHALLENGE_INVALID
+        });
+        DenialParts {
+            status,
+            body: body.to_string(),
+            challenge,
+        }
+    }
+}
+
 /// A denial with the given status for invalid tokens.
 pub fn deny(denial: Denial, invalid_token_status: u16) -> CheckResponse {
-    let status = denial.http_status(invalid_token_status);
-    let body = serde_json::json!({ "error": denial.to_string(), "reason": denial.code() });
+    let DenialParts {
+        status,
+        body,
+        challenge,
+    } = DenialParts::new(denial, invalid_token_status);
     let mut headers = vec![
         overwrite("content-type", "application/json".to_owned()),
         overwrite(REASON_HEADER, denial.code().to_owned()),
     ];
-    if status == 401 {
-        let challenge = if denial == Denial::MissingToken {
-            CHALLENGE
-        } else {
-            CHALLENGE_INVALID
-        };
+    if let Some(challenge) = challenge {
         headers.push(overwrite("www-authenticate", challenge.to_owned()));
     }
     CheckResponse {
@@ -154,7 +192,7 @@ pub fn deny(denial: Denial, invalid_token_status: u16) -> CheckResponse {
                 code: i32::from(status),
             }),
             headers,
-            body: body.to_string(),
+            body,
         })),
         ..Default::default()
     }

@@ -23,6 +23,15 @@ pub enum Error {
     /// `listen.tls` is set but the gRPC listener is a Unix socket.
     #[error("listen.tls: TLS applies to a TCP listener, not a Unix socket")]
     TlsOnUnixSocket,
+    /// A listener could not be bound (`what` names its setting).
+    #[error("binding {what}")]
+    Bind {
+        /// The listen setting, e.g. `listen.http`.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Displays an error and its sources as `outer: cause: root cause`. A cause whose text the

@@ -35,6 +35,7 @@
 //! | module | owns |
 //! |---|---|
 //! | [`server`] | the tonic service, [`GrpcListener`] (TCP or Unix socket) |
+//! | [`http`] | the HTTP front door (`listen.http`): Envoy `http_service`, forward-auth |
 //! | [`io`] | [`io::ScalarWrites`], the socket wrapper that batches h2 writes |
 //! | [`request`] | [`request::RequestView`], [`request::TokenLookup`] |
 //! | [`route`] | [`route::Routes`], [`route::Route`], [`route::Matcher`], [`route::HostPattern`] |
@@ -73,6 +74,7 @@ pub mod config;
 pub mod decision;
 pub mod denial;
 pub mod error;
+pub mod http;
 pub mod identity;
 pub mod io;
 pub mod keys;
@@ -100,11 +102,35 @@ pub use server::GrpcListener;
 /// endpoints on `admin`, until `shutdown` completes; then health goes NOT_SERVING while Checks
 /// are still served for `listen.drain_delay`, and then in-flight Checks drain (see
 /// [`shutdown`]). A Unix socket's file is removed when serving
-/// ends.
+/// ends. The HTTP front door, when `listen.http` is set, is bound here (see
+/// [`serve_with_http`] to pass a bound listener instead).
 pub async fn serve(
     config: Config,
     grpc: impl Into<GrpcListener>,
     admin: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    let http = match config.listen.http {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| Error::Bind {
+                    what: "listen.http",
+                    source,
+                })?,
+        ),
+        None => None,
+    };
+    serve_with_http(config, grpc, admin, http, shutdown).await
+}
+
+/// [`serve`], with the HTTP front door ([`http`]) on `http` when given (`listen.http` is
+/// then ignored).
+pub async fn serve_with_http(
+    config: Config,
+    grpc: impl Into<GrpcListener>,
+    admin: tokio::net::TcpListener,
+    http: Option<tokio::net::TcpListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
     let metrics = Arc::new(metrics::Metrics::new(
@@ -138,6 +164,17 @@ pub async fn serve(
         },
         config.listen.admin_limits.clone(),
     ));
+    // HTTP mode (issue 11 item 4): same checker and responder, own listener.
+    let http_task = http.map(|listener| {
+        tracing::info!(http = %listener.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()), "HTTP front door on");
+        tokio::spawn(http::run(
+            checker.clone(),
+            responder.clone(),
+            config.listen.http_path_prefix.clone(),
+            listener,
+            observer.clone(),
+        ))
+    });
     let grpc = grpc.into().with_tls(config.listen.tls.as_ref())?;
     if let Some(path) = grpc.socket_file() {
         lifecycle.remove_when_stopped(path);
@@ -160,6 +197,9 @@ pub async fn serve(
         )
         .await;
     let _ = admin_task.await;
+    if let Some(task) = http_task {
+        let _ = task.await;
+    }
     // `None`: the grace period ran out; still a clean stop.
     served.unwrap_or(Ok(()))?;
     tracing::info!("tokengate stopped");

@@ -114,8 +114,16 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let admin = tokio::net::TcpListener::bind(config.listen.admin)
         .await
         .with_context(|| format!("binding admin listener {}", config.listen.admin))?;
+    let http = match config.listen.http {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding HTTP listener {addr}"))?,
+        ),
+        None => None,
+    };
     // The library's error, with its cause chain printed once (kube's errors repeat theirs).
-    tokengate::serve(config, grpc, admin, shutdown_signal())
+    tokengate::serve_with_http(config, grpc, admin, http, shutdown_signal())
         .await
         .map_err(|e| anyhow::anyhow!("{}", tokengate::error::Report(&e)))
 }

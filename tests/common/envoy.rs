@@ -54,6 +54,29 @@ impl Stack {
         Stack::start_inner(envoy_file, tokengate_file, options, None, None).await
     }
 
+    /// Like [`Stack::start`] for Envoy's HTTP ext_authz protocol: tokengate also serves its
+    /// HTTP front door, and the Envoy config's authz port (9001) is that port.
+    pub async fn start_http(envoy_file: &str, tokengate_file: &str) -> Result<Stack> {
+        let world = World::start_with(Options::default()).await?;
+        let yaml = published_config(tokengate_file, &world.standin.kubeconfig_path())?;
+        let grpc = testkit::ports::listener().await?;
+        let http = testkit::ports::listener().await?;
+        let http_port = http.local_addr()?.port();
+        let gate = Tokengate::start_with_http(&yaml, grpc.into(), Some(http)).await?;
+        let echo = spawn_echo(testkit::ports::listener().await?)?;
+        let ports = Ports::new(http_port, echo.addr().port());
+        let envoy_config = testkit::envoy::render(envoy_file, &ports)?;
+        let envoy = Envoy::start(&envoy_config, ports)
+            .await
+            .context("starting envoy")?;
+        Ok(Stack {
+            world,
+            echo,
+            envoy,
+            gate,
+        })
+    }
+
     /// Like [`Stack::start`], with the rendered Envoy config passed through `edit` first (a
     /// variant of a published file, e.g. Istio's default path normalization). `edit` must
     /// fail when the text it changes is missing, so a variant cannot silently equal the file.

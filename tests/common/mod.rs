@@ -122,9 +122,18 @@ impl Tokengate {
     /// admin endpoints on a fresh `127.0.0.1:0`. Without an explicit `listen.drain_delay` in
     /// `yaml` the delay is zero: stopping drains at once.
     ///
-    /// The only call of `tokengate::serve` and `Config::from_yaml_str` in the tests: their
+    /// The only call of `tokengate::serve_with_http` and `Config::from_yaml_str` in the tests: their
     /// errors are turned into text here, so a change of their error types stops here.
     pub async fn start(yaml: &str, grpc: tokengate::GrpcListener) -> Result<Tokengate> {
+        Tokengate::start_with_http(yaml, grpc, None).await
+    }
+
+    /// Like [`Tokengate::start`], with the HTTP front door on `http` when given.
+    pub async fn start_with_http(
+        yaml: &str,
+        grpc: tokengate::GrpcListener,
+        http: Option<tokio::net::TcpListener>,
+    ) -> Result<Tokengate> {
         let mut config = tokengate::Config::from_yaml_str(yaml)
             .map_err(|e| anyhow!("tokengate rejected the test config: {e}\n{yaml}"))?;
         // Tests stop at once unless they ask for the drain delay (the published configs leave
@@ -139,7 +148,7 @@ impl Tokengate {
             let stopped = async move {
                 let _ = rx.await;
             };
-            tokengate::serve(config, grpc, admin, stopped)
+            tokengate::serve_with_http(config, grpc, admin, http, stopped)
                 .await
                 .map_err(|e| anyhow!("tokengate::serve: {e:#}"))
         });

@@ -1,0 +1,283 @@
+//! End to end through a real nginx (Debian's package, `auth_request`) running the published
+//! `deploy/nginx/data-store.conf` against tokengate's HTTP front door in forward-auth shape
+//! (`deploy/nginx/tokengate.yaml`): 401 without a token, 403 for bad or wrong-audience tokens,
+//! 200 with exactly one true value of each identity header however the client spoofs them,
+//! no route choice by the client (X-Tokengate-Route, X-Original-URI), 503 when the API
+//! server is down or tokengate is gone.
+//!
+//! nginx runs as a foreground, single-process server with every path (pid, logs, temp files)
+//! in a temp dir and on free ports; the binary is `$NGINX_BIN`, else `nginx` on the PATH or in
+//! /usr/sbin (`scripts/setup.sh` installs it). A missing nginx fails the tests.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use common::envoy::{assert_api_identity, assert_identity, echo_of, with_spoofed};
+use common::{published_config, Tokengate};
+use kube_standin::{Fault, Options};
+use testkit::echo::{spawn_echo, EchoServer};
+use testkit::http::{self, Response};
+use testkit::process::ChildGuard;
+use testkit::world::World;
+
+const SITE: &str = "deploy/nginx/data-store.conf";
+const TOKENGATE: &str = "deploy/nginx/tokengate.yaml";
+
+fn nginx_bin() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("NGINX_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin")])
+        .map(|d| d.join("nginx"))
+        .find(|p| p.is_file())
+        .context("nginx not found: run scripts/setup.sh (apt-get install nginx) or set NGINX_BIN")
+}
+
+/// World + tokengate (HTTP front door) + echo + nginx.
+struct Stack {
+    world: World,
+    echo: EchoServer,
+    gate: Tokengate,
+    nginx: ChildGuard,
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Stack {
+    async fn start() -> Result<Stack> {
+        let world = World::start_with(Options::default()).await?;
+        let yaml = published_config(TOKENGATE, &world.standin.kubeconfig_path())?;
+        let grpc = testkit::ports::listener().await?;
+        let http = testkit::ports::listener().await?;
+        let http_port = http.local_addr()?.port();
+        let gate = Tokengate::start_with_http(&yaml, grpc.into(), Some(http)).await?;
+        let echo = spawn_echo(testkit::ports::listener().await?)?;
+
+        let (nginx, addr, dir) = match start_nginx(http_port, echo.addr().port()).await {
+            Ok(started) => started,
+            Err(e) => {
+                let mut gate = gate;
+                gate.stop().await;
+                return Err(e);
+            }
+        };
+        Ok(Stack {
+            world,
+            echo,
+            gate,
+            nginx,
+            addr,
+            _dir: dir,
+        })
+    }
+
+    async fn get(&self, path: &str, headers: &[(&str, &str)]) -> Response {
+        http::get(self.addr, path, headers)
+            .await
+            .unwrap_or_else(|e| {
+                let log =
+                    std::fs::read_to_string(self._dir.path().join("error.log")).unwrap_or_default();
+                panic!(
+                    "GET {path} through nginx: {e:#}\n{}\n{log}",
+                    self.nginx.diagnostics()
+                )
+            })
+    }
+
+    async fn finish(mut self) {
+        self.gate.stop().await;
+        self.nginx.kill();
+        self.world.shutdown().await;
+    }
+}
+
+/// nginx running the published site config, rewritten for these ports, from a temp dir.
+async fn start_nginx(
+    http_port: u16,
+    echo_port: u16,
+) -> Result<(ChildGuard, SocketAddr, tempfile::TempDir)> {
+    let [port] = testkit::ports::free_ports::<1>();
+    let site = std::fs::read_to_string(testkit::workspace_root().join(SITE))?;
+    let mut rendered = site.clone();
+    for (fixed, port) in [
+        ("127.0.0.1:8080", port),
+        ("127.0.0.1:9002", http_port),
+        ("127.0.0.1:8081", echo_port),
+    ] {
+        anyhow::ensure!(
+            site.matches(fixed).count() == 1,
+            "{SITE}: expected `{fixed}` exactly once"
+        );
+        rendered = rendered.replace(fixed, &format!("127.0.0.1:{port}"));
+    }
+    let dir = tempfile::tempdir()?;
+    let d = dir.path().display();
+    std::fs::write(dir.path().join("site.conf"), rendered)?;
+    // Foreground, one process (no privilege drop: temp dirs stay ours), all paths private.
+    let main = format!(
+            "daemon off;\nmaster_process off;\npid {d}/nginx.pid;\nerror_log {d}/error.log info;\n\
+             events {{ worker_connections 256; }}\n\
+             http {{\n  access_log {d}/access.log;\n  client_body_temp_path {d}/body;\n  \
+             proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  \
+             uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  include {d}/site.conf;\n}}\n"
+        );
+    std::fs::write(dir.path().join("nginx.conf"), main)?;
+    let mut cmd = Command::new(nginx_bin()?);
+    cmd.arg("-p")
+        .arg(dir.path())
+        .arg("-e")
+        .arg(dir.path().join("error.log"))
+        .arg("-c")
+        .arg(dir.path().join("nginx.conf"));
+    let mut nginx = ChildGuard::spawn("nginx", cmd)?;
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        if let Err(e) = nginx.ensure_running() {
+            let log = std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default();
+            bail!("nginx exited: {e:#}\n{log}");
+        }
+        if std::time::Instant::now() > deadline {
+            bail!(
+                "nginx not listening on {addr} within 10 s\n{}",
+                nginx.diagnostics()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok((nginx, addr, dir))
+}
+
+async fn stack() -> Stack {
+    Stack::start()
+        .await
+        .unwrap_or_else(|e| panic!("starting the nginx stack: {e:#}"))
+}
+
+const HOST: (&str, &str) = ("host", "data-store");
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_token_is_401_with_www_authenticate_and_reason() {
+    let stack = stack().await;
+    let resp = stack.get("/items", &[HOST]).await;
+    assert_eq!(resp.status, 401, "{resp:?}");
+    let challenge = resp
+        .header("www-authenticate")
+        .expect("no WWW-Authenticate");
+    assert!(challenge.starts_with("Bearer"), "{challenge}");
+    assert_eq!(resp.header("x-tokengate-reason"), Some("missing_token"));
+    assert_eq!(stack.echo.requests_seen(), 0);
+    stack.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_and_wrong_audience_tokens_are_403() {
+    let stack = stack().await;
+    let vault = stack.world.api_token("vault");
+    let intruder = stack.world.token("default", "intruder", "data-store");
+    for (headers, reason) in [
+        (vec![HOST, ("x-client-id", "dummy")], "malformed_token"),
+        (
+            vec![HOST, ("authorization", "Bearer dummy")],
+            "malformed_token",
+        ),
+        (
+            vec![HOST, ("x-client-id", vault.as_str())],
+            "wrong_audience",
+        ),
+        (
+            vec![HOST, ("x-client-id", intruder.as_str())],
+            "not_allowed",
+        ),
+    ] {
+        let resp = stack.get("/items", &headers).await;
+        assert_eq!(resp.status, 403, "{headers:?}: {resp:?}");
+        assert_eq!(resp.header("x-tokengate-reason"), Some(reason), "{resp:?}");
+    }
+    assert_eq!(stack.echo.requests_seen(), 0);
+    stack.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valid_token_reaches_upstream_with_one_true_identity_despite_spoofing() {
+    let stack = stack().await;
+    let token = stack.world.api_token("data-store");
+    let bearer = format!("Bearer {token}");
+    for (name, value) in [
+        ("x-client-id", token.as_str()),
+        ("authorization", bearer.as_str()),
+    ] {
+        let headers = with_spoofed(&[HOST, (name, value)]);
+        let resp = stack.get("/items?id=7", &headers).await;
+        assert_eq!(resp.status, 200, "{resp:?}");
+        let echo = echo_of(&resp);
+        assert_eq!(echo.path, "/items?id=7");
+        assert_eq!(
+            echo.message,
+            "authenticated as system:serviceaccount:api:api"
+        );
+        assert_api_identity(&echo, &stack.world);
+        assert!(!echo.has(name), "token forwarded: {:?}", echo.headers);
+    }
+    // Without auth_request (/healthz), spoofed identity headers are cleared too.
+    let resp = stack.get("/healthz", &with_spoofed(&[HOST])).await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_identity(&echo_of(&resp), &[]);
+    stack.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_cannot_choose_the_route_or_the_original_request() {
+    let stack = stack().await;
+    // A token for the route nginx never selects: the client asks for that route itself.
+    let other = stack.world.token("api", "api", "other");
+    let resp = stack
+        .get(
+            "/items",
+            &[
+                HOST,
+                ("x-client-id", &other),
+                ("x-tokengate-route", "data-store-internal"),
+                ("x-original-uri", "/internal/x"),
+                ("x-forwarded-uri", "/internal/x"),
+            ],
+        )
+        .await;
+    assert_eq!(resp.status, 403, "client picked the route: {resp:?}");
+    assert_eq!(resp.header("x-tokengate-reason"), Some("wrong_audience"));
+    assert_eq!(stack.echo.requests_seen(), 0);
+    stack.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_server_down_or_tokengate_down_is_503_never_200() {
+    let mut stack = stack().await;
+    let token = stack.world.api_token("data-store");
+    stack.world.standin.set_fault(Fault::Down);
+    let resp = stack.get("/items", &[HOST, ("x-client-id", &token)]).await;
+    assert_eq!(resp.status, 503, "{resp:?}");
+    assert_eq!(
+        resp.header("x-tokengate-reason"),
+        Some("review_unavailable")
+    );
+    assert_eq!(stack.echo.requests_seen(), 0);
+    stack.world.standin.set_fault(Fault::None);
+    let resp = stack.get("/items", &[HOST, ("x-client-id", &token)]).await;
+    assert_eq!(resp.status, 200, "errors must not be cached: {resp:?}");
+
+    stack.gate.stop().await;
+    let resp = stack.get("/items", &[HOST, ("x-client-id", &token)]).await;
+    assert_eq!(
+        resp.status, 503,
+        "tokengate down must fail closed: {resp:?}"
+    );
+    assert_eq!(stack.echo.requests_seen(), 1);
+    stack.finish().await;
+}
