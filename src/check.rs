@@ -262,7 +262,7 @@ impl Checker {
                                 match verdict {
                                     Verdict::Authenticated(id) => Ok(Arc::new(Admitted {
                                         identity: Arc::new(id),
-                                        kid: header_kid(&token),
+                                        kid: verify::header_kid(&token).map(Into::into),
                                     })),
                                     Verdict::Rejected(denial) => Err(denial),
                                 },
@@ -378,21 +378,6 @@ async fn verify_locally(
             }))
         }
     }))
-}
-
-/// The `kid` of a token's (unverified) header, for revocation when the key leaves the JWKS.
-fn header_kid(token: &str) -> Option<Box<str>> {
-    use base64::Engine as _;
-    #[derive(serde::Deserialize)]
-    struct Header {
-        kid: Option<String>,
-    }
-    let header = token.split('.').next()?;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(header)
-        .ok()?;
-    let header: Header = serde_json::from_slice(&bytes).ok()?;
-    header.kid.map(Into::into)
 }
 
 #[cfg(test)]

@@ -443,6 +443,10 @@ fn go_quote(s: &str) -> String {
             '\n' => out.push_str("\\n"),
             '\r' => out.push_str("\\r"),
             '\t' => out.push_str("\\t"),
+            '\u{07}' => out.push_str("\\a"),
+            '\u{08}' => out.push_str("\\b"),
+            '\u{0c}' => out.push_str("\\f"),
+            '\u{0b}' => out.push_str("\\v"),
             c if (c as u32) < 0x20 || c as u32 == 0x7f => {
                 out.push_str(&format!("\\x{:02x}", c as u32));
             }
@@ -769,7 +773,8 @@ pub fn verify(
 }
 
 /// The `kid` in a token's header, if any (for refreshing on an unknown kid).
-fn header_kid(token: &str) -> Option<String> {
+/// The `kid` of a token's (unverified) header, if it names one as a string.
+pub fn header_kid(token: &str) -> Option<String> {
     let header = token.split('.').next()?;
     let header: Header = serde_json::from_slice(&GO_RAW_URL.decode(header).ok()?).ok()?;
     match header.kid? {
