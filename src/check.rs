@@ -15,19 +15,29 @@
 //! With watches on, a hit is first put to [`Revocation::vouch`] (is the pod, service account
 //! or signing key gone?), and a route with `verification: local` verifies misses itself
 //! ([`verify`]) before, only for what it cannot judge, asking TokenReview.
+//!
+//! What a configuration reload may change (routes, token sources, cache settings, identity
+//! header names) is one [`Snapshot`], swapped whole ([`Checker::reconfigure`]); a Check reads
+//! one snapshot from start to finish, so it never sees half of a reload. A reload that
+//! changes the routes or the cache settings gets a new, empty cache: a verdict remembered
+//! under the old routes is never used, nor stored, under the new ones (a load still in flight
+//! fills the old cache, which goes away with the last Check holding it).
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::time::Instant;
 
+use arc_swap::ArcSwap;
+
 use crate::cache::{Cache, Freshness};
 use crate::config::{Config, TokenSource, Verification};
+use crate::decision::Responder;
 use crate::denial::Denial;
 use crate::error::{Error, Report};
 use crate::identity::{Identity, TokenHash};
 use crate::keys::KeySet;
-use crate::metrics::{Counted, Metrics};
+use crate::metrics::{Counted, Metrics, RouteCounters};
 use crate::policy;
 use crate::precheck;
 use crate::request::{RequestView, TokenLookup};
@@ -59,11 +69,13 @@ struct Local {
     max_staleness: std::time::Duration,
 }
 
-/// The pipeline, built once from the configuration.
+/// The remembered verdicts.
+type VerdictCache = Cache<Remembered, ReviewError>;
+
+/// The pipeline. Its connection to the API server and its watches are built once; the
+/// [`Snapshot`] of what a reload may change is swapped whole by [`Checker::reconfigure`].
 pub struct Checker {
-    token_sources: Vec<TokenSource>,
-    routes: Routes,
-    cache: Arc<Cache<Remembered, ReviewError>>,
+    live: ArcSwap<Snapshot>,
     reviewer: Arc<Reviewer>,
     revocation: Option<Revocation>,
     local: Option<Local>,
@@ -73,8 +85,46 @@ pub struct Checker {
     issuer: Option<String>,
 }
 
+/// The part of the configuration a reload replaces, compiled: what one Check reads, from its
+/// route to its answer's header names.
+pub struct Snapshot {
+    token_sources: Vec<TokenSource>,
+    routes: Routes,
+    cache: Arc<VerdictCache>,
+    responder: Responder,
+    counters: RouteCounters,
+    /// The configuration it was built from (to tell what the next reload changes).
+    config: Config,
+}
+
+impl Snapshot {
+    /// Writes the answers of Checks decided under this snapshot (its identity header names).
+    pub fn responder(&self) -> &Responder {
+        &self.responder
+    }
+
+    /// The configuration this snapshot was built from.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Entries in its verdict cache (positive and negative).
+    pub fn cached_verdicts(&self) -> usize {
+        self.cache.len() + self.cache.negative_len()
+    }
+}
+
+/// What [`Checker::reconfigure`] did with the verdict cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheFate {
+    /// Kept: neither the routes nor the cache settings changed.
+    Kept,
+    /// Replaced by an empty cache with the new settings.
+    Emptied,
+}
+
 /// How a Check ended: what [`crate::decision`] turns into Envoy's answer. Borrows the route
-/// and token source from the [`Checker`].
+/// and token source from the [`Snapshot`] it was decided under.
 #[derive(Debug)]
 pub enum Outcome<'c> {
     /// Admitted: the identity goes upstream in headers.
@@ -127,18 +177,10 @@ impl Checker {
             objects: w.objects,
             max_staleness,
         });
-        let cache = Cache::new(
-            config.cache.max_entries,
-            config.cache.negative_max_entries,
-            config.cache.ttl,
-            config.cache.negative_ttl,
-            metrics.cache_entries.clone(),
-        )
-        .map_err(|_| Error::Random)?;
+        let cache = new_cache(config, &metrics)?;
+        let live = ArcSwap::from_pointee(snapshot(config, cache, &metrics));
         Ok(Checker {
-            token_sources: config.token_sources.clone(),
-            routes: Routes::new(&config.routes),
-            cache: Arc::new(cache),
+            live,
             reviewer: Arc::new(reviewer),
             revocation,
             local,
@@ -147,39 +189,69 @@ impl Checker {
         })
     }
 
-    /// Decides one Check, and counts it.
-    pub async fn check(&self, view: &RequestView<'_>) -> Outcome<'_> {
+    /// The current configuration snapshot: hold it for one Check, from [`Checker::check`] to
+    /// writing the answer with its [`Snapshot::responder`].
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.live.load_full()
+    }
+
+    /// Replaces the snapshot with one built from `config` (a reload; the caller has checked
+    /// that nothing outside the snapshot changed). The verdict cache is kept unless the routes
+    /// or the cache settings changed. Checks already running finish under the old snapshot.
+    pub fn reconfigure(&self, config: &Config) -> Result<CacheFate, Error> {
+        let old = self.live.load();
+        // `Debug` compares every field, including ones added later, without asking each
+        // section type for `PartialEq`; the output is deterministic (no hash maps).
+        let same =
+            |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") == format!("{b:?}");
+        let (cache, fate) =
+            if same(&old.config.routes, &config.routes) && same(&old.config.cache, &config.cache) {
+                (Arc::clone(&old.cache), CacheFate::Kept)
+            } else {
+                (new_cache(config, &self.metrics)?, CacheFate::Emptied)
+            };
+        self.live
+            .store(Arc::new(snapshot(config, cache, &self.metrics)));
+        if fate == CacheFate::Emptied {
+            // The gauge follows the new cache from its first insert; until then it is empty.
+            self.metrics.cache_entries.set(0);
+        }
+        Ok(fate)
+    }
+
+    /// Decides one Check under `snapshot` (see [`Checker::snapshot`]), and counts it.
+    pub async fn check<'s>(&self, snapshot: &'s Snapshot, view: &RequestView<'_>) -> Outcome<'s> {
         let started = Instant::now();
-        let outcome = self.decide(view).await;
-        self.count(&outcome, started);
+        let outcome = self.decide(snapshot, view).await;
+        self.count(snapshot, &outcome, started);
         outcome
     }
 
     /// The outcome for a CheckRequest without HTTP attributes (say, from Envoy's network
     /// ext_authz filter), counted like any other.
-    pub fn unreadable(&self) -> Outcome<'_> {
+    pub fn unreadable<'s>(&self, snapshot: &'s Snapshot) -> Outcome<'s> {
         let outcome = Outcome::Deny {
             route: None,
             denial: Denial::BadRequest,
         };
-        self.count(&outcome, Instant::now());
+        self.count(snapshot, &outcome, Instant::now());
         outcome
     }
 
-    fn count(&self, outcome: &Outcome<'_>, started: Instant) {
+    fn count(&self, snapshot: &Snapshot, outcome: &Outcome<'_>, started: Instant) {
+        let counters = &snapshot.counters;
         match outcome {
             Outcome::Allow {
                 route, identity, ..
             } => {
-                self.metrics.decision(Some(route.index), Counted::Allow);
+                counters.count(Some(route.index), Counted::Allow);
                 tracing::debug!(route = %route.name, user = %identity.username, "allow");
             }
             Outcome::Deny { route, denial } => {
-                self.metrics
-                    .decision(route.map(|r| r.index), Counted::Deny(*denial));
+                counters.count(route.map(|r| r.index), Counted::Deny(*denial));
             }
             Outcome::Unavailable { route, error } => {
-                self.metrics.decision(Some(route.index), Counted::Error);
+                counters.count(Some(route.index), Counted::Error);
                 // At debug: `server` logs one summary per interval during an outage.
                 tracing::debug!(route = %route.name, error = %Report(error), "TokenReview unavailable; answering UNAVAILABLE");
             }
@@ -189,23 +261,24 @@ impl Checker {
             .observe(started.elapsed().as_secs_f64());
     }
 
-    async fn decide<'c>(&'c self, view: &RequestView<'_>) -> Outcome<'c> {
+    async fn decide<'s>(&self, snapshot: &'s Snapshot, view: &RequestView<'_>) -> Outcome<'s> {
         let deny = |route, denial| Outcome::Deny { route, denial };
-        let Some(route) = self.routes.select(view) else {
+        let Some(route) = snapshot.routes.select(view) else {
             tracing::debug!(host = view.host, path = view.path, "no route");
             return deny(None, Denial::NoRoute);
         };
-        let (token, source) = match view.token(&self.token_sources) {
+        let (token, source) = match view.token(&snapshot.token_sources) {
             TokenLookup::Found { token, source } => (token, source),
             TokenLookup::Missing => return deny(Some(route), Denial::MissingToken),
             TokenLookup::Malformed => return deny(Some(route), Denial::MalformedToken),
         };
 
-        let key = self.cache.key(token, &route.audiences);
-        let cached = self.cache.get(&key);
+        let cache = &snapshot.cache;
+        let key = cache.key(token, &route.audiences);
+        let cached = cache.get(&key);
         let cached = match cached {
             Some(r) if !self.still_holds(&r, token) => {
-                self.cache.remove(&key);
+                cache.remove(&key);
                 None
             }
             other => other,
@@ -242,8 +315,7 @@ impl Checker {
                     .clone()
                     .filter(|_| route.verification == Verification::Local);
                 // The load runs in its own task (see `cache`), so it owns its inputs.
-                let loaded = self
-                    .cache
+                let loaded = cache
                     .get_or_load(key, || {
                         let reviewer = Arc::clone(&self.reviewer);
                         let metrics = Arc::clone(&self.metrics);
@@ -321,6 +393,31 @@ impl Checker {
     }
 }
 
+/// An empty verdict cache with the configured sizes and TTLs.
+fn new_cache(config: &Config, metrics: &Metrics) -> Result<Arc<VerdictCache>, Error> {
+    let cache = Cache::new(
+        config.cache.max_entries,
+        config.cache.negative_max_entries,
+        config.cache.ttl,
+        config.cache.negative_ttl,
+        metrics.cache_entries.clone(),
+    )
+    .map_err(|_| Error::Random)?;
+    Ok(Arc::new(cache))
+}
+
+/// The snapshot of `config` around `cache`.
+fn snapshot(config: &Config, cache: Arc<VerdictCache>, metrics: &Metrics) -> Snapshot {
+    Snapshot {
+        token_sources: config.token_sources.clone(),
+        routes: Routes::new(&config.routes),
+        cache,
+        responder: Responder::new(&config.identity_headers),
+        counters: metrics.route_counters(config.routes.iter().map(|r| r.name.as_str())),
+        config: config.clone(),
+    }
+}
+
 /// How a verdict is cached: admitted until the token's `exp` (`cap`) at most, refusals briefly.
 fn remember(verdict: Remembered, cap: Option<std::time::Duration>) -> (Remembered, Freshness) {
     match verdict {
@@ -391,6 +488,16 @@ mod tests {
 
     /// A checker whose API server is a closed port: every TokenReview fails to connect.
     async fn checker(dir: &tempfile::TempDir, extra: &str) -> Checker {
+        let config = config(dir, extra);
+        let metrics = Arc::new(Metrics::new(config.routes.iter().map(|r| r.name.as_str())));
+        let reviewer = Reviewer::connect(&config.kubernetes, metrics.clone())
+            .await
+            .unwrap();
+        Checker::new(&config, reviewer, None, metrics).unwrap()
+    }
+
+    /// The configuration of [`checker`], with `extra` appended to its one route.
+    fn config(dir: &tempfile::TempDir, extra: &str) -> Config {
         let kubeconfig = dir.path().join("kubeconfig");
         std::fs::write(
             &kubeconfig,
@@ -406,12 +513,7 @@ mod tests {
              routes:\n  - name: api\n    match: {{path_prefix: /api}}\n    audiences: [api]\n{extra}",
             kubeconfig.display()
         );
-        let config = Config::from_yaml_str(&yaml).unwrap();
-        let metrics = Arc::new(Metrics::new(config.routes.iter().map(|r| r.name.as_str())));
-        let reviewer = Reviewer::connect(&config.kubernetes, metrics.clone())
-            .await
-            .unwrap();
-        Checker::new(&config, reviewer, None, metrics).unwrap()
+        Config::from_yaml_str(&yaml).unwrap()
     }
 
     fn jwt(exp: i64) -> String {
@@ -454,9 +556,9 @@ mod tests {
 
     /// Puts a TokenReview answer in the cache, as a completed review would.
     async fn remember(c: &Checker, token: &str, answer: Remembered) {
-        let key = c.cache.key(token, &["api".to_owned()]);
-        let _ = c
-            .cache
+        let cache = Arc::clone(&c.snapshot().cache);
+        let key = cache.key(token, &["api".to_owned()]);
+        let _ = cache
             .get_or_load(key, || async move {
                 Ok((answer, Freshness::Positive { cap: None }))
             })
@@ -468,40 +570,47 @@ mod tests {
     async fn refusals_before_any_token_review() {
         let dir = tempfile::tempdir().unwrap();
         let c = checker(&dir, "").await;
+        let s = c.snapshot();
         let ext = HashMap::new();
         let view = |path, headers| RequestView::from_parts("h", path, "GET", &ext, headers);
 
-        let o = c.check(&view("/other", &[])).await;
+        let o = c.check(&s, &view("/other", &[])).await;
         assert_eq!(denial(&o), Some(Denial::NoRoute));
         assert!(matches!(o, Outcome::Deny { route: None, .. }));
 
-        let o = c.check(&view("/api", &[])).await;
+        let o = c.check(&s, &view("/api", &[])).await;
         assert_eq!(denial(&o), Some(Denial::MissingToken));
-        let o = c.check(&view("/api", &[("Authorization", "Bearer")])).await;
+        let o = c
+            .check(&s, &view("/api", &[("Authorization", "Bearer")]))
+            .await;
         assert_eq!(denial(&o), Some(Denial::MalformedToken));
         let o = c
-            .check(&view("/api", &[("x-client-id", "not-a-jwt")]))
+            .check(&s, &view("/api", &[("x-client-id", "not-a-jwt")]))
             .await;
         assert_eq!(denial(&o), Some(Denial::MalformedToken));
         let expired = jwt(unix_now() - 3600);
         let header = format!("Bearer {expired}");
         let o = c
-            .check(&view("/api", &[("authorization", header.as_str())]))
+            .check(&s, &view("/api", &[("authorization", header.as_str())]))
             .await;
         assert_eq!(denial(&o), Some(Denial::TokenExpired));
 
-        assert_eq!(denial(&c.unreadable()), Some(Denial::BadRequest));
+        assert_eq!(denial(&c.unreadable(&s)), Some(Denial::BadRequest));
     }
 
     #[tokio::test]
     async fn unreachable_api_server_is_unavailable_with_its_cause() {
         let dir = tempfile::tempdir().unwrap();
         let c = checker(&dir, "").await;
+        let s = c.snapshot();
         let ext = HashMap::new();
         let token = jwt(unix_now() + 3600);
         let headers = [("x-client-id", token.as_str())];
         let o = c
-            .check(&RequestView::from_parts("h", "/api", "GET", &ext, &headers))
+            .check(
+                &s,
+                &RequestView::from_parts("h", "/api", "GET", &ext, &headers),
+            )
             .await;
         let Outcome::Unavailable { route, error } = o else {
             panic!("expected Unavailable, got {o:?}");
@@ -515,6 +624,7 @@ mod tests {
     async fn remembered_answers_allow_or_deny_with_the_token_source() {
         let dir = tempfile::tempdir().unwrap();
         let c = checker(&dir, "    allow: {service_accounts: [default/api]}\n").await;
+        let s = c.snapshot();
         let ext = HashMap::new();
         let (good, other, rejected) = (
             jwt(unix_now() + 3600),
@@ -527,9 +637,10 @@ mod tests {
 
         let headers = [("x-client-id", good.as_str())];
         let o = c
-            .check(&RequestView::from_parts(
-                "h", "/api/x", "GET", &ext, &headers,
-            ))
+            .check(
+                &s,
+                &RequestView::from_parts("h", "/api/x", "GET", &ext, &headers),
+            )
             .await;
         let Outcome::Allow {
             route,
@@ -545,14 +656,60 @@ mod tests {
 
         let headers = [("x-client-id", other.as_str())];
         let o = c
-            .check(&RequestView::from_parts("h", "/api", "GET", &ext, &headers))
+            .check(
+                &s,
+                &RequestView::from_parts("h", "/api", "GET", &ext, &headers),
+            )
             .await;
         assert_eq!(denial(&o), Some(Denial::NotAllowed));
 
         let headers = [("x-client-id", rejected.as_str())];
         let o = c
-            .check(&RequestView::from_parts("h", "/api", "GET", &ext, &headers))
+            .check(
+                &s,
+                &RequestView::from_parts("h", "/api", "GET", &ext, &headers),
+            )
             .await;
         assert_eq!(denial(&o), Some(Denial::TokenRejected));
+    }
+
+    #[tokio::test]
+    async fn a_reload_swaps_the_snapshot_and_empties_the_cache_when_routes_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = checker(&dir, "    allow: {service_accounts: [default/api]}\n").await;
+        let ext = HashMap::new();
+        let token = jwt(unix_now() + 3600);
+        remember(&c, &token, Ok(admitted(identity("default", "api")))).await;
+        let headers = [("x-client-id", token.as_str())];
+        let view = RequestView::from_parts("h", "/api", "GET", &ext, &headers);
+        let before = c.snapshot();
+        assert!(matches!(
+            c.check(&before, &view).await,
+            Outcome::Allow { .. }
+        ));
+
+        // Same routes and cache settings, another header name: the verdicts stay.
+        let mut same_routes = config(&dir, "    allow: {service_accounts: [default/api]}\n");
+        same_routes.identity_headers.user = "x-user".into();
+        assert_eq!(c.reconfigure(&same_routes).unwrap(), CacheFate::Kept);
+        let kept = c.snapshot();
+        assert_eq!(kept.cached_verdicts(), 1);
+        assert!(matches!(c.check(&kept, &view).await, Outcome::Allow { .. }));
+
+        // The caller leaves the allow-list: a new, empty cache, and the decision changes.
+        let narrower = config(&dir, "    allow: {service_accounts: [default/web]}\n");
+        assert_eq!(c.reconfigure(&narrower).unwrap(), CacheFate::Emptied);
+        let after = c.snapshot();
+        assert_eq!(after.cached_verdicts(), 0);
+        remember(&c, &token, Ok(admitted(identity("default", "api")))).await;
+        assert_eq!(
+            denial(&c.check(&after, &view).await),
+            Some(Denial::NotAllowed)
+        );
+        // A Check that began before the reload finishes under the snapshot it started with.
+        assert!(matches!(
+            c.check(&before, &view).await,
+            Outcome::Allow { .. }
+        ));
     }
 }

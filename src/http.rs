@@ -71,7 +71,6 @@ const NOT_UTF8: &str = "\u{0}";
 /// What each connection needs.
 struct State {
     checker: Arc<Checker>,
-    responder: Responder,
     path_prefix: Option<String>,
 }
 
@@ -89,14 +88,12 @@ struct Original<'a> {
 /// phase reaches [`Phase::Stopped`]. `path_prefix` is `listen.http_path_prefix`.
 pub async fn run(
     checker: Arc<Checker>,
-    responder: Responder,
     path_prefix: Option<String>,
     listener: tokio::net::TcpListener,
     shutdown: Shutdown,
 ) {
     let state = Arc::new(State {
         checker,
-        responder,
         path_prefix,
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -158,6 +155,7 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> 
         .iter()
         .map(|(k, v)| (k.as_str(), v.to_str().unwrap_or(NOT_UTF8)))
         .collect();
+    let snapshot = state.checker.snapshot();
     let outcome = match read(state, &parts) {
         Some((original, context_extensions)) => {
             let view = crate::request::RequestView::from_parts(
@@ -167,11 +165,11 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> 
                 &context_extensions,
                 &headers,
             );
-            state.checker.check(&view).await
+            state.checker.check(&snapshot, &view).await
         }
-        None => state.checker.unreadable(),
+        None => state.checker.unreadable(&snapshot),
     };
-    answer(&state.responder, &outcome)
+    answer(snapshot.responder(), &outcome)
 }
 
 /// The original request and the context extensions, or `None` when the request does not

@@ -52,6 +52,7 @@
 //! | [`identity`] | [`identity::Identity`], [`identity::TokenHash`] |
 //! | [`denial`] | [`denial::Denial`], the reason codes |
 //! | [`config`] | [`Config`] and its sections, [`config::defaults`] |
+//! | [`reload`] | [`reload::Source`]: re-reading the file on change and SIGHUP, what may change live |
 //! | [`shutdown`] | [`shutdown::Lifecycle`], [`shutdown::Shutdown`], the drain delay and grace |
 //! | [`tls`] | [`tls::Acceptor`]: TLS/mTLS on the gRPC listener, certificate reload |
 //! | [`metrics`], [`admin`] | metrics; `/healthz`, `/readyz`, `/metrics` (beside the path) |
@@ -59,7 +60,9 @@
 //!
 //! Envoy types appear only in `server`, `request` and `decision`; Kubernetes types only in
 //! `review`, `keys` and `watch` (the three that talk to the API server); the middle speaks [`identity::Identity`], [`denial::Denial`] and
-//! [`check::Outcome`]. [`config`] turns YAML into typed, compiled settings once, at start-up.
+//! [`check::Outcome`]. [`config`] turns YAML into typed, compiled settings, at start-up and
+//! on each [`reload`]; what a reload may change (routes, token sources, cache settings,
+//! identity header names) is one [`check::Snapshot`] that each Check reads whole.
 //! Shutdown is one signal ([`shutdown`]) that the gRPC server and the admin port both
 //! observe. Tokens are never logged, only a short hash ([`identity::TokenHash`]).
 //!
@@ -81,6 +84,7 @@ pub mod keys;
 pub mod metrics;
 pub mod policy;
 pub mod precheck;
+pub mod reload;
 pub mod request;
 pub mod review;
 pub mod revocation;
@@ -133,6 +137,19 @@ pub async fn serve_with_http(
     http: Option<tokio::net::TcpListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
+    serve_with_reload(config, None, grpc, admin, http, shutdown).await
+}
+
+/// [`serve_with_http`], re-reading the configuration from `reload` (the file `config` was
+/// loaded from) when it changes or on SIGHUP, as [`reload`] describes.
+pub async fn serve_with_reload(
+    config: Config,
+    reload: Option<reload::Source>,
+    grpc: impl Into<GrpcListener>,
+    admin: tokio::net::TcpListener,
+    http: Option<tokio::net::TcpListener>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
     let metrics = Arc::new(metrics::Metrics::new(
         config.routes.iter().map(|r| r.name.as_str()),
     ));
@@ -153,7 +170,14 @@ pub async fn serve_with_http(
         watched,
         metrics.clone(),
     )?);
-    let responder = decision::Responder::new(&config.identity_headers);
+    if let Some(source) = reload {
+        tokio::spawn(reload::run(
+            source,
+            checker.clone(),
+            metrics.clone(),
+            stopped(&observer),
+        ));
+    }
 
     let admin_task = tokio::spawn(admin::run(
         admin,
@@ -169,7 +193,6 @@ pub async fn serve_with_http(
         tracing::info!(http = %listener.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()), "HTTP front door on");
         tokio::spawn(http::run(
             checker.clone(),
-            responder.clone(),
             config.listen.http_path_prefix.clone(),
             listener,
             observer.clone(),
@@ -186,13 +209,7 @@ pub async fn serve_with_http(
     );
     let served = lifecycle
         .run(
-            server::run(
-                checker,
-                responder,
-                grpc,
-                config.listen.limits.clone(),
-                observer,
-            ),
+            server::run(checker, grpc, config.listen.limits.clone(), observer),
             shutdown,
         )
         .await;

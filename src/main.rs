@@ -28,6 +28,11 @@ enum Command {
         /// default is one worker per CPU.
         #[arg(long)]
         worker_threads: Option<usize>,
+        /// How often the configuration file is checked for changes (read and compared; a
+        /// Kubernetes ConfigMap's symlink swap is followed); `0s` turns the check off. SIGHUP
+        /// reloads either way.
+        #[arg(long, default_value = "5s", value_parser = tokengate::config::parse_duration)]
+        watch_config: std::time::Duration,
     },
     /// Validate a configuration file; exits non-zero listing every problem with field and line.
     CheckConfig {
@@ -55,17 +60,23 @@ fn main() -> ExitCode {
             }
         },
         Command::Serve {
-            config,
+            config: path,
             worker_threads,
+            watch_config,
         } => {
-            let config = match Config::load(&config) {
+            let reload = tokengate::reload::Source {
+                path: path.clone(),
+                poll_every: (!watch_config.is_zero()).then_some(watch_config),
+                on_sighup: true,
+            };
+            let config = match Config::load(&path) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("{e}");
                     return ExitCode::from(2);
                 }
             };
-            match runtime(worker_threads).and_then(|rt| rt.block_on(serve(config))) {
+            match runtime(worker_threads).and_then(|rt| rt.block_on(serve(config, reload))) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");
@@ -106,7 +117,7 @@ fn runtime(worker_threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runt
     Ok(builder.enable_all().build()?)
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
+async fn serve(config: Config, reload: tokengate::reload::Source) -> anyhow::Result<()> {
     init_logging(&config);
     let grpc = tokengate::GrpcListener::bind(&config.listen.grpc)
         .await
@@ -123,7 +134,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         None => None,
     };
     // The library's error, with its cause chain printed once (kube's errors repeat theirs).
-    tokengate::serve_with_http(config, grpc, admin, http, shutdown_signal())
+    tokengate::serve_with_reload(config, Some(reload), grpc, admin, http, shutdown_signal())
         .await
         .map_err(|e| anyhow::anyhow!("{}", tokengate::error::Report(&e)))
 }

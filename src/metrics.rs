@@ -19,6 +19,14 @@
 //! | `tokengate_watch_objects` | gauge | `kind` (`pod`/`service_account`) |
 //! | `tokengate_jwks_age_seconds`, `tokengate_jwks_keys` | gauge (-1 / 0 before the first fetch) | |
 //! | `tokengate_build_info` | gauge (always 1) | `version` |
+//! | `tokengate_config_last_reload_success` | gauge (1: the last reload, or the start, applied the file) | |
+//! | `tokengate_config_last_reload_success_timestamp_seconds` | gauge (Unix time of the last successful reload or start) | |
+//! | `tokengate_config_reloads_total` | counter | `result` (`success`/`failure`) |
+//!
+//! A reload can rename, add or remove routes: [`Metrics::route_counters`] builds the rows for
+//! the new routes (a route keeps its series across reloads while its name stays), and each
+//! configuration snapshot counts its Checks with its own [`RouteCounters`], so a Check decided
+//! under the old routes is never counted against a new route at the same position.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -67,6 +75,11 @@ struct ReasonLabels {
 pub type Seconds = Gauge<f64, std::sync::atomic::AtomicU64>;
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: &'static str,
 }
@@ -91,11 +104,31 @@ pub enum Counted {
     Error,
 }
 
+/// The decision counters of one set of routes, by route index (the last row: no route).
+#[derive(Debug, Clone)]
+pub struct RouteCounters {
+    rows: Vec<DecisionRow>,
+}
+
+impl RouteCounters {
+    /// Counts a decision; `route` is the route's index, `None` when no route matched.
+    pub fn count(&self, route: Option<usize>, outcome: Counted) {
+        let last = self.rows.len() - 1;
+        let row = &self.rows[route.unwrap_or(last).min(last)];
+        match outcome {
+            Counted::Allow => row.allow.inc(),
+            Counted::Deny(d) => row.deny[d.index()].inc(),
+            Counted::Error => row.error.inc(),
+        };
+    }
+}
+
 /// Every metric tokengate exports.
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
-    rows: Vec<DecisionRow>,
+    decisions: Family<DecisionLabels, Counter>,
+    rows: RouteCounters,
     /// Check latency (seconds).
     pub check_duration: Histogram,
     /// Cache hits.
@@ -121,6 +154,11 @@ pub struct Metrics {
     pub jwks_age: Seconds,
     /// Keys in the JWKS.
     pub jwks_keys: Gauge,
+    /// 1 when the last reload (or the start) applied the file, 0 when it was refused.
+    pub config_reload_success: Gauge,
+    /// Unix time of the last successful reload (or of the start).
+    pub config_reload_success_timestamp: Seconds,
+    config_reloads: Family<ResultLabels, Counter>,
 }
 
 impl Metrics {
@@ -133,24 +171,7 @@ impl Metrics {
             "Check decisions by route, outcome and reason",
             decisions.clone(),
         );
-        let row = |route: &str| {
-            let get = |outcome: &'static str, reason: &'static str| {
-                decisions
-                    .get_or_create(&DecisionLabels {
-                        route: route.to_owned(),
-                        outcome,
-                        reason,
-                    })
-                    .clone()
-            };
-            DecisionRow {
-                allow: get("allow", ALLOW_REASON),
-                deny: Denial::ALL.iter().map(|d| get("deny", d.code())).collect(),
-                error: get("error", ERROR_REASON),
-            }
-        };
-        let mut rows: Vec<DecisionRow> = routes.into_iter().map(row).collect();
-        rows.push(row(NO_ROUTE_LABEL));
+        let rows = route_counters(&decisions, routes);
 
         let check_duration = Histogram::new(exponential_buckets(0.000_05, 2.0, 16));
         registry.register(
@@ -255,8 +276,37 @@ impl Metrics {
             build_info,
         );
         // --- end build info ---
+        // --- config reload (issue 12 item 5; see `crate::reload`) ---
+        let config_reload_success = Gauge::default();
+        config_reload_success.set(1);
+        registry.register(
+            "tokengate_config_last_reload_success",
+            "Whether the last configuration reload (or the start) applied the file",
+            config_reload_success.clone(),
+        );
+        let config_reload_success_timestamp = Seconds::default();
+        config_reload_success_timestamp.set(unix_now());
+        registry.register(
+            "tokengate_config_last_reload_success_timestamp_seconds",
+            "Unix time of the last successful configuration reload (or of the start)",
+            config_reload_success_timestamp.clone(),
+        );
+        let config_reloads = Family::<ResultLabels, Counter>::default();
+        for result in ["success", "failure"] {
+            drop(config_reloads.get_or_create(&ResultLabels { result }));
+        }
+        registry.register(
+            "tokengate_config_reloads",
+            "Configuration reloads by result",
+            config_reloads.clone(),
+        );
+        // --- end config reload ---
         Metrics {
             registry,
+            decisions,
+            config_reload_success,
+            config_reload_success_timestamp,
+            config_reloads,
             revocations,
             local_fallbacks,
             watch_staleness,
@@ -275,15 +325,30 @@ impl Metrics {
         }
     }
 
-    /// Counts a decision; `route` is the route's index, `None` when no route matched.
+    /// Counts a decision under the routes of the start-up configuration; `route` is the
+    /// route's index, `None` when no route matched. (Checks count with their snapshot's
+    /// [`RouteCounters`].)
     pub fn decision(&self, route: Option<usize>, outcome: Counted) {
-        let last = self.rows.len() - 1;
-        let row = &self.rows[route.unwrap_or(last).min(last)];
-        match outcome {
-            Counted::Allow => row.allow.inc(),
-            Counted::Deny(d) => row.deny[d.index()].inc(),
-            Counted::Error => row.error.inc(),
-        };
+        self.rows.count(route, outcome);
+    }
+
+    /// The decision counters of these routes (names in configuration order), for a new
+    /// configuration snapshot; series of routes that keep their name are shared.
+    pub fn route_counters<'a>(&self, routes: impl IntoIterator<Item = &'a str>) -> RouteCounters {
+        route_counters(&self.decisions, routes)
+    }
+
+    /// Records a configuration reload: the gauge, the timestamp on success, the counter.
+    pub fn config_reloaded(&self, success: bool) {
+        self.config_reload_success.set(i64::from(success));
+        if success {
+            self.config_reload_success_timestamp.set(unix_now());
+        }
+        self.config_reloads
+            .get_or_create(&ResultLabels {
+                result: if success { "success" } else { "failure" },
+            })
+            .inc();
     }
 
     /// Counts a failed TokenReview attempt.
@@ -318,6 +383,37 @@ impl Metrics {
     }
 }
 
+fn route_counters<'a>(
+    decisions: &Family<DecisionLabels, Counter>,
+    routes: impl IntoIterator<Item = &'a str>,
+) -> RouteCounters {
+    let row = |route: &str| {
+        let get = |outcome: &'static str, reason: &'static str| {
+            decisions
+                .get_or_create(&DecisionLabels {
+                    route: route.to_owned(),
+                    outcome,
+                    reason,
+                })
+                .clone()
+        };
+        DecisionRow {
+            allow: get("allow", ALLOW_REASON),
+            deny: Denial::ALL.iter().map(|d| get("deny", d.code())).collect(),
+            error: get("error", ERROR_REASON),
+        }
+    };
+    let mut rows: Vec<DecisionRow> = routes.into_iter().map(row).collect();
+    rows.push(row(NO_ROUTE_LABEL));
+    RouteCounters { rows }
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -342,6 +438,52 @@ mod tests {
         assert!(text.contains(
             r#"tokengate_decisions_total{route="data-store",outcome="error",reason="api_unavailable"} 1"#
         ));
+    }
+
+    #[test]
+    fn route_counters_follow_names_not_positions() {
+        let m = Metrics::new(["a", "b"]);
+        // After a reload that removed `a`, `b` is at index 0 and keeps its series.
+        let after = m.route_counters(["b"]);
+        m.decision(Some(1), Counted::Allow);
+        after.count(Some(0), Counted::Allow);
+        let text = m.encode();
+        assert!(
+            text.contains(r#"tokengate_decisions_total{route="b",outcome="allow",reason="ok"} 2"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"tokengate_decisions_total{route="a",outcome="allow",reason="ok"} 0"#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn reloads_are_recorded() {
+        let m = Metrics::new(["r"]);
+        assert!(m
+            .encode()
+            .contains("tokengate_config_last_reload_success 1\n"));
+        m.config_reloaded(false);
+        let text = m.encode();
+        assert!(
+            text.contains("tokengate_config_last_reload_success 0\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"tokengate_config_reloads_total{result="failure"} 1"#),
+            "{text}"
+        );
+        m.config_reloaded(true);
+        let text = m.encode();
+        assert!(
+            text.contains("tokengate_config_last_reload_success 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tokengate_config_last_reload_success_timestamp_seconds "),
+            "{text}"
+        );
     }
 
     #[test]

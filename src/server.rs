@@ -1,7 +1,7 @@
 //! The gRPC edge: `envoy.service.auth.v3.Authorization/Check` and `grpc.health.v1` on one port.
 //!
 //! Each Check is read into a [`RequestView`], decided by the [`Checker`] and answered by the
-//! [`Responder`]; this is the only place the three meet. On shutdown the health status turns
+//! [`Responder`](crate::decision::Responder); this is the only place the three meet. On shutdown the health status turns
 //! NOT_SERVING first while Checks are still served (the drain delay), then tonic stops
 //! accepting, sends GOAWAY and drains in-flight Checks (see [`crate::shutdown`]).
 //!
@@ -30,7 +30,6 @@ use tonic_health::ServingStatus;
 
 use crate::check::{Checker, Outcome};
 use crate::config::GrpcLimits;
-use crate::decision::Responder;
 use crate::error::{Error, Report};
 use crate::io::{Admission, Guarded, ScalarWrites};
 use crate::request::RequestView;
@@ -94,10 +93,9 @@ impl OutageLog {
 }
 
 /// The tonic service: reads each Check, hands it to the [`Checker`], answers with the
-/// [`Responder`].
+/// [`Responder`](crate::decision::Responder) of the configuration snapshot it was decided under.
 pub struct AuthzService {
     checker: Arc<Checker>,
-    responder: Responder,
     outages: OutageLog,
 }
 
@@ -107,14 +105,15 @@ impl Authorization for AuthzService {
         &self,
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
+        let snapshot = self.checker.snapshot();
         let outcome = match RequestView::new(request.get_ref()) {
-            Some(view) => self.checker.check(&view).await,
-            None => self.checker.unreadable(),
+            Some(view) => self.checker.check(&snapshot, &view).await,
+            None => self.checker.unreadable(&snapshot),
         };
         if let Outcome::Unavailable { route, error } = &outcome {
             self.outages.record(&route.name, error);
         }
-        self.responder.respond(&outcome).map(Response::new)
+        snapshot.responder().respond(&outcome).map(Response::new)
     }
 }
 
@@ -235,7 +234,6 @@ impl Stream for UnixIncoming {
 /// [`Lifecycle`]: crate::shutdown::Lifecycle
 pub async fn run(
     checker: Arc<Checker>,
-    responder: Responder,
     listener: GrpcListener,
     limits: GrpcLimits,
     mut shutdown: Shutdown,
@@ -246,7 +244,6 @@ pub async fn run(
         .await;
     let authz = AuthorizationServer::new(AuthzService {
         checker,
-        responder,
         outages: OutageLog::new(OUTAGE_LOG_EVERY),
     })
     .max_decoding_message_size(limits.max_message_bytes);
