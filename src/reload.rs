@@ -159,16 +159,28 @@ enum Trigger {
     Hangup,
 }
 
-/// Re-reads `source` on change and on SIGHUP until `stop` completes, applying each valid
-/// file to `checker` and recording every attempt in `metrics` and the log.
-pub async fn run(
+/// The task that re-reads `source` on change and on SIGHUP until `stop` completes, applying
+/// each valid file to `checker` and recording every attempt in `metrics` and the log. SIGHUP
+/// is listened for from this call on (not from the task's first poll), so a signal sent once
+/// `serve` is up is never the default action, which would end the process.
+pub fn run(
     source: Source,
+    checker: Arc<Checker>,
+    metrics: Arc<Metrics>,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> impl Future<Output = ()> + Send + 'static {
+    let hangup = hangups(source.on_sighup);
+    watch(source, hangup, checker, metrics, stop)
+}
+
+async fn watch(
+    source: Source,
+    mut hangup: Hangups,
     checker: Arc<Checker>,
     metrics: Arc<Metrics>,
     stop: impl Future<Output = ()> + Send + 'static,
 ) {
     tokio::pin!(stop);
-    let mut hangup = hangups(source.on_sighup);
     let mut poll = source.poll_every.map(|every| {
         let mut t = tokio::time::interval(every);
         t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

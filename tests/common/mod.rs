@@ -122,8 +122,9 @@ impl Tokengate {
     /// admin endpoints on a fresh `127.0.0.1:0`. Without an explicit `listen.drain_delay` in
     /// `yaml` the delay is zero: stopping drains at once.
     ///
-    /// The only call of `tokengate::serve_with_http` and `Config::from_yaml_str` in the tests: their
-    /// errors are turned into text here, so a change of their error types stops here.
+    /// With [`Tokengate::start_reloading`], the only calls of `tokengate::serve_with_reload`
+    /// and `Config::from_yaml_str` / `Config::load` in the tests: their errors are turned into
+    /// text here, so a change of their error types stops here.
     pub async fn start(yaml: &str, grpc: tokengate::GrpcListener) -> Result<Tokengate> {
         Tokengate::start_with_http(yaml, grpc, None).await
     }
@@ -141,6 +142,35 @@ impl Tokengate {
         if !yaml.contains("drain_delay:") {
             config.listen.drain_delay = Duration::ZERO;
         }
+        Tokengate::spawn(config, None, grpc, http).await
+    }
+
+    /// tokengate serving the configuration file `path` as `tokengate serve` does: re-read
+    /// every `poll` (`None`: never) and on SIGHUP when `sighup`. The file is used as written
+    /// (a reload compares it with the running configuration, so nothing is patched in):
+    /// give it `listen: {drain_delay: 0s}` to stop at once.
+    pub async fn start_reloading(
+        path: &Path,
+        poll: Option<Duration>,
+        sighup: bool,
+        grpc: tokengate::GrpcListener,
+    ) -> Result<Tokengate> {
+        let config = tokengate::Config::load(path)
+            .map_err(|e| anyhow!("tokengate rejected the test config: {e}"))?;
+        let source = tokengate::reload::Source {
+            path: path.to_owned(),
+            poll_every: poll,
+            on_sighup: sighup,
+        };
+        Tokengate::spawn(config, Some(source), grpc, None).await
+    }
+
+    async fn spawn(
+        config: tokengate::Config,
+        reload: Option<tokengate::reload::Source>,
+        grpc: tokengate::GrpcListener,
+        http: Option<tokio::net::TcpListener>,
+    ) -> Result<Tokengate> {
         let admin = testkit::ports::listener().await?;
         let admin_addr = admin.local_addr()?;
         let (tx, rx) = oneshot::channel::<()>();
@@ -148,7 +178,7 @@ impl Tokengate {
             let stopped = async move {
                 let _ = rx.await;
             };
-            tokengate::serve_with_http(config, grpc, admin, http, stopped)
+            tokengate::serve_with_reload(config, reload, grpc, admin, http, stopped)
                 .await
                 .map_err(|e| anyhow!("tokengate::serve: {e:#}"))
         });
@@ -233,6 +263,26 @@ impl Harness {
         let gate = Tokengate::start(yaml, grpc.into())
             .await
             .unwrap_or_else(|e| panic!("{e:#}"));
+        Harness::connect(world, gate, grpc_addr).await
+    }
+
+    /// tokengate serving the file `path` against `world`, reloading it as
+    /// [`Tokengate::start_reloading`] does.
+    pub async fn start_reloading(
+        world: World,
+        path: &Path,
+        poll: Option<Duration>,
+        sighup: bool,
+    ) -> Harness {
+        let grpc = testkit::ports::listener().await.unwrap();
+        let grpc_addr = grpc.local_addr().unwrap();
+        let gate = Tokengate::start_reloading(path, poll, sighup, grpc.into())
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        Harness::connect(world, gate, grpc_addr).await
+    }
+
+    async fn connect(world: World, gate: Tokengate, grpc_addr: std::net::SocketAddr) -> Harness {
         let channel = Channel::from_shared(format!("http://{grpc_addr}"))
             .unwrap()
             .connect()
