@@ -10,6 +10,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::*;
+use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use envoy_types::pb::envoy::service::auth::v3::CheckRequest;
 use tokio::time::Instant;
 
@@ -266,11 +267,7 @@ async fn sighup_reloads() {
         None,
         "without a poll the file is not re-read until SIGHUP"
     );
-    let status = std::process::Command::new("kill")
-        .args(["-HUP", &std::process::id().to_string()])
-        .status()
-        .expect("running kill");
-    assert!(status.success());
+    hangup(std::process::id());
     wait_metric(&h, RELOADED, 1.0).await;
     assert_eq!(
         reason(&h.check_ok(strict(&token)).await).as_deref(),
@@ -278,12 +275,132 @@ async fn sighup_reloads() {
     );
 
     // SIGHUP with the file unchanged: a successful reload that changes nothing.
-    let status = std::process::Command::new("kill")
-        .args(["-HUP", &std::process::id().to_string()])
-        .status()
-        .expect("running kill");
-    assert!(status.success());
+    hangup(std::process::id());
     wait_metric(&h, RELOADED, 2.0).await;
     assert_eq!(metric(&metrics(&h).await, SUCCESS), Some(1.0));
     h.stop().await;
+}
+
+/// `kill -HUP pid` (the test's own process, or the tokengate it started).
+fn hangup(pid: u32) {
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &pid.to_string()])
+        .status()
+        .expect("running kill");
+    assert!(status.success());
+}
+
+/// The built binary as a pod runs it: `tokengate serve --config FILE`, SIGHUP only
+/// (`--watch-config 0s`), its log in a file. A refused file is logged with the problem list
+/// `tokengate check-config` prints for it, the process keeps serving the old configuration,
+/// and the next SIGHUP with a good file changes the decision.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_reloads_on_sighup_and_logs_why_it_refused() {
+    let world = world().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tokengate.yaml");
+    let [grpc, admin] = testkit::ports::free_ports::<2>();
+    let admin_addr: std::net::SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
+    let with_ports = |allowed: &str| {
+        file_config(&world, allowed).replace(
+            "listen:\n",
+            &format!("listen:\n  grpc: 127.0.0.1:{grpc}\n  admin: {admin_addr}\n"),
+        )
+    };
+    std::fs::write(&path, with_ports("api/api")).unwrap();
+    let log_path = dir.path().join("tokengate.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokengate"))
+        .args(["serve", "--watch-config", "0s", "--config"])
+        .arg(&path)
+        .env_remove("RUST_LOG")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("starting tokengate");
+    let pid = child.id().unwrap();
+
+    let metrics = || async {
+        testkit::http::get(admin_addr, "/metrics", &[])
+            .await
+            .map(|r| r.body)
+            .unwrap_or_default()
+    };
+    let wait = |name: &'static str, value: f64| {
+        let metrics = &metrics;
+        let log_path = &log_path;
+        async move {
+            let deadline = Instant::now() + WITHIN;
+            while metric(&metrics().await, name) != Some(value) {
+                assert!(
+                    Instant::now() < deadline,
+                    "{name} never became {value}; log:\n{}",
+                    std::fs::read_to_string(log_path).unwrap_or_default()
+                );
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        }
+    };
+    wait(SUCCESS, 1.0).await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{grpc}"))
+        .unwrap()
+        .connect()
+        .await
+        .expect("connecting to tokengate");
+    let client = AuthorizationClient::new(channel);
+    let token = world.api_token(AUD);
+    let decide = |req: CheckRequest| {
+        let mut client = client.clone();
+        async move { reason(&client.check(req).await.expect("Check").into_inner()) }
+    };
+    assert_eq!(decide(strict(&token)).await, None);
+
+    // A bad file: refused, logged with check-config's own words, old decisions stand.
+    let bad = with_ports("web/web").replace("audiences: [data-store]", "audiences: []");
+    std::fs::write(&path, &bad).unwrap();
+    let check = std::process::Command::new(env!("CARGO_BIN_EXE_tokengate"))
+        .arg("check-config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!check.status.success());
+    let problems: Vec<String> = String::from_utf8_lossy(&check.stderr)
+        .lines()
+        .filter(|l| l.trim_start().starts_with("line "))
+        .map(|l| l.trim().to_owned())
+        .collect();
+    assert!(!problems.is_empty(), "{check:?}");
+    hangup(pid);
+    wait(SUCCESS, 0.0).await;
+    let logged = std::fs::read_to_string(&log_path).unwrap();
+    assert!(logged.contains("configuration reload refused"), "{logged}");
+    for p in &problems {
+        assert!(
+            logged.contains(p.as_str()),
+            "{p:?} not in the log:\n{logged}"
+        );
+    }
+    assert_eq!(decide(strict(&token)).await, None);
+
+    // A good one: applied on the next SIGHUP.
+    std::fs::write(&path, with_ports("web/web")).unwrap();
+    hangup(pid);
+    wait(SUCCESS, 1.0).await;
+    assert_eq!(decide(strict(&token)).await.as_deref(), Some("not_allowed"));
+    let logged = std::fs::read_to_string(&log_path).unwrap();
+    assert!(logged.contains("configuration reloaded"), "{logged}");
+
+    // SIGTERM: a clean exit.
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("tokengate did not exit within 30 s")
+        .unwrap();
+    assert!(exit.success(), "{exit:?}");
+    world.shutdown().await;
 }
