@@ -16,7 +16,8 @@
 //! Kubernetes ConfigMap volume's `..data` symlink swap is followed, as is an editor's
 //! rename-over) and compared with the last bytes seen; a change is applied once two reads a
 //! moment apart agree (a file being written in place settles first). Reading a few KB every
-//! few seconds costs less than an inotify watch that must be re-armed across symlink swaps.
+//! few seconds is negligible, and unlike an inotify watch it needs no re-arming when a
+//! symlink or the file itself is replaced.
 
 use std::future::Future;
 use std::path::PathBuf;
