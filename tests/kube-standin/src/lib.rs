@@ -50,6 +50,8 @@ pub mod discovery;
 pub mod keys;
 pub mod kubeconfig;
 pub mod protobuf;
+pub mod rbac;
+pub mod rbac_api;
 pub mod server;
 pub mod status;
 pub mod tls;
@@ -396,7 +398,7 @@ impl Standin {
             cluster.bind(
                 "tokengate-auth-delegator",
                 "system:auth-delegator",
-                Subject::ServiceAccount(rns.to_string(), rname.to_string()),
+                Subject::service_account(rns, rname),
             );
         }
         let reviewer = Reviewer {
@@ -430,6 +432,7 @@ impl Standin {
         let shared = Arc::new(Shared {
             cluster,
             reviews: AtomicU64::new(0),
+            access_reviews: AtomicU64::new(0),
             fault: Mutex::new(Fault::None),
             down: down_tx,
             url: url.clone(),
@@ -693,7 +696,7 @@ impl Standin {
         self.shared.cluster.bind(
             binding,
             cluster_role,
-            Subject::ServiceAccount(subject_sa.0.to_string(), subject_sa.1.to_string()),
+            Subject::service_account(subject_sa.0, subject_sa.1),
         );
     }
 
@@ -737,6 +740,12 @@ impl Standin {
     /// Deletes a secret.
     pub fn delete_secret(&self, ns: &str, name: &str) {
         self.shared.cluster.delete_secret(ns, name);
+    }
+
+    /// Number of `POST subjectaccessreviews` requests that reached the handler, counted
+    /// before faults, authentication and validation.
+    pub fn subject_access_reviews_served(&self) -> u64 {
+        self.shared.access_reviews.load(Ordering::SeqCst)
     }
 
     /// Number of `POST tokenreviews` requests that reached the handler, counted before
