@@ -1,6 +1,7 @@
 //! One Check, start to finish: the only place that sequences the steps.
 //!
-//! route → token → cache (hit: done) → precheck → single-flight TokenReview → policy. Each
+//! route → token → cache (hit: done) → precheck → single-flight TokenReview → policy → rbac
+//! (a cached SubjectAccessReview, for routes with `allow.rbac`). Each
 //! step only returns a value; none calls another. The answer to "why was this request
 //! denied?" is the [`Denial`] returned by exactly one of them. The sequencer reads a
 //! [`RequestView`] and returns an [`Outcome`]; it never sees Envoy's protobufs (`server` reads
@@ -30,6 +31,7 @@ use crate::keys::KeySet;
 use crate::metrics::{Counted, Metrics};
 use crate::policy;
 use crate::precheck;
+use crate::rbac::Authorizer;
 use crate::request::{RequestView, TokenLookup};
 use crate::review::{ReviewError, Reviewer, Verdict};
 use crate::revocation::{Admitted, Revocation, Vouch};
@@ -65,6 +67,8 @@ pub struct Checker {
     routes: Routes,
     cache: Arc<Cache<Remembered, ReviewError>>,
     reviewer: Arc<Reviewer>,
+    /// SubjectAccessReviews for routes with `allow.rbac`.
+    authorizer: Authorizer,
     revocation: Option<Revocation>,
     local: Option<Local>,
     metrics: Arc<Metrics>,
@@ -135,11 +139,15 @@ impl Checker {
             metrics.cache_entries.clone(),
         )
         .map_err(|_| Error::Random)?;
+        let reviewer = Arc::new(reviewer);
+        let authorizer = Authorizer::new(Arc::clone(&reviewer), config.cache.rbac, metrics.clone())
+            .map_err(|_| Error::Random)?;
         Ok(Checker {
             token_sources: config.token_sources.clone(),
             routes: Routes::new(&config.routes),
             cache: Arc::new(cache),
-            reviewer: Arc::new(reviewer),
+            reviewer,
+            authorizer,
             revocation,
             local,
             metrics,
@@ -287,6 +295,21 @@ impl Checker {
         if !policy::permits(route.allow.as_ref(), &identity) {
             tracing::debug!(route = %route.name, user = %identity.username, "not on the allow-list");
             return deny(Some(route), Denial::NotAllowed);
+        }
+        // allow.rbac: after the static lists, a SubjectAccessReview must also allow.
+        if let Some(rule) = route.allow.as_ref().and_then(|a| a.rbac.as_ref()) {
+            match self
+                .authorizer
+                .allows(rule, &identity, view.method, view.path)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::debug!(route = %route.name, user = %identity.username, "RBAC denied");
+                    return deny(Some(route), Denial::RbacDenied);
+                }
+                Err(error) => return Outcome::Unavailable { route, error },
+            }
         }
         Outcome::Allow {
             route,
@@ -442,6 +465,7 @@ mod tests {
             groups: vec![],
             pod_name: None,
             pod_uid: None,
+            extra: Default::default(),
         }
     }
 

@@ -20,6 +20,9 @@ pub struct Identity {
     pub pod_name: Option<String>,
     /// UID of that pod (`authentication.kubernetes.io/pod-uid`), if any.
     pub pod_uid: Option<String>,
+    /// The user's `extra` as TokenReview reported it (pod and node name/UID, credential ID),
+    /// passed on whole in SubjectAccessReviews (`allow.rbac`).
+    pub extra: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 /// Shows a token in logs as a short SHA-256 prefix: enough to correlate lines, useless to
