@@ -282,7 +282,8 @@ async fn rbac_route_follows_kubectl_rolebindings() {
         .unwrap_or_else(|e| panic!("starting the stack: {e:#}"));
     let admin = stack.world.standin.admin_kubeconfig_path();
     let token = stack.world.api_token("data-store");
-    let call = || stack.get("/items", &[HOST, ("x-client-id", &token)]);
+    let headers = [HOST, ("x-client-id", token.as_str())];
+    let call = || stack.get("/items", &headers);
 
     let resp = call().await;
     assert_eq!(resp.status, 403, "no RoleBinding yet: {resp:?}");
