@@ -1766,6 +1766,84 @@ log:
     }
 
     #[test]
+    fn allow_rbac_parses_and_names_its_problems() {
+        use crate::rbac::{PathSource, Rule, Target, Verb};
+        let route = |rbac: &str| {
+            format!("routes:\n  - name: a\n    audiences: [a]\n    allow:\n      rbac: {rbac}\n")
+        };
+        let c = Config::from_yaml_str(&route(
+            "{resource: {resource: services, subresource: proxy, name: s, namespace: n}}",
+        ))
+        .unwrap();
+        let allow = c.routes[0].allow.as_ref().unwrap();
+        assert_eq!(
+            allow.rbac,
+            Some(Rule {
+                verb: Verb::FromMethod,
+                target: Target::Resource {
+                    group: String::new(),
+                    resource: "services".into(),
+                    subresource: "proxy".into(),
+                    name: "s".into(),
+                    namespace: "n".into(),
+                },
+            })
+        );
+        assert!(
+            allow.service_accounts.is_empty(),
+            "rbac alone: no static lists"
+        );
+        let c = Config::from_yaml_str(&route("{verb: get, non_resource_path: request}")).unwrap();
+        assert_eq!(
+            c.routes[0]
+                .allow
+                .as_ref()
+                .unwrap()
+                .rbac
+                .as_ref()
+                .unwrap()
+                .target,
+            Target::Path(PathSource::Request)
+        );
+        assert_eq!(c.cache.rbac.allowed_ttl, Duration::from_secs(10));
+        assert_eq!(c.cache.rbac.denied_ttl, Duration::from_secs(5));
+        for (rbac, field) in [
+            ("{verb: get}", "routes[0].allow.rbac"),
+            (
+                "{non_resource_path: /x, resource: {resource: s}}",
+                "routes[0].allow.rbac",
+            ),
+            (
+                "{verb: GET, non_resource_path: /x}",
+                "routes[0].allow.rbac.verb",
+            ),
+            (
+                "{non_resource_path: x}",
+                "routes[0].allow.rbac.non_resource_path",
+            ),
+            (
+                "{resource: {resource: \"\"}}",
+                "routes[0].allow.rbac.resource.resource",
+            ),
+            (
+                "{resource: {resource: pods/log}}",
+                "routes[0].allow.rbac.resource.resource",
+            ),
+            (
+                "{resource: {resource: pods, namespace: a/b}}",
+                "routes[0].allow.rbac.resource.namespace",
+            ),
+        ] {
+            let e = errors(&route(rbac));
+            assert_eq!(e.len(), 1, "{rbac}: {e:?}");
+            assert_eq!(e[0].field, field, "{rbac}");
+            assert_eq!(e[0].line, 5, "{rbac}");
+        }
+        let e = errors(&route("{non_resource_path: /x, verbs: [get]}"));
+        assert!(e[0].message.contains("unknown field"), "{e:?}");
+    }
+
+    #[test]
     fn wrong_type_names_field_and_line() {
         let e = errors("kubernetes:\n  retries: -1\nroutes: []\n");
         assert_eq!(e[0].field, "kubernetes.retries");

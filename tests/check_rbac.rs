@@ -345,3 +345,25 @@ async fn api_server_trouble_is_unavailable_never_an_allow() {
     }
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_misses_share_one_review() {
+    let h = start().await;
+    let api = h.world.api_token(AUD);
+    // The token's verdict first, so that only the SubjectAccessReview is missing.
+    assert_eq!(
+        answer(&h, req("paths", "GET", "/warm", &api))
+            .await
+            .as_deref(),
+        Some("rbac_denied")
+    );
+    let before = h.world.standin.subject_access_reviews_served();
+    let checks: Vec<_> = (0..32)
+        .map(|_| h.check(req("paths", "GET", "/same", &api)))
+        .collect();
+    for r in futures::future::join_all(checks).await {
+        assert_eq!(reason(&r.unwrap()).as_deref(), Some("rbac_denied"));
+    }
+    assert_eq!(h.world.standin.subject_access_reviews_served(), before + 1);
+    h.stop().await;
+}
