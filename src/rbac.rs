@@ -228,7 +228,7 @@ fn build(rule: &Rule, id: &Identity, method: &str, path: &str) -> Option<Subject
             user: Some(id.username.clone()),
             uid: id.uid.clone(),
             groups: Some(id.groups.clone()).filter(|g| !g.is_empty()),
-            extra: Some(id.extra.clone()).filter(|e| !e.is_empty()),
+            extra: Some(id.extra.to_map()).filter(|e| !e.is_empty()),
             resource_attributes,
             non_resource_attributes,
         },
@@ -252,11 +252,13 @@ mod tests {
             ],
             pod_name: Some("api-0".into()),
             pod_uid: Some("p-1".into()),
-            extra: [(
-                "authentication.kubernetes.io/pod-name".to_string(),
-                vec!["api-0".to_string()],
-            )]
-            .into(),
+            extra: crate::identity::Extra::from_map(
+                &[(
+                    "authentication.kubernetes.io/pod-name".to_string(),
+                    vec!["api-0".to_string()],
+                )]
+                .into(),
+            ),
         }
     }
 

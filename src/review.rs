@@ -538,7 +538,7 @@ fn verdict(status: Option<TokenReviewStatus>, requested: &[String], token: &str)
         groups: user.groups.unwrap_or_default(),
         pod_name,
         pod_uid,
-        extra,
+        extra: crate::identity::Extra::from_map(&extra),
     })
 }
 

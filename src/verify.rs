@@ -782,7 +782,7 @@ pub fn verify(
         uid: Some(sa.uid).filter(|u| !u.is_empty()),
         pod_name: pod.as_ref().map(|p| p.name.clone()),
         pod_uid: pod.as_ref().map(|p| p.uid.clone()),
-        extra,
+        extra: crate::identity::Extra::from_map(&extra),
     };
     LocalVerdict::Valid(Box::new(Verified {
         identity,
