@@ -367,3 +367,55 @@ async fn concurrent_misses_share_one_review() {
     assert_eq!(h.world.standin.subject_access_reviews_served(), before + 1);
     h.stop().await;
 }
+
+/// `verification: local`: the identity comes from the token and the watches, not TokenReview,
+/// and RBAC still decides, for the same user (UID, groups and `extra` as TokenReview has them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_verification_routes_ask_rbac_too() {
+    let world = world().await;
+    world.standin.grant_reviewer_watch();
+    let yaml = with_kubeconfig(
+        &CONFIG.replace(
+            "    allow:\n      namespaces: [api]",
+            "    verification: local\n    allow:\n      namespaces: [api]",
+        ),
+        &world.standin.kubeconfig_path(),
+    )
+    .unwrap();
+    assert!(yaml.contains("verification: local"));
+    let h = Harness::start_with(world, &yaml).await;
+    for _ in 0..300 {
+        if h.admin_get("/readyz").await.0 == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(h.admin_get("/readyz").await.0, 200, "watches never synced");
+    let admin = h.world.standin.admin_kubeconfig_path();
+    kubectl(&admin, &["create"], Some(ROLE)).await;
+    let token = h.world.api_token(AUD);
+    let get = || req("proxy", "GET", "/items", &token);
+    let reviews = h.world.standin.token_reviews_served();
+    assert_eq!(answer(&h, get()).await.as_deref(), Some("rbac_denied"));
+    kubectl(
+        &admin,
+        &[
+            "create",
+            "rolebinding",
+            "api-proxy",
+            "-n",
+            "data-store",
+            "--role=data-store-proxy",
+            "--user=system:serviceaccount:api:api",
+        ],
+        None,
+    )
+    .await;
+    until(&h, get, None).await;
+    assert_eq!(
+        h.world.standin.token_reviews_served(),
+        reviews,
+        "verified locally, no TokenReview"
+    );
+    h.stop().await;
+}

@@ -13,11 +13,15 @@
 //!   pod/secret lookups by name and UID) and answers with the exact JSON shape and error
 //!   strings (`[invalid bearer token, ...]`).
 //! * **Caller authentication and RBAC**: a bad token gets the 401 `Status`, a caller not
-//!   bound to `system:auth-delegator` the 403 `Status` with the real message.
+//!   bound to `system:auth-delegator` the 403 `Status` with the real message. RBAC is the
+//!   API server's authorizer ([`rbac`]) over Roles, ClusterRoles, RoleBindings and
+//!   ClusterRoleBindings created and deleted through the API (kubectl included, [`rbac_api`]).
+//! * **SubjectAccessReview** (`POST /apis/authorization.k8s.io/v1/subjectaccessreviews`)
+//!   answers `status.allowed` and the RBAC authorizer's reason for any user info.
 //! * **OIDC discovery** (`/.well-known/openid-configuration`, `/openid/v1/jwks`) with key
 //!   rotation ([`Standin::add_signing_key`], [`Standin::retire_key`]).
 //! * **Objects and controls**: service accounts, pods (deleting one revokes its tokens),
-//!   ClusterRoleBindings, a TokenReview counter and run-time [`Fault`]s.
+//!   RBAC objects, TokenReview and SubjectAccessReview counters and run-time [`Fault`]s.
 //! * **Discovery documents** (`/api`, `/apis`, `/api/v1`, `/apis/<group>/v1`, `/version`)
 //!   so `kubectl create -f tokenreview.yaml -o yaml` works. `/openapi/v3` is 404 and
 //!   `/openapi/v2` is a valid document without definitions, so kubectl skips client-side
