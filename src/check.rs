@@ -1,6 +1,7 @@
 //! One Check, start to finish: the only place that sequences the steps.
 //!
-//! route → token → cache (hit: done) → precheck → single-flight TokenReview → policy. Each
+//! route → token → cache (hit: done) → precheck → single-flight TokenReview → policy → rbac
+//! (a cached SubjectAccessReview, for routes with `allow.rbac`). Each
 //! step only returns a value; none calls another. The answer to "why was this request
 //! denied?" is the [`Denial`] returned by exactly one of them. The sequencer reads a
 //! [`RequestView`] and returns an [`Outcome`]; it never sees Envoy's protobufs (`server` reads
@@ -40,6 +41,7 @@ use crate::keys::KeySet;
 use crate::metrics::{Counted, Metrics, RouteCounters};
 use crate::policy;
 use crate::precheck;
+use crate::rbac::Authorizer;
 use crate::request::{RequestView, TokenLookup};
 use crate::review::{ReviewError, Reviewer, Verdict};
 use crate::revocation::{Admitted, Revocation, Vouch};
@@ -91,6 +93,8 @@ pub struct Snapshot {
     token_sources: Vec<TokenSource>,
     routes: Routes,
     cache: Arc<VerdictCache>,
+    /// SubjectAccessReviews (and their cache) for routes with `allow.rbac`.
+    authorizer: Arc<Authorizer>,
     responder: Responder,
     counters: RouteCounters,
     /// The configuration it was built from (to tell what the next reload changes).
@@ -178,10 +182,12 @@ impl Checker {
             max_staleness,
         });
         let cache = new_cache(config, &metrics)?;
-        let live = ArcSwap::from_pointee(snapshot(config, cache, &metrics));
+        let reviewer = Arc::new(reviewer);
+        let authorizer = new_authorizer(config, &reviewer, &metrics)?;
+        let live = ArcSwap::from_pointee(snapshot(config, cache, authorizer, &metrics));
         Ok(Checker {
             live,
-            reviewer: Arc::new(reviewer),
+            reviewer,
             revocation,
             local,
             metrics,
@@ -204,14 +210,22 @@ impl Checker {
         // section type for `PartialEq`; the output is deterministic (no hash maps).
         let same =
             |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") == format!("{b:?}");
-        let (cache, fate) =
+        let (cache, authorizer, fate) =
             if same(&old.config.routes, &config.routes) && same(&old.config.cache, &config.cache) {
-                (Arc::clone(&old.cache), CacheFate::Kept)
+                (
+                    Arc::clone(&old.cache),
+                    Arc::clone(&old.authorizer),
+                    CacheFate::Kept,
+                )
             } else {
-                (new_cache(config, &self.metrics)?, CacheFate::Emptied)
+                (
+                    new_cache(config, &self.metrics)?,
+                    new_authorizer(config, &self.reviewer, &self.metrics)?,
+                    CacheFate::Emptied,
+                )
             };
         self.live
-            .store(Arc::new(snapshot(config, cache, &self.metrics)));
+            .store(Arc::new(snapshot(config, cache, authorizer, &self.metrics)));
         if fate == CacheFate::Emptied {
             // The gauge follows the new cache from its first insert; until then it is empty.
             self.metrics.cache_entries.set(0);
@@ -360,6 +374,21 @@ impl Checker {
             tracing::debug!(route = %route.name, user = %identity.username, "not on the allow-list");
             return deny(Some(route), Denial::NotAllowed);
         }
+        // allow.rbac: after the static lists, a SubjectAccessReview must also allow.
+        if let Some(rule) = route.allow.as_ref().and_then(|a| a.rbac.as_ref()) {
+            match snapshot
+                .authorizer
+                .allows(rule, &identity, view.method, view.path)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::debug!(route = %route.name, user = %identity.username, "RBAC denied");
+                    return deny(Some(route), Denial::RbacDenied);
+                }
+                Err(error) => return Outcome::Unavailable { route, error },
+            }
+        }
         Outcome::Allow {
             route,
             identity,
@@ -406,12 +435,29 @@ fn new_cache(config: &Config, metrics: &Metrics) -> Result<Arc<VerdictCache>, Er
     Ok(Arc::new(cache))
 }
 
-/// The snapshot of `config` around `cache`.
-fn snapshot(config: &Config, cache: Arc<VerdictCache>, metrics: &Metrics) -> Snapshot {
+/// The SubjectAccessReview client and its answer cache, with `config`'s cache settings.
+fn new_authorizer(
+    config: &Config,
+    reviewer: &Arc<Reviewer>,
+    metrics: &Arc<Metrics>,
+) -> Result<Arc<Authorizer>, Error> {
+    let authorizer = Authorizer::new(Arc::clone(reviewer), config.cache.rbac, Arc::clone(metrics))
+        .map_err(|_| Error::Random)?;
+    Ok(Arc::new(authorizer))
+}
+
+/// The snapshot of `config` around `cache` and `authorizer`.
+fn snapshot(
+    config: &Config,
+    cache: Arc<VerdictCache>,
+    authorizer: Arc<Authorizer>,
+    metrics: &Metrics,
+) -> Snapshot {
     Snapshot {
         token_sources: config.token_sources.clone(),
         routes: Routes::new(&config.routes),
         cache,
+        authorizer,
         responder: Responder::new(&config.identity_headers),
         counters: metrics.route_counters(config.routes.iter().map(|r| r.name.as_str())),
         config: config.clone(),
@@ -544,6 +590,7 @@ mod tests {
             groups: vec![],
             pod_name: None,
             pod_uid: None,
+            extra: Default::default(),
         }
     }
 

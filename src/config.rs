@@ -48,6 +48,17 @@ pub mod defaults {
     pub const TOKEN_SCHEME: &str = "Bearer";
     /// HTTP status for invalid tokens.
     pub const INVALID_TOKEN_STATUS: u16 = 403;
+    /// SubjectAccessReview cache capacity (allowed and denied answers each).
+    pub const RBAC_CACHE_MAX_ENTRIES: NonZeroUsize = match NonZeroUsize::new(10_000) {
+        Some(n) => n,
+        None => panic!("not zero"), // evaluated at compile time
+    };
+    /// How long an allowed SubjectAccessReview answer is reused: a removed RoleBinding takes
+    /// effect within this.
+    pub const RBAC_TTL: Duration = Duration::from_secs(10);
+    /// How long a denied SubjectAccessReview answer is reused: a new grant takes effect
+    /// within this.
+    pub const RBAC_DENIED_TTL: Duration = Duration::from_secs(5);
     /// Cache capacity (entries).
     pub const CACHE_MAX_ENTRIES: NonZeroUsize = match NonZeroUsize::new(100_000) {
         Some(n) => n,
@@ -325,6 +336,8 @@ pub struct CacheConfig {
     pub ttl: Duration,
     /// Negative TTL; zero disables negative caching.
     pub negative_ttl: Duration,
+    /// SubjectAccessReview answers (`allow.rbac`): capacity and TTLs.
+    pub rbac: crate::rbac::CacheSettings,
 }
 
 /// Identity header names.
@@ -591,6 +604,30 @@ struct RawAllow {
     namespaces: Vec<Spanned<String>>,
     #[serde(default)]
     groups: Vec<Spanned<String>>,
+    rbac: Option<Spanned<RawRbac>>,
+}
+
+/// `allow.rbac`: exactly one of `resource` and `non_resource_path`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRbac {
+    verb: Option<Spanned<String>>,
+    resource: Option<Spanned<RawRbacResource>>,
+    non_resource_path: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRbacResource {
+    #[serde(default)]
+    group: String,
+    resource: Spanned<String>,
+    #[serde(default)]
+    subresource: String,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    namespace: String,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -600,6 +637,9 @@ struct RawCache {
     negative_max_entries: Option<Spanned<usize>>,
     ttl: Option<Spanned<String>>,
     negative_ttl: Option<Spanned<String>>,
+    rbac_max_entries: Option<Spanned<usize>>,
+    rbac_ttl: Option<Spanned<String>>,
+    rbac_denied_ttl: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1375,10 +1415,93 @@ fn allow(f: &str, a: &RawAllow, p: &mut Problems) -> Option<AllowList> {
         Glob::parse(n)
     });
     let groups = p.list(&format!("{f}.groups"), &a.groups, |g| Glob::parse(g));
+    let rbac = match &a.rbac {
+        None => Some(None),
+        Some(r) => rbac_rule(&format!("{f}.rbac"), r, p).map(Some),
+    };
     Some(AllowList {
         service_accounts: service_accounts?,
         namespaces: namespaces?,
         groups: groups?,
+        rbac: rbac?,
+    })
+}
+
+/// `allow.rbac`: the verb (`from_method` or a fixed lower-case verb) and exactly one of a
+/// resource and a non-resource path (`request` or a fixed absolute path).
+fn rbac_rule(f: &str, r: &Spanned<RawRbac>, p: &mut Problems) -> Option<crate::rbac::Rule> {
+    use crate::rbac::{PathSource, Rule, Target, Verb};
+    let verb = p.field(format!("{f}.verb"), &r.value.verb, Verb::FromMethod, |v| {
+        match v.trim() {
+            "from_method" => Ok(Verb::FromMethod),
+            v if !v.is_empty() && v.bytes().all(|b| b.is_ascii_lowercase() || b == b'*') => {
+                Ok(Verb::Fixed(v.to_owned()))
+            }
+            v => Err(format!(
+                "`{v}` is not `from_method` or a Kubernetes verb (get, list, create, update, patch, delete, ...)"
+            )),
+        }
+    });
+    let name_like = |what: &str, v: &str| {
+        if v.contains('/') || v.trim() != v {
+            Err(format!("{what} `{v}` must not contain `/` or spaces"))
+        } else {
+            Ok(v.to_owned())
+        }
+    };
+    let target = match (&r.value.resource, &r.value.non_resource_path) {
+        (Some(res), None) => {
+            let x = &res.value;
+            let checked = [
+                ("group", &x.group),
+                ("subresource", &x.subresource),
+                ("name", &x.name),
+                ("namespace", &x.namespace),
+            ]
+            .map(|(k, v)| p.parsed(format!("{f}.resource.{k}"), res, |_| name_like(k, v)));
+            let resource = p.parsed(format!("{f}.resource.resource"), &x.resource, |v| {
+                if v.is_empty() {
+                    Err("must not be empty (e.g. `services`)".to_owned())
+                } else {
+                    name_like("resource", v)
+                }
+            });
+            match (checked, resource) {
+                ([Some(group), Some(subresource), Some(name), Some(namespace)], Some(resource)) => {
+                    Some(Target::Resource {
+                        group,
+                        resource,
+                        subresource,
+                        name,
+                        namespace,
+                    })
+                }
+                _ => None,
+            }
+        }
+        (None, Some(path)) => p.parsed(format!("{f}.non_resource_path"), path, |v| {
+            match v.as_str() {
+                "request" => Ok(Target::Path(PathSource::Request)),
+                v if v.starts_with('/') && !v.contains(char::is_whitespace) => {
+                    Ok(Target::Path(PathSource::Fixed(v.to_owned())))
+                }
+                v => Err(format!(
+                    "`{v}` is not `request` or an absolute path such as `/data-store`"
+                )),
+            }
+        }),
+        _ => {
+            p.push(
+                f,
+                line(r),
+                "give exactly one of `resource` and `non_resource_path`",
+            );
+            None
+        }
+    };
+    Some(Rule {
+        verb: verb?,
+        target: target?,
     })
 }
 
@@ -1407,11 +1530,31 @@ fn cache(raw: &RawCache, watched: bool, p: &mut Problems) -> Option<CacheConfig>
         defaults::CACHE_NEGATIVE_TTL,
         |t| parse_duration(t),
     );
+    let rbac_max_entries = p.field(
+        "cache.rbac_max_entries",
+        &raw.rbac_max_entries,
+        defaults::RBAC_CACHE_MAX_ENTRIES,
+        |&m| capacity(m),
+    );
+    let rbac_ttl = p.field("cache.rbac_ttl", &raw.rbac_ttl, defaults::RBAC_TTL, |t| {
+        parse_duration(t)
+    });
+    let rbac_denied_ttl = p.field(
+        "cache.rbac_denied_ttl",
+        &raw.rbac_denied_ttl,
+        defaults::RBAC_DENIED_TTL,
+        |t| parse_duration(t),
+    );
     Some(CacheConfig {
         max_entries: max_entries?,
         negative_max_entries: negative_max_entries?,
         ttl: ttl?,
         negative_ttl: negative_ttl?,
+        rbac: crate::rbac::CacheSettings {
+            max_entries: rbac_max_entries?,
+            allowed_ttl: rbac_ttl?,
+            denied_ttl: rbac_denied_ttl?,
+        },
     })
 }
 
@@ -1620,6 +1763,84 @@ log:
         let e = errors("routes:\n  - name: a\n");
         assert_eq!(e[0].field, "routes[0].audiences");
         assert_eq!(e[0].line, 2);
+    }
+
+    #[test]
+    fn allow_rbac_parses_and_names_its_problems() {
+        use crate::rbac::{PathSource, Rule, Target, Verb};
+        let route = |rbac: &str| {
+            format!("routes:\n  - name: a\n    audiences: [a]\n    allow:\n      rbac: {rbac}\n")
+        };
+        let c = Config::from_yaml_str(&route(
+            "{resource: {resource: services, subresource: proxy, name: s, namespace: n}}",
+        ))
+        .unwrap();
+        let allow = c.routes[0].allow.as_ref().unwrap();
+        assert_eq!(
+            allow.rbac,
+            Some(Rule {
+                verb: Verb::FromMethod,
+                target: Target::Resource {
+                    group: String::new(),
+                    resource: "services".into(),
+                    subresource: "proxy".into(),
+                    name: "s".into(),
+                    namespace: "n".into(),
+                },
+            })
+        );
+        assert!(
+            allow.service_accounts.is_empty(),
+            "rbac alone: no static lists"
+        );
+        let c = Config::from_yaml_str(&route("{verb: get, non_resource_path: request}")).unwrap();
+        assert_eq!(
+            c.routes[0]
+                .allow
+                .as_ref()
+                .unwrap()
+                .rbac
+                .as_ref()
+                .unwrap()
+                .target,
+            Target::Path(PathSource::Request)
+        );
+        assert_eq!(c.cache.rbac.allowed_ttl, Duration::from_secs(10));
+        assert_eq!(c.cache.rbac.denied_ttl, Duration::from_secs(5));
+        for (rbac, field) in [
+            ("{verb: get}", "routes[0].allow.rbac"),
+            (
+                "{non_resource_path: /x, resource: {resource: s}}",
+                "routes[0].allow.rbac",
+            ),
+            (
+                "{verb: GET, non_resource_path: /x}",
+                "routes[0].allow.rbac.verb",
+            ),
+            (
+                "{non_resource_path: x}",
+                "routes[0].allow.rbac.non_resource_path",
+            ),
+            (
+                "{resource: {resource: \"\"}}",
+                "routes[0].allow.rbac.resource.resource",
+            ),
+            (
+                "{resource: {resource: pods/log}}",
+                "routes[0].allow.rbac.resource.resource",
+            ),
+            (
+                "{resource: {resource: pods, namespace: a/b}}",
+                "routes[0].allow.rbac.resource.namespace",
+            ),
+        ] {
+            let e = errors(&route(rbac));
+            assert_eq!(e.len(), 1, "{rbac}: {e:?}");
+            assert_eq!(e[0].field, field, "{rbac}");
+            assert_eq!(e[0].line, 5, "{rbac}");
+        }
+        let e = errors(&route("{non_resource_path: /x, verbs: [get]}"));
+        assert!(e[0].message.contains("unknown field"), "{e:?}");
     }
 
     #[test]

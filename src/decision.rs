@@ -231,6 +231,7 @@ mod tests {
             groups: vec!["g1".into(), "g2".into()],
             pod_name: pod.then(|| "p".into()),
             pod_uid: pod.then(|| "pu".into()),
+            extra: Default::default(),
         }
     }
 

@@ -28,6 +28,8 @@ pub enum Denial {
     NotServiceAccount,
     /// Valid service account, but not on the route's allow-list.
     NotAllowed,
+    /// On the allow-list, but the route's `allow.rbac` SubjectAccessReview did not allow it.
+    RbacDenied,
     /// No route matched the request and no default route is configured.
     NoRoute,
     /// The CheckRequest carried no HTTP attributes (for example, the network ext_authz filter).
@@ -36,7 +38,7 @@ pub enum Denial {
 
 impl Denial {
     /// Every reason, in decision-table order.
-    pub const ALL: [Denial; 10] = [
+    pub const ALL: [Denial; 11] = [
         Denial::MissingToken,
         Denial::MalformedToken,
         Denial::TokenTooLarge,
@@ -45,6 +47,7 @@ impl Denial {
         Denial::TokenRejected,
         Denial::NotServiceAccount,
         Denial::NotAllowed,
+        Denial::RbacDenied,
         Denial::NoRoute,
         Denial::BadRequest,
     ];
@@ -60,6 +63,7 @@ impl Denial {
             Denial::TokenRejected => "token_rejected",
             Denial::NotServiceAccount => "not_service_account",
             Denial::NotAllowed => "not_allowed",
+            Denial::RbacDenied => "rbac_denied",
             Denial::NoRoute => "no_route",
             Denial::BadRequest => "bad_request",
         }
@@ -105,6 +109,7 @@ impl fmt::Display for Denial {
             Denial::TokenRejected => "the token is invalid",
             Denial::NotServiceAccount => "the token does not belong to a service account",
             Denial::NotAllowed => "this service account is not allowed here",
+            Denial::RbacDenied => "RBAC does not allow this service account here",
             Denial::NoRoute => "no route is configured for this request",
             Denial::BadRequest => "the request has no HTTP attributes",
         })

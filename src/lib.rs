@@ -20,7 +20,8 @@
 //! keyed hash of token and audiences; on a miss [`precheck`] refuses junk on unverified claims
 //! (no TokenReview spent), then [`review`] asks the API server (single-flight per key, bounded
 //! retries, capped concurrency) and the result is cached (positive up to the token's `exp`,
-//! negative briefly, errors never); [`policy`] applies the route's allow-list. On a route with
+//! negative briefly, errors never); [`policy`] applies the route's allow-list, then, on routes
+//! with `allow.rbac`, [`rbac`] asks a (cached) SubjectAccessReview. On a route with
 //! `verification: local`, [`verify`] judges the token first, as the API server would (the
 //! issuer's keys from [`keys`], bound objects from [`watch`]), and only what it cannot judge
 //! goes to TokenReview. With watches on, every cache hit is first put to [`revocation`]: a
@@ -48,6 +49,7 @@
 //! | [`watch`] | [`watch::Objects`]: metadata-only watch caches of pods and service accounts |
 //! | [`revocation`] | [`revocation::Revocation`] (does a cached verdict still hold?), [`revocation::Admitted`] |
 //! | [`policy`] | [`policy::AllowList`], [`policy::ServiceAccountPattern`], [`policy::Glob`] |
+//! | [`rbac`] | [`rbac::Authorizer`] (SubjectAccessReview per route, cached), [`rbac::Rule`] |
 //! | [`decision`] | [`decision::Responder`]: Outcome → CheckResponse / gRPC status |
 //! | [`identity`] | [`identity::Identity`], [`identity::TokenHash`] |
 //! | [`denial`] | [`denial::Denial`], the reason codes |
@@ -84,6 +86,7 @@ pub mod keys;
 pub mod metrics;
 pub mod policy;
 pub mod precheck;
+pub mod rbac;
 pub mod reload;
 pub mod request;
 pub mod review;

@@ -19,6 +19,12 @@
 //! | `tokengate_watch_objects` | gauge | `kind` (`pod`/`service_account`) |
 //! | `tokengate_jwks_age_seconds`, `tokengate_jwks_keys` | gauge (-1 / 0 before the first fetch) | |
 //! | `tokengate_build_info` | gauge (always 1) | `version` |
+//! | `tokengate_subjectaccessreview_duration_seconds` | histogram (per attempt) | |
+//! | `tokengate_subjectaccessreview_errors_total` | counter (per failed attempt) | `kind` |
+//! | `tokengate_subjectaccessreview_in_flight` | gauge | |
+//! | `tokengate_subjectaccessreviews_total` | counter (answers from the API server) | `allowed` (`true`/`false`) |
+//! | `tokengate_rbac_cache_hits_total`, `tokengate_rbac_cache_misses_total` | counter | |
+//! | `tokengate_rbac_cache_entries` | gauge | |
 //! | `tokengate_config_last_reload_success` | gauge (1: the last reload, or the start, applied the file) | |
 //! | `tokengate_config_last_reload_success_timestamp_seconds` | gauge (Unix time of the last successful reload or start) | |
 //! | `tokengate_config_reloads_total` | counter | `result` (`success`/`failure`) |
@@ -159,6 +165,89 @@ pub struct Metrics {
     /// Unix time of the last successful reload (or of the start).
     pub config_reload_success_timestamp: Seconds,
     config_reloads: Family<ResultLabels, Counter>,
+    /// SubjectAccessReviews and their cache (`allow.rbac`).
+    pub rbac: RbacMetrics,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AllowedLabels {
+    allowed: &'static str,
+}
+
+/// SubjectAccessReview metrics (`allow.rbac`).
+#[derive(Debug)]
+pub struct RbacMetrics {
+    /// Latency of one SubjectAccessReview attempt (seconds).
+    pub duration: Histogram,
+    errors: Family<ErrorLabels, Counter>,
+    /// SubjectAccessReviews in flight.
+    pub in_flight: Gauge,
+    answers: Family<AllowedLabels, Counter>,
+    /// Cache hits.
+    pub cache_hits: Counter,
+    /// Cache misses.
+    pub cache_misses: Counter,
+    /// Cache entries (allowed and denied).
+    pub cache_entries: Gauge,
+}
+
+impl RbacMetrics {
+    fn register(registry: &mut Registry) -> RbacMetrics {
+        let m = RbacMetrics {
+            duration: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
+            errors: Family::default(),
+            in_flight: Gauge::default(),
+            answers: Family::default(),
+            cache_hits: Counter::default(),
+            cache_misses: Counter::default(),
+            cache_entries: Gauge::default(),
+        };
+        registry.register(
+            "tokengate_subjectaccessreview_duration_seconds",
+            "Latency of one SubjectAccessReview attempt",
+            m.duration.clone(),
+        );
+        registry.register(
+            "tokengate_subjectaccessreview_errors",
+            "Failed SubjectAccessReview attempts by kind",
+            m.errors.clone(),
+        );
+        registry.register(
+            "tokengate_subjectaccessreview_in_flight",
+            "SubjectAccessReviews in flight",
+            m.in_flight.clone(),
+        );
+        for allowed in ["true", "false"] {
+            drop(m.answers.get_or_create(&AllowedLabels { allowed }));
+        }
+        registry.register(
+            "tokengate_subjectaccessreviews",
+            "SubjectAccessReview answers from the API server",
+            m.answers.clone(),
+        );
+        registry.register(
+            "tokengate_rbac_cache_hits",
+            "SubjectAccessReview cache hits",
+            m.cache_hits.clone(),
+        );
+        registry.register(
+            "tokengate_rbac_cache_misses",
+            "SubjectAccessReview cache misses",
+            m.cache_misses.clone(),
+        );
+        registry.register(
+            "tokengate_rbac_cache_entries",
+            "Entries in the SubjectAccessReview cache",
+            m.cache_entries.clone(),
+        );
+        m
+    }
+
+    /// Counts a SubjectAccessReview answer.
+    pub fn answer(&self, allowed: bool) {
+        let allowed = if allowed { "true" } else { "false" };
+        self.answers.get_or_create(&AllowedLabels { allowed }).inc();
+    }
 }
 
 impl Metrics {
@@ -301,7 +390,9 @@ impl Metrics {
             config_reloads.clone(),
         );
         // --- end config reload ---
+        let rbac = RbacMetrics::register(&mut registry);
         Metrics {
+            rbac,
             registry,
             decisions,
             config_reload_success,
@@ -356,6 +447,32 @@ impl Metrics {
         self.review_errors
             .get_or_create(&ErrorLabels { kind })
             .inc();
+    }
+
+    /// Counts a failed attempt of a review API.
+    pub fn api_error(&self, api: crate::review::Api, kind: &'static str) {
+        match api {
+            crate::review::Api::TokenReview => self.review_error(kind),
+            crate::review::Api::SubjectAccessReview => {
+                self.rbac.errors.get_or_create(&ErrorLabels { kind }).inc();
+            }
+        }
+    }
+
+    /// The in-flight gauge of a review API.
+    pub fn in_flight(&self, api: crate::review::Api) -> &Gauge {
+        match api {
+            crate::review::Api::TokenReview => &self.review_in_flight,
+            crate::review::Api::SubjectAccessReview => &self.rbac.in_flight,
+        }
+    }
+
+    /// The per-attempt latency histogram of a review API.
+    pub fn duration(&self, api: crate::review::Api) -> &Histogram {
+        match api {
+            crate::review::Api::TokenReview => &self.review_duration,
+            crate::review::Api::SubjectAccessReview => &self.rbac.duration,
+        }
     }
 
     /// Counts a cached verdict dropped by revocation.

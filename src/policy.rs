@@ -3,7 +3,8 @@
 //! A caller is admitted when any entry of any list matches: a service account (`ns/name`, `*`
 //! matches any run of characters on either side), a namespace, or a group. A route without an
 //! allow-list admits every authenticated service account; an allow-list whose lists are all
-//! empty admits nobody. The patterns' parsers live here and `config` calls them, so a pattern
+//! empty admits nobody, unless it has an `rbac` rule: then empty lists do not narrow and the
+//! SubjectAccessReview alone decides (`check` asks it after these lists). The patterns' parsers live here and `config` calls them, so a pattern
 //! is checked and compiled once, at start-up; matching does not allocate.
 
 use crate::identity::Identity;
@@ -86,12 +87,19 @@ pub struct AllowList {
     pub namespaces: Vec<Glob>,
     /// Group patterns.
     pub groups: Vec<Glob>,
+    /// `allow.rbac`: a SubjectAccessReview must also allow the caller (see `check`).
+    pub rbac: Option<crate::rbac::Rule>,
 }
 
 impl AllowList {
-    /// Whether the identity is admitted.
+    /// Whether the identity is admitted by the static lists. With `rbac`, lists that are all
+    /// empty do not narrow (RBAC alone decides); without it they admit nobody.
     pub fn allows(&self, id: &Identity) -> bool {
-        self.service_accounts.iter().any(|sa| sa.matches(id))
+        let no_lists = self.service_accounts.is_empty()
+            && self.namespaces.is_empty()
+            && self.groups.is_empty();
+        (no_lists && self.rbac.is_some())
+            || self.service_accounts.iter().any(|sa| sa.matches(id))
             || self.namespaces.iter().any(|n| n.matches(&id.namespace))
             || self
                 .groups
@@ -118,6 +126,7 @@ mod tests {
             groups: groups.iter().map(|g| g.to_string()).collect(),
             pod_name: None,
             pod_uid: None,
+            extra: Default::default(),
         }
     }
 
@@ -129,6 +138,7 @@ mod tests {
                 .collect(),
             namespaces: nss.iter().map(|s| Glob::parse(s).unwrap()).collect(),
             groups: groups.iter().map(|s| Glob::parse(s).unwrap()).collect(),
+            rbac: None,
         }
     }
 

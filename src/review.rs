@@ -1,4 +1,6 @@
-//! TokenReview through `kube`: the only module that knows Kubernetes types.
+//! TokenReview through `kube`, and the HTTP plumbing every review shares ([`Reviewer::post`]:
+//! retries, timeouts, the in-flight cap, our own credentials), which [`crate::rbac`] uses
+//! for SubjectAccessReview.
 //!
 //! One review is a `POST /apis/authentication.k8s.io/v1/tokenreviews` with
 //! `spec.audiences` = the route's audiences. The answer is accepted only if
@@ -66,31 +68,32 @@ pub enum ReviewError {
     #[error("cannot reach the Kubernetes API server")]
     Connect(#[source] Cause),
     /// The connection failed while the answer was being read (or it exceeded 1 MiB).
-    #[error("reading the TokenReview response failed")]
+    #[error("reading the API server's answer failed")]
     ReadResponse(#[source] Cause),
     /// The attempt exceeded `kubernetes.timeout`.
-    #[error("TokenReview timed out")]
+    #[error("the API server did not answer within kubernetes.timeout")]
     Timeout,
     /// The API server answered with this HTTP status (5xx, 429 or unexpected).
-    #[error("TokenReview failed with HTTP {0}")]
+    #[error("the API server answered HTTP {0}")]
     Status(u16),
     /// Our own credentials were refused, even after re-reading the token file.
     #[error("the API server refused tokengate's credentials (HTTP 401)")]
     Unauthorized,
-    /// We may not create TokenReviews (RBAC: bind `system:auth-delegator`).
-    #[error("tokengate may not create TokenReviews (HTTP 403); bind it to system:auth-delegator")]
+    /// We may not create TokenReviews or SubjectAccessReviews (RBAC: bind
+    /// `system:auth-delegator`, or grant `create` on the one refused).
+    #[error("tokengate may not create this review (HTTP 403); bind it to system:auth-delegator")]
     Forbidden,
-    /// The TokenReview request could not be built (a bug; never the token's fault).
-    #[error("building the TokenReview request failed: {0}")]
+    /// The review request could not be built (a bug; never the token's fault).
+    #[error("building the review request failed: {0}")]
     BuildRequest(String),
-    /// The response was not a TokenReview.
-    #[error("unexpected TokenReview response: {0}")]
+    /// The response was not the review asked for.
+    #[error("unexpected review response: {0}")]
     Decode(String),
-    /// Waited longer than `kubernetes.timeout` for a free TokenReview slot.
-    #[error("too many TokenReviews in flight")]
+    /// Waited longer than `kubernetes.timeout` for a free review slot.
+    #[error("too many reviews in flight")]
     Overloaded,
-    /// The task running the TokenReview ended without an answer (a bug; logged).
-    #[error("the TokenReview task ended without an answer")]
+    /// The task running the review ended without an answer (a bug; logged).
+    #[error("the review task ended without an answer")]
     Aborted,
     /// Local verification: the keys or watch caches have not been confirmed by the API
     /// server for longer than `kubernetes.max_staleness`.
@@ -331,6 +334,18 @@ impl Reviewer {
         };
         let body =
             serde_json::to_vec(&review).map_err(|e| ReviewError::BuildRequest(json_error(&e)))?;
+        let bytes = self.post(Api::TokenReview, body).await?;
+        let review: TokenReview = serde_json::from_slice(&bytes).map_err(|e| {
+            let e = ReviewError::Decode(json_error(&e));
+            self.metrics.review_error(e.kind());
+            e
+        })?;
+        Ok(verdict(review.status, audiences, token))
+    }
+
+    /// POSTs a review (`body`, JSON) with bounded retries, the attempt timeout and the
+    /// in-flight cap shared by every review; returns the answer's bytes (HTTP 200/201).
+    pub(crate) async fn post(&self, api: Api, body: Vec<u8>) -> Result<bytes::Bytes, ReviewError> {
         let mut attempt = 0u32;
         let mut reauthenticated = false;
         loop {
@@ -343,30 +358,32 @@ impl Reviewer {
                 Ok(Ok(p)) => p,
                 // Closed never happens (we never close it); treat like a full queue.
                 Ok(Err(_)) | Err(_) => {
-                    self.metrics.review_error(ReviewError::Overloaded.kind());
+                    self.metrics.api_error(api, ReviewError::Overloaded.kind());
                     return Err(ReviewError::Overloaded);
                 }
             };
-            self.metrics.review_in_flight.inc();
+            let in_flight = self.metrics.in_flight(api);
+            in_flight.inc();
             let started = Instant::now();
-            let result = match tokio::time::timeout(self.timeout, self.attempt(body.clone())).await
-            {
-                Ok(r) => r,
-                Err(_) => Err(AttemptError::Transient(ReviewError::Timeout, None)),
-            };
+            let result =
+                match tokio::time::timeout(self.timeout, self.attempt(api, body.clone())).await {
+                    Ok(r) => r,
+                    Err(_) => Err(AttemptError::Transient(ReviewError::Timeout, None)),
+                };
             self.metrics
-                .review_duration
+                .duration(api)
                 .observe(started.elapsed().as_secs_f64());
-            self.metrics.review_in_flight.dec();
+            in_flight.dec();
             drop(permit);
 
             let status = match result {
-                Ok(status) => return Ok(verdict(status, audiences, token)),
+                Ok(bytes) => return Ok(bytes),
                 Err(e) => e,
             };
             match status {
                 AttemptError::Unauthorized => {
-                    self.metrics.review_error(ReviewError::Unauthorized.kind());
+                    self.metrics
+                        .api_error(api, ReviewError::Unauthorized.kind());
                     match &self.token {
                         Some(t) if !reauthenticated => {
                             reauthenticated = true;
@@ -376,26 +393,26 @@ impl Reviewer {
                     }
                 }
                 AttemptError::Transient(e, retry_after) => {
-                    self.metrics.review_error(e.kind());
+                    self.metrics.api_error(api, e.kind());
                     if attempt >= self.retries {
                         return Err(e);
                     }
                     let backoff = Duration::from_millis(50u64 << attempt.min(5));
                     let wait = retry_after.unwrap_or(backoff).min(self.timeout);
-                    tracing::debug!(error = %Report(&e), attempt, ?wait, "TokenReview failed; retrying");
+                    tracing::debug!(api = api.path(), error = %Report(&e), attempt, ?wait, "review failed; retrying");
                     attempt += 1;
                     tokio::time::sleep(wait).await;
                 }
                 AttemptError::Fatal(e) => {
-                    self.metrics.review_error(e.kind());
+                    self.metrics.api_error(api, e.kind());
                     return Err(e);
                 }
             }
         }
     }
 
-    async fn attempt(&self, body: Vec<u8>) -> Result<Option<TokenReviewStatus>, AttemptError> {
-        let mut request = http::Request::post(TOKENREVIEWS_PATH)
+    async fn attempt(&self, api: Api, body: Vec<u8>) -> Result<bytes::Bytes, AttemptError> {
+        let mut request = http::Request::post(api.path())
             .header(CONTENT_TYPE, "application/json")
             .header(ACCEPT, "application/json")
             .body(kube::client::Body::from(body))
@@ -427,20 +444,40 @@ impl Reviewer {
             }
             _ => return Err(AttemptError::Fatal(ReviewError::Status(code))),
         }
-        let bytes = http_body_util::Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
-            .collect()
-            .await
-            .map_err(|e| AttemptError::Transient(ReviewError::ReadResponse(Cause::from(e)), None))?
-            .to_bytes();
-        let review: TokenReview = serde_json::from_slice(&bytes)
-            .map_err(|e| AttemptError::Fatal(ReviewError::Decode(json_error(&e))))?;
-        Ok(review.status)
+        Ok(
+            http_body_util::Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
+                .collect()
+                .await
+                .map_err(|e| {
+                    AttemptError::Transient(ReviewError::ReadResponse(Cause::from(e)), None)
+                })?
+                .to_bytes(),
+        )
+    }
+}
+
+/// Which review API a request goes to (its path and its metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    /// `authentication.k8s.io/v1` TokenReview.
+    TokenReview,
+    /// `authorization.k8s.io/v1` SubjectAccessReview (`allow.rbac`).
+    SubjectAccessReview,
+}
+
+impl Api {
+    /// The collection's path.
+    pub const fn path(self) -> &'static str {
+        match self {
+            Api::TokenReview => TOKENREVIEWS_PATH,
+            Api::SubjectAccessReview => "/apis/authorization.k8s.io/v1/subjectaccessreviews",
+        }
     }
 }
 
 /// Describes a JSON error without quoting the document: serde_json's messages may embed
 /// string values, and a TokenReview echoes the token.
-fn json_error(e: &serde_json::Error) -> String {
+pub(crate) fn json_error(e: &serde_json::Error) -> String {
     format!(
         "{:?} error at line {} column {}",
         e.classify(),
@@ -483,12 +520,13 @@ fn verdict(status: Option<TokenReviewStatus>, requested: &[String], token: &str)
         tracing::debug!(token = %TokenHash(token), username, "TokenReview: not a service account");
         return Verdict::Rejected(Denial::NotServiceAccount);
     };
-    let mut extra = user.extra.unwrap_or_default();
-    let mut first = |key: &str| {
+    let extra = user.extra.unwrap_or_default();
+    let first = |key: &str| {
         extra
-            .remove(key)
-            .and_then(|v| v.into_iter().next())
+            .get(key)
+            .and_then(|v| v.first())
             .filter(|v| !v.is_empty())
+            .cloned()
     };
     let pod_name = first(EXTRA_POD_NAME);
     let pod_uid = first(EXTRA_POD_UID);
@@ -500,6 +538,7 @@ fn verdict(status: Option<TokenReviewStatus>, requested: &[String], token: &str)
         groups: user.groups.unwrap_or_default(),
         pod_name,
         pod_uid,
+        extra: crate::identity::Extra::from_map(&extra),
     })
 }
 

@@ -748,6 +748,28 @@ pub fn verify(
             name: p.name,
             uid: p.uid,
         });
+    // `extra` as the API server builds it (pkg/serviceaccount/claims.go): the bound pod,
+    // the node named in the token, the credential ID.
+    let mut extra = std::collections::BTreeMap::new();
+    let mut put = |k: &str, v: &str| {
+        extra.insert(
+            format!("authentication.kubernetes.io/{k}"),
+            vec![v.to_owned()],
+        );
+    };
+    if let Some(p) = &pod {
+        put("pod-name", &p.name);
+        put("pod-uid", &p.uid);
+    }
+    if let Some(n) = kube.node.as_ref().filter(|n| !n.name.is_empty()) {
+        put("node-name", &n.name);
+        if !n.uid.is_empty() {
+            put("node-uid", &n.uid);
+        }
+    }
+    if let Some(jti) = claims.jti.as_deref().filter(|j| !j.is_empty()) {
+        put("credential-id", &format!("JTI={jti}"));
+    }
     let identity = Identity {
         username: format!("system:serviceaccount:{namespace}:{}", sa.name),
         groups: vec![
@@ -760,6 +782,7 @@ pub fn verify(
         uid: Some(sa.uid).filter(|u| !u.is_empty()),
         pod_name: pod.as_ref().map(|p| p.name.clone()),
         pod_uid: pod.as_ref().map(|p| p.uid.clone()),
+        extra: crate::identity::Extra::from_map(&extra),
     };
     LocalVerdict::Valid(Box::new(Verified {
         identity,

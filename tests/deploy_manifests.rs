@@ -135,6 +135,7 @@ fn every_kustomization_renders_and_validates() {
         "envoy-gateway",
         "local-verification",
         "grpc-tls",
+        "istio-rbac",
     ] {
         let objs = validate_rendered(dir);
         assert!(!objs.is_empty(), "deploy/{dir} rendered nothing");
@@ -548,6 +549,56 @@ fn local_verification_reads_pods_service_accounts_and_keys_only() {
     // Otherwise exactly deploy/base.
     let base = objects("base");
     assert_eq!(objs.len(), base.len() + 2);
+}
+
+#[test]
+fn istio_rbac_grants_subjectaccessreviews_and_runs_the_tested_config() {
+    let objs = validate_rendered("istio-rbac");
+    let role = find(&objs, "ClusterRole", "tokengate-subjectaccessreviews");
+    assert_eq!(
+        role["rules"],
+        serde_json::json!([{"apiGroups": ["authorization.k8s.io"],
+            "resources": ["subjectaccessreviews"], "verbs": ["create"]}])
+    );
+    let crb = find(
+        &objs,
+        "ClusterRoleBinding",
+        "tokengate-subjectaccessreviews",
+    );
+    assert_eq!(crb["roleRef"]["name"], role["metadata"]["name"]);
+    assert_eq!(
+        crb["subjects"],
+        serde_json::json!([{"kind": "ServiceAccount", "name": "tokengate", "namespace": "tokengate"}])
+    );
+    // The sample grant names what the config's rule asks about.
+    let cfg_text = configmap_file(&objs, "tokengate-config", "tokengate.yaml");
+    check_config_text("deploy/istio-rbac ConfigMap", cfg_text);
+    let cfg = parse(cfg_text).unwrap();
+    let tested = load("envoy/tokengate-istio-rbac.yaml").unwrap();
+    assert_eq!(
+        cfg["routes"], tested["routes"],
+        "deploy/istio-rbac drifted from the tested config"
+    );
+    let rule = &cfg["routes"][1]["allow"]["rbac"];
+    assert_eq!(rule["verb"], "from_method");
+    let res = &rule["resource"];
+    let grant = find(&objs, "Role", "data-store-callers");
+    assert_eq!(grant["metadata"]["namespace"], res["namespace"]);
+    assert_eq!(
+        grant["rules"][0]["resources"][0],
+        serde_json::json!(format!(
+            "{}/{}",
+            res["resource"].as_str().unwrap(),
+            res["subresource"].as_str().unwrap()
+        ))
+    );
+    assert_eq!(grant["rules"][0]["resourceNames"][0], res["name"]);
+    let rb = find(&objs, "RoleBinding", "data-store-api");
+    assert_eq!(rb["roleRef"]["name"], grant["metadata"]["name"]);
+    // Otherwise exactly deploy/istio, with its config replaced (still one ConfigMap).
+    let istio = objects("istio");
+    assert_eq!(objs.len(), istio.len() + 4);
+    assert_eq!(objs.iter().filter(|o| o["kind"] == "ConfigMap").count(), 1);
 }
 
 #[test]

@@ -271,3 +271,60 @@ async fn api_server_down_is_503_and_tokengate_down_fails_closed() {
     assert_eq!(stack.echo.requests_seen(), 1);
     stack.finish().await;
 }
+
+/// `allow.rbac` behind Istio (`envoy/tokengate-istio-rbac.yaml`, deployed by
+/// `deploy/istio-rbac`): the same Envoy, and access granted and taken away with a
+/// RoleBinding made by kubectl.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rbac_route_follows_kubectl_rolebindings() {
+    let stack = Stack::start(ENVOY, "envoy/tokengate-istio-rbac.yaml")
+        .await
+        .unwrap_or_else(|e| panic!("starting the stack: {e:#}"));
+    let admin = stack.world.standin.admin_kubeconfig_path();
+    let token = stack.world.api_token("data-store");
+    let headers = [HOST, ("x-client-id", token.as_str())];
+    let call = || stack.get("/items", &headers);
+
+    let resp = call().await;
+    assert_eq!(resp.status, 403, "no RoleBinding yet: {resp:?}");
+    assert_eq!(
+        resp.header("x-tokengate-reason"),
+        Some("rbac_denied"),
+        "{resp:?}"
+    );
+    assert_eq!(stack.echo.requests_seen(), 0);
+
+    // deploy/istio-rbac's grant, made the kubectl way.
+    let role = std::fs::read_to_string(
+        testkit::workspace_root().join("deploy/istio-rbac/data-store-access.yaml"),
+    )
+    .unwrap();
+    let role = role.split("\n---\n").next().unwrap().to_owned();
+    common::kubectl(&admin, &["create"], Some(&role)).await;
+    common::kubectl(
+        &admin,
+        &[
+            "create",
+            "rolebinding",
+            "data-store-api",
+            "-n",
+            "data-store",
+            "--role=data-store-callers",
+            "--serviceaccount=api:api",
+        ],
+        None,
+    )
+    .await;
+    // The denial is cached for cache.rbac_denied_ttl (5 s): wait it out.
+    let mut resp = call().await;
+    for _ in 0..200 {
+        if resp.status == 200 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        resp = call().await;
+    }
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_api_identity(&echo_of(&resp), &stack.world);
+    stack.finish().await;
+}

@@ -162,6 +162,22 @@ fn valid_pod_bound_token_gives_tokenreviews_identity() {
                 ],
                 pod_name: Some("api-0".into()),
                 pod_uid: Some(POD_UID.into()),
+                // As TokenReview's `user.extra` (shared/kubernetes-tokens.md §1.2).
+                extra: crate::identity::Extra::from_map(
+                    &[
+                        ("credential-id", "JTI=8f4c1a7e-2b90-4b3d-9d6a-1c0f5b7e4a11"),
+                        ("node-name", "worker-2"),
+                        ("node-uid", "52c81fbd-d2e9-4c7a-b45f-89df2615076b"),
+                        ("pod-name", "api-0"),
+                        ("pod-uid", POD_UID),
+                    ]
+                    .into_iter()
+                    .map(|(k, v)| (
+                        format!("authentication.kubernetes.io/{k}"),
+                        vec![v.to_owned()]
+                    ))
+                    .collect()
+                ),
             }
         );
         assert_eq!(

@@ -363,6 +363,37 @@ pub fn data_store(headers: &[(&str, &str)]) -> CheckRequest {
     )
 }
 
+/// `kubectl --kubeconfig KUBECONFIG ARGS... [-f FILE]` (the file holding `input`, if given),
+/// off the async runtime; panics with kubectl's output if it fails, else returns it.
+pub async fn kubectl(kubeconfig: &Path, args: &[&str], input: Option<&str>) -> String {
+    let kubeconfig = kubeconfig.to_path_buf();
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let input = input.map(str::to_owned);
+    tokio::task::spawn_blocking(move || {
+        let dir = tempfile::tempdir().unwrap();
+        let kubectl = std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into());
+        let mut cmd = std::process::Command::new(kubectl);
+        cmd.arg("--kubeconfig").arg(&kubeconfig).args(&args);
+        if let Some(text) = input {
+            let file = dir.path().join("object.yaml");
+            std::fs::write(&file, text).unwrap();
+            cmd.arg("-f").arg(&file);
+        }
+        let out = cmd
+            .output()
+            .expect("kubectl is required (it is on the machine image; see scripts/setup.sh)");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "kubectl {args:?} failed:\n{text}");
+        text
+    })
+    .await
+    .unwrap()
+}
+
 /// Unix time now.
 pub fn unix_now() -> i64 {
     std::time::SystemTime::now()

@@ -15,10 +15,11 @@ use serde_json::json;
 
 use crate::clock::rfc3339;
 use crate::cluster::{
-    Attributes, AuthOutcome, BoundObjectRef, Cluster, IssueSpec, Issued, Item, Object, PolicyRule,
-    Resource, Subject, UserInfo,
+    Attributes, AuthOutcome, BoundObjectRef, Cluster, IssueSpec, Issued, Item, Object, Resource,
+    UserInfo,
 };
 use crate::discovery;
+use crate::rbac_api::{rbac_create, rbac_kind, rbac_list, rbac_one};
 use crate::status::ApiError;
 use crate::{Fault, MetadataStyle};
 
@@ -46,6 +47,8 @@ pub struct Shared {
     pub cluster: Cluster,
     /// TokenReview POSTs that reached the handler.
     pub reviews: AtomicU64,
+    /// SubjectAccessReview POSTs that reached the handler.
+    pub access_reviews: AtomicU64,
     /// Fault applied to TokenReview requests.
     pub fault: Mutex<Fault>,
     /// Tells the accept loop to stop (`true`) or resume (`false`) listening.
@@ -79,7 +82,7 @@ pub fn respond(code: u16, content_type: &str, body: Vec<u8>) -> Resp {
     r
 }
 
-fn json_resp<T: Serialize>(code: u16, v: &T) -> Resp {
+pub(crate) fn json_resp<T: Serialize>(code: u16, v: &T) -> Resp {
     match serde_json::to_vec(v) {
         Ok(b) => respond(code, "application/json", b),
         Err(e) => error_resp(&ApiError::internal(&e.to_string())),
@@ -110,7 +113,10 @@ fn not_found_page() -> Resp {
 }
 
 /// The caller, after authentication.
-fn authenticate_caller<B>(shared: &Shared, req: &Request<B>) -> Result<UserInfo, ApiError> {
+pub(crate) fn authenticate_caller<B>(
+    shared: &Shared,
+    req: &Request<B>,
+) -> Result<UserInfo, ApiError> {
     let Some(value) = req.headers().get(header::AUTHORIZATION) else {
         return Ok(UserInfo::anonymous());
     };
@@ -133,7 +139,7 @@ fn authenticate_caller<B>(shared: &Shared, req: &Request<B>) -> Result<UserInfo,
     }
 }
 
-fn authorize_resource(
+pub(crate) fn authorize_resource(
     shared: &Shared,
     user: &UserInfo,
     verb: &str,
@@ -146,6 +152,7 @@ fn authorize_resource(
         verb,
         group,
         resource,
+        name,
         namespace,
     };
     if shared.cluster.authorize(user, &attrs) {
@@ -171,7 +178,7 @@ fn authorize_path(shared: &Shared, user: &UserInfo, path: &str) -> Result<(), Ap
     }
 }
 
-async fn read_body(body: hyper::body::Incoming) -> Result<Bytes, ApiError> {
+pub(crate) async fn read_body(body: hyper::body::Incoming) -> Result<Bytes, ApiError> {
     match Limited::new(body, MAX_BODY_BYTES).collect().await {
         Ok(c) => Ok(c.to_bytes()),
         Err(e) => {
@@ -189,7 +196,7 @@ async fn read_body(body: hyper::body::Incoming) -> Result<Bytes, ApiError> {
 }
 
 /// Checks the request's content type: JSON (or none) is decoded, protobuf is refused.
-fn require_json<B>(req: &Request<B>) -> Result<(), ApiError> {
+pub(crate) fn require_json<B>(req: &Request<B>) -> Result<(), ApiError> {
     let ct = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -204,7 +211,7 @@ fn require_json<B>(req: &Request<B>) -> Result<(), ApiError> {
 }
 
 /// Decodes a JSON body, with the messages the API server's decoder gives.
-fn decode<'a, T: Deserialize<'a>>(body: &'a [u8], kind: &str) -> Result<T, ApiError> {
+pub(crate) fn decode<'a, T: Deserialize<'a>>(body: &'a [u8], kind: &str) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| {
         use serde_json::error::Category;
         ApiError::bad_request(match e.classify() {
@@ -237,6 +244,11 @@ pub async fn handle(
 
     if method == Method::POST && segs == ["apis", "authentication.k8s.io", "v1", "tokenreviews"] {
         return token_review(shared, req).await;
+    }
+    if method == Method::POST
+        && segs == ["apis", "authorization.k8s.io", "v1", "subjectaccessreviews"]
+    {
+        return crate::rbac_api::subject_access_review(shared, req).await;
     }
 
     let user = match authenticate_caller(&shared, &req) {
@@ -274,7 +286,7 @@ async fn read_object(
     })
 }
 
-fn is_protobuf<B>(req: &Request<B>) -> bool {
+pub(crate) fn is_protobuf<B>(req: &Request<B>) -> bool {
     req.headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -462,88 +474,46 @@ async fn route(
                 shape,
             ))
         }
-        ["apis", "rbac.authorization.k8s.io", "v1", "clusterroles"] if *method == Method::POST => {
-            const G: &str = "rbac.authorization.k8s.io";
-            authorize_resource(shared, user, "create", G, "clusterroles", "", None)?;
-            require_json(&req)?;
-            let body = read_body(req.into_body()).await?;
-            let cr: ClusterRoleIn = decode(&body, "ClusterRole")?;
-            let name = cr.metadata.name.clone().unwrap_or_default();
-            if name.is_empty() {
-                return Err(required_name("ClusterRole", G));
+        ["apis", "rbac.authorization.k8s.io", "v1", res] => {
+            let kind = rbac_kind(res)?;
+            if kind.namespaced() || !get {
+                // Namespaced kinds: list across namespaces only; cluster kinds: create too.
+                if !kind.namespaced() && *method == Method::POST {
+                    return rbac_create(shared, user, kind, None, req).await;
+                }
+                if !get {
+                    return Err(ApiError::method_not_allowed());
+                }
             }
-            if shared.cluster.has_cluster_role(&name) {
-                return Err(ApiError::already_exists("clusterroles", G, &name));
-            }
-            shared.cluster.put_cluster_role(&name, cr.rules.clone());
-            Ok(json_resp(
-                201,
-                &json!({"kind":"ClusterRole","apiVersion":"rbac.authorization.k8s.io/v1",
-                    "metadata":{"name":name},"rules":cr.rules}),
-            ))
+            rbac_list(shared, user, kind, None, query.as_deref())
         }
-        ["apis", "rbac.authorization.k8s.io", "v1", "clusterroles", name]
-            if *method == Method::DELETE =>
-        {
-            const G: &str = "rbac.authorization.k8s.io";
-            authorize_resource(shared, user, "delete", G, "clusterroles", name, None)?;
-            if !shared.cluster.delete_cluster_role(name) {
-                return Err(ApiError::not_found("clusterroles", G, name));
+        ["apis", "rbac.authorization.k8s.io", "v1", "namespaces", ns, res] => {
+            let kind = rbac_kind(res).ok().filter(|k| k.namespaced());
+            let Some(kind) = kind else {
+                return Ok(not_found_page());
+            };
+            match *method {
+                Method::POST => rbac_create(shared, user, kind, Some(ns), req).await,
+                Method::GET => rbac_list(shared, user, kind, Some(ns), query.as_deref()),
+                _ => Err(ApiError::method_not_allowed()),
             }
-            Ok(json_resp(
-                200,
-                &json!({"kind":"Status","apiVersion":"v1","metadata":{},"status":"Success",
-                    "details":{"name":name,"group":G,"kind":"clusterroles"}}),
-            ))
         }
-        ["apis", "rbac.authorization.k8s.io", "v1", "clusterrolebindings"]
-            if *method == Method::POST =>
-        {
-            const G: &str = "rbac.authorization.k8s.io";
-            authorize_resource(shared, user, "create", G, "clusterrolebindings", "", None)?;
-            require_json(&req)?;
-            let body = read_body(req.into_body()).await?;
-            let crb: CrbIn = decode(&body, "ClusterRoleBinding")?;
-            let name = crb.metadata.name.clone().unwrap_or_default();
-            if name.is_empty() {
-                return Err(required_name("ClusterRoleBinding", G));
-            }
-            if shared.cluster.has_binding(&name) {
-                return Err(ApiError::already_exists("clusterrolebindings", G, &name));
-            }
-            let subjects = crb
-                .subjects
-                .iter()
-                .filter_map(|s| match s.kind.as_str() {
-                    "ServiceAccount" => Some(Subject::ServiceAccount(
-                        s.namespace.clone().unwrap_or_default(),
-                        s.name.clone(),
-                    )),
-                    "User" => Some(Subject::User(s.name.clone())),
-                    "Group" => Some(Subject::Group(s.name.clone())),
-                    _ => None,
-                })
-                .collect();
-            shared.cluster.bind_all(&name, &crb.role_ref.name, subjects);
-            Ok(json_resp(
-                201,
-                &json!({"kind":"ClusterRoleBinding","apiVersion":"rbac.authorization.k8s.io/v1",
-                    "metadata":{"name":name},"roleRef":crb.role_ref,"subjects":crb.subjects}),
-            ))
+        ["apis", "rbac.authorization.k8s.io", "v1", res, name] => {
+            let kind = rbac_kind(res).ok().filter(|k| !k.namespaced());
+            let Some(kind) = kind else {
+                return Ok(not_found_page());
+            };
+            rbac_one(shared, user, method, kind, None, name)
         }
-        ["apis", "rbac.authorization.k8s.io", "v1", "clusterrolebindings", name]
-            if *method == Method::DELETE =>
-        {
-            const G: &str = "rbac.authorization.k8s.io";
-            authorize_resource(shared, user, "delete", G, "clusterrolebindings", name, None)?;
-            if !shared.cluster.unbind(name) {
-                return Err(ApiError::not_found("clusterrolebindings", G, name));
-            }
-            Ok(json_resp(
-                200,
-                &json!({"kind":"Status","apiVersion":"v1","metadata":{},"status":"Success",
-                    "details":{"name":name,"group":G,"kind":"clusterrolebindings"}}),
-            ))
+        ["apis", "rbac.authorization.k8s.io", "v1", "namespaces", ns, res, name] => {
+            let kind = rbac_kind(res).ok().filter(|k| k.namespaced());
+            let Some(kind) = kind else {
+                return Ok(not_found_page());
+            };
+            rbac_one(shared, user, method, kind, Some(ns), name)
+        }
+        ["apis", "authorization.k8s.io", "v1", "subjectaccessreviews"] => {
+            Err(ApiError::method_not_allowed())
         }
         ["standin", "v1", "fault"] if *method == Method::POST => {
             require_admin(shared, user, path)?;
@@ -660,7 +630,8 @@ async fn route(
             require_admin(shared, user, path)?;
             Ok(json_resp(
                 200,
-                &json!({"token_reviews": shared.reviews.load(Ordering::SeqCst)}),
+                &json!({"token_reviews": shared.reviews.load(Ordering::SeqCst),
+                        "subject_access_reviews": shared.access_reviews.load(Ordering::SeqCst)}),
             ))
         }
         _ => Ok(not_found_page()),
@@ -673,6 +644,7 @@ fn require_admin(shared: &Shared, user: &UserInfo, path: &str) -> Result<(), Api
         verb: "*",
         group: "*",
         resource: "*",
+        name: "",
         namespace: None,
     };
     if shared.cluster.authorize(user, &attrs) {
@@ -778,14 +750,6 @@ async fn grace_period(
 struct DeleteOptionsIn {
     #[serde(rename = "gracePeriodSeconds", default)]
     grace_period_seconds: Option<i64>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-struct ClusterRoleIn {
-    #[serde(default)]
-    metadata: MetaIn,
-    #[serde(default)]
-    rules: Vec<PolicyRule>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -920,36 +884,6 @@ struct ObjectIn {
     spec: Option<PodSpecIn>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-struct RoleRef {
-    #[serde(rename = "apiGroup", default)]
-    api_group: String,
-    #[serde(default)]
-    kind: String,
-    #[serde(default)]
-    name: String,
-}
-
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-struct SubjectIn {
-    #[serde(default)]
-    kind: String,
-    #[serde(default)]
-    name: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    namespace: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-struct CrbIn {
-    #[serde(default)]
-    metadata: MetaIn,
-    #[serde(rename = "roleRef", default)]
-    role_ref: RoleRef,
-    #[serde(default)]
-    subjects: Vec<SubjectIn>,
-}
-
 // ------------------------------------------------------------------ faults
 
 #[derive(Debug, Deserialize)]
@@ -990,7 +924,7 @@ impl FaultIn {
 }
 
 /// Applies the current fault. `Ok(None)` means "go on serving".
-async fn apply_fault(shared: &Shared) -> Result<Option<Resp>, CloseConnection> {
+pub(crate) async fn apply_fault(shared: &Shared) -> Result<Option<Resp>, CloseConnection> {
     match shared.fault() {
         Fault::None => Ok(None),
         Fault::Latency(d) => {
@@ -1138,7 +1072,7 @@ async fn token_review_inner(
 }
 
 /// Rejects a body whose `apiVersion`/`kind` name another type (empty ones are defaulted).
-fn check_type(
+pub(crate) fn check_type(
     api_version: &str,
     kind: &str,
     want_av: &str,

@@ -131,28 +131,7 @@ pub enum AuthOutcome {
     Failed(String),
 }
 
-/// What a request wants to do, for RBAC.
-#[derive(Debug, Clone)]
-pub enum Attributes<'a> {
-    /// A resource request.
-    Resource {
-        /// Verb, e.g. `create`.
-        verb: &'a str,
-        /// API group (`""` for core).
-        group: &'a str,
-        /// Resource, with `/subresource` if any.
-        resource: &'a str,
-        /// Namespace, if namespaced.
-        namespace: Option<&'a str>,
-    },
-    /// A non-resource request.
-    NonResource {
-        /// Verb, e.g. `get`.
-        verb: &'a str,
-        /// URL path.
-        path: &'a str,
-    },
-}
+pub use crate::rbac::{Attributes, Decision, Kind, Object as RbacObject, PolicyRule, Subject};
 
 /// Metadata every stored object has.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -202,17 +181,6 @@ pub struct Secret {
     pub service_account: Option<String>,
     /// `data.token` of a `kubernetes.io/service-account-token` secret.
     pub token: Option<String>,
-}
-
-/// A ClusterRoleBinding subject.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Subject {
-    /// A service account `(namespace, name)`.
-    ServiceAccount(String, String),
-    /// A user.
-    User(String),
-    /// A group.
-    Group(String),
 }
 
 /// The resources that can be listed and watched.
@@ -327,48 +295,6 @@ pub struct TooOld {
     pub oldest: u64,
 }
 
-/// One rule of a ClusterRole.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PolicyRule {
-    /// `apiGroups` (`""` is core, `*` any).
-    #[serde(rename = "apiGroups", default)]
-    pub api_groups: Vec<String>,
-    /// `resources` (`*` any).
-    #[serde(default)]
-    pub resources: Vec<String>,
-    /// `verbs` (`*` any).
-    #[serde(default)]
-    pub verbs: Vec<String>,
-}
-
-impl PolicyRule {
-    /// A rule for `verbs` on core-group `resources`.
-    pub fn core(resources: &[&str], verbs: &[&str]) -> PolicyRule {
-        PolicyRule {
-            api_groups: vec![String::new()],
-            resources: resources.iter().map(|s| s.to_string()).collect(),
-            verbs: verbs.iter().map(|s| s.to_string()).collect(),
-        }
-    }
-
-    fn allows(&self, attrs: &Attributes<'_>) -> bool {
-        let has = |list: &[String], v: &str| list.iter().any(|x| x == "*" || x == v);
-        match attrs {
-            Attributes::Resource {
-                verb,
-                group,
-                resource,
-                ..
-            } => {
-                has(&self.verbs, verb)
-                    && has(&self.api_groups, group)
-                    && has(&self.resources, resource)
-            }
-            Attributes::NonResource { .. } => false,
-        }
-    }
-}
-
 /// How many objects [`Cluster::bulk_create`] made, and the revision after them.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct BulkCreated {
@@ -396,14 +322,13 @@ struct State {
     history: [History; 2],
     /// Capacity of each history.
     history_capacity: usize,
-    /// ClusterRoles created through the API (built-in roles are in [`role_allows`]).
-    cluster_roles: BTreeMap<String, Vec<PolicyRule>>,
+    /// Roles, ClusterRoles and their bindings (bootstrap policy included).
+    rbac: crate::rbac::Store,
     namespaces: BTreeMap<String, Meta>,
     service_accounts: BTreeMap<(String, String), Meta>,
     pods: BTreeMap<(String, String), Pod>,
     nodes: BTreeMap<String, Meta>,
     secrets: BTreeMap<(String, String), Secret>,
-    bindings: BTreeMap<String, (String, Vec<Subject>)>,
     /// `--token-auth-file` entries: token -> user.
     static_tokens: BTreeMap<String, UserInfo>,
 }
@@ -538,14 +463,13 @@ pub struct Snapshot {
     pods: Vec<(String, String, Pod)>,
     nodes: Vec<(String, Meta)>,
     secrets: Vec<(String, String, Secret)>,
-    bindings: Vec<(String, String, Vec<Subject>)>,
     static_tokens: Vec<(String, UserInfo)>,
     #[serde(default)]
     signing_kid: Option<String>,
     #[serde(default)]
     rv: u64,
     #[serde(default)]
-    cluster_roles: Vec<(String, Vec<PolicyRule>)>,
+    rbac: crate::rbac::Store,
     #[serde(default)]
     clock_offset: i64,
     /// Values the embedding server keeps with the state.
@@ -837,17 +761,13 @@ impl Cluster {
             ..Default::default()
         };
         let c = Cluster::with_state(cfg, state);
-        // Default bootstrap bindings (plugin/pkg/auth/authorizer/rbac/bootstrappolicy).
-        c.bind(
-            "cluster-admin",
-            "cluster-admin",
-            Subject::Group("system:masters".to_string()),
-        );
-        c.bind(
-            "system:service-account-issuer-discovery",
-            "system:service-account-issuer-discovery",
-            Subject::Group("system:serviceaccounts".to_string()),
-        );
+        // The bootstrap policy (plugin/pkg/auth/authorizer/rbac/bootstrappolicy), as objects.
+        let now = c.now();
+        c.change(|st| {
+            st.rbac = crate::rbac::Store::bootstrap(|name| {
+                Self::rbac_meta(st_rv(&mut st.rv), now, "", name)
+            });
+        });
         Ok(c)
     }
 
@@ -1080,17 +1000,12 @@ impl Cluster {
             keys,
             signing_kid: snap.signing_kid.clone(),
             history_capacity: DEFAULT_HISTORY,
-            cluster_roles: snap.cluster_roles.iter().cloned().collect(),
+            rbac: snap.rbac.clone(),
             namespaces: snap.namespaces.iter().cloned().collect(),
             service_accounts: restore_namespaced(&snap.service_accounts),
             pods: restore_namespaced(&snap.pods),
             nodes: snap.nodes.iter().cloned().collect(),
             secrets: restore_namespaced(&snap.secrets),
-            bindings: snap
-                .bindings
-                .iter()
-                .map(|(b, r, subj)| (b.clone(), (r.clone(), subj.clone())))
-                .collect(),
             static_tokens: snap.static_tokens.iter().cloned().collect(),
             ..Default::default()
         };
@@ -1130,15 +1045,10 @@ impl Cluster {
             pods: save_namespaced(&st.pods),
             nodes: st.nodes.clone().into_iter().collect(),
             secrets: save_namespaced(&st.secrets),
-            bindings: st
-                .bindings
-                .iter()
-                .map(|(b, (r, subj))| (b.clone(), r.clone(), subj.clone()))
-                .collect(),
             static_tokens: st.static_tokens.clone().into_iter().collect(),
             signing_kid: st.signing_kid.clone(),
             rv: st.rv,
-            cluster_roles: st.cluster_roles.clone().into_iter().collect(),
+            rbac: st.rbac.clone(),
             clock_offset: self.clock_offset.load(Ordering::SeqCst),
             notes,
         })
@@ -1405,42 +1315,126 @@ impl Cluster {
         self.change(|st| st.secrets.remove(&ns_key(ns, name)))
     }
 
+    /// Metadata of a new RBAC object at the next revision.
+    fn rbac_meta(rv: u64, now: i64, ns: &str, name: &str) -> crate::rbac::ObjectMeta {
+        crate::rbac::ObjectMeta {
+            name: name.to_string(),
+            namespace: ns.to_string(),
+            uid: uuid::Uuid::new_v4().to_string(),
+            resource_version: rv.to_string(),
+            creation_timestamp: Some(crate::clock::rfc3339(now)),
+            ..Default::default()
+        }
+    }
+
+    /// Creates an RBAC object (server-set metadata filled in); `None` if the name is taken.
+    pub fn rbac_create(&self, kind: Kind, mut obj: RbacObject) -> Option<RbacObject> {
+        let now = self.now();
+        self.change(|st| {
+            let m = obj.meta();
+            let (ns, name) = (m.namespace.clone(), m.name.clone());
+            if st.rbac.get(kind, &ns, &name).is_some() {
+                return None;
+            }
+            let fresh = Self::rbac_meta(st_rv(&mut st.rv), now, &ns, &name);
+            let m = match &mut obj {
+                RbacObject::Role(r) => &mut r.metadata,
+                RbacObject::Binding(b) => &mut b.metadata,
+            };
+            m.uid = fresh.uid;
+            m.resource_version = fresh.resource_version;
+            m.creation_timestamp = fresh.creation_timestamp;
+            if !kind.namespaced() {
+                m.namespace.clear();
+            }
+            st.rbac.create(kind, obj.clone());
+            Some(obj)
+        })
+    }
+
+    /// Reads an RBAC object.
+    pub fn rbac_get(&self, kind: Kind, ns: &str, name: &str) -> Option<RbacObject> {
+        lock(&self.state).rbac.get(kind, ns, name)
+    }
+
+    /// Lists RBAC objects of a kind (in `ns`, or everywhere), with the current revision.
+    pub fn rbac_list(&self, kind: Kind, ns: Option<&str>) -> (Vec<RbacObject>, u64) {
+        let st = lock(&self.state);
+        (st.rbac.list(kind, ns), st.rv)
+    }
+
+    /// Deletes an RBAC object, returning it.
+    pub fn rbac_delete(&self, kind: Kind, ns: &str, name: &str) -> Option<RbacObject> {
+        self.change(|st| {
+            let gone = st.rbac.delete(kind, ns, name);
+            if gone.is_some() {
+                st.rv += 1;
+            }
+            gone
+        })
+    }
+
     /// Creates or replaces a ClusterRoleBinding with one subject.
     pub fn bind(&self, binding: &str, role: &str, subject: Subject) {
         self.bind_all(binding, role, vec![subject]);
     }
 
-    /// Creates or replaces a ClusterRoleBinding.
+    /// Creates or replaces a ClusterRoleBinding of ClusterRole `role`.
     pub fn bind_all(&self, binding: &str, role: &str, subjects: Vec<Subject>) {
+        let now = self.now();
         self.change(|st| {
-            st.bindings
-                .insert(binding.to_string(), (role.to_string(), subjects))
+            let metadata = Self::rbac_meta(st_rv(&mut st.rv), now, "", binding);
+            st.rbac.put(
+                Kind::ClusterRoleBinding,
+                RbacObject::Binding(crate::rbac::Binding {
+                    metadata,
+                    role_ref: crate::rbac::RoleRef {
+                        api_group: crate::rbac::GROUP.to_string(),
+                        kind: "ClusterRole".to_string(),
+                        name: role.to_string(),
+                    },
+                    subjects,
+                }),
+            )
         });
     }
 
     /// Whether a ClusterRoleBinding exists.
     pub fn has_binding(&self, binding: &str) -> bool {
-        lock(&self.state).bindings.contains_key(binding)
+        self.rbac_get(Kind::ClusterRoleBinding, "", binding)
+            .is_some()
     }
 
     /// Deletes a ClusterRoleBinding.
     pub fn unbind(&self, binding: &str) -> bool {
-        self.change(|st| st.bindings.remove(binding).is_some())
+        self.rbac_delete(Kind::ClusterRoleBinding, "", binding)
+            .is_some()
     }
 
     /// Creates or replaces a ClusterRole with these rules.
     pub fn put_cluster_role(&self, name: &str, rules: Vec<PolicyRule>) {
-        self.change(|st| st.cluster_roles.insert(name.to_string(), rules));
+        let now = self.now();
+        self.change(|st| {
+            let metadata = Self::rbac_meta(st_rv(&mut st.rv), now, "", name);
+            st.rbac.put(
+                Kind::ClusterRole,
+                RbacObject::Role(crate::rbac::Role {
+                    metadata,
+                    rules,
+                    aggregation_rule: None,
+                }),
+            )
+        });
     }
 
-    /// Whether a ClusterRole was created through [`Cluster::put_cluster_role`].
+    /// Whether a ClusterRole exists.
     pub fn has_cluster_role(&self, name: &str) -> bool {
-        lock(&self.state).cluster_roles.contains_key(name)
+        self.rbac_get(Kind::ClusterRole, "", name).is_some()
     }
 
-    /// Deletes a ClusterRole created through [`Cluster::put_cluster_role`].
+    /// Deletes a ClusterRole.
     pub fn delete_cluster_role(&self, name: &str) -> bool {
-        self.change(|st| st.cluster_roles.remove(name).is_some())
+        self.rbac_delete(Kind::ClusterRole, "", name).is_some()
     }
 
     /// Registers a static token (`--token-auth-file`).
@@ -2040,90 +2034,19 @@ impl Cluster {
 
     /// RBAC: is `user` allowed to do `attrs`?
     pub fn authorize(&self, user: &UserInfo, attrs: &Attributes<'_>) -> bool {
-        let st = lock(&self.state);
-        let sa = split_sa_username(&user.username);
-        let mut roles: Vec<&str> = st
-            .bindings
-            .values()
-            .filter(|(_, subjects)| {
-                subjects.iter().any(|s| match s {
-                    Subject::User(u) => *u == user.username,
-                    Subject::Group(g) => user.groups.iter().any(|ug| ug == g),
-                    Subject::ServiceAccount(ns, name) => sa == Some((ns.as_str(), name.as_str())),
-                })
-            })
-            .map(|(r, _)| r.as_str())
-            .collect();
-        // system:discovery, system:basic-user and system:public-info-viewer.
-        if user.groups.iter().any(|g| g == "system:authenticated") {
-            roles.push("system:discovery");
-        }
-        roles.push("system:public-info-viewer");
-        roles.iter().any(|r| {
-            role_allows(r, attrs)
-                || st
-                    .cluster_roles
-                    .get(*r)
-                    .is_some_and(|rules| rules.iter().any(|rule| rule.allows(attrs)))
-        })
+        self.authorize_decision(user, attrs).allowed
+    }
+
+    /// The authorizer's decision and reason, as SubjectAccessReview reports them.
+    pub fn authorize_decision(&self, user: &UserInfo, attrs: &Attributes<'_>) -> Decision {
+        lock(&self.state).rbac.authorize(user, attrs)
     }
 }
 
-/// What the built-in ClusterRoles grant (the subset this stand-in serves).
-fn role_allows(role: &str, attrs: &Attributes<'_>) -> bool {
-    match (role, attrs) {
-        ("cluster-admin", _) => true,
-        // The read part of the default `view` role, for the resources served here.
-        (
-            "view",
-            Attributes::Resource {
-                verb,
-                group: "",
-                resource,
-                ..
-            },
-        ) => {
-            matches!(*verb, "get" | "list" | "watch")
-                && matches!(*resource, "pods" | "serviceaccounts" | "namespaces")
-        }
-        (
-            "system:auth-delegator",
-            Attributes::Resource {
-                verb: "create",
-                group,
-                resource,
-                ..
-            },
-        ) => {
-            (*group == "authentication.k8s.io" && *resource == "tokenreviews")
-                || (*group == "authorization.k8s.io" && *resource == "subjectaccessreviews")
-        }
-        ("system:service-account-issuer-discovery", Attributes::NonResource { verb, path }) => {
-            *verb == "get"
-                && matches!(
-                    *path,
-                    "/.well-known/openid-configuration"
-                        | "/.well-known/openid-configuration/"
-                        | "/openid/v1/jwks"
-                        | "/openid/v1/jwks/"
-                )
-        }
-        ("system:discovery", Attributes::NonResource { verb, path }) => {
-            *verb == "get"
-                && (matches!(*path, "/api" | "/api/" | "/apis" | "/apis/" | "/version")
-                    || path.starts_with("/api/")
-                    || path.starts_with("/apis/")
-                    || path.starts_with("/openapi"))
-        }
-        ("system:public-info-viewer", Attributes::NonResource { verb, path }) => {
-            *verb == "get"
-                && matches!(
-                    *path,
-                    "/healthz" | "/livez" | "/readyz" | "/version" | "/version/"
-                )
-        }
-        _ => false,
-    }
+/// Takes the next revision.
+fn st_rv(rv: &mut u64) -> u64 {
+    *rv += 1;
+    *rv
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

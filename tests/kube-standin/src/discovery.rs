@@ -30,7 +30,11 @@ pub fn api_versions(url: &str) -> Value {
     })
 }
 
-const GROUPS: [&str; 2] = ["authentication.k8s.io", "rbac.authorization.k8s.io"];
+const GROUPS: [&str; 3] = [
+    "authentication.k8s.io",
+    "authorization.k8s.io",
+    "rbac.authorization.k8s.io",
+];
 
 fn group_json(name: &str) -> Value {
     let gv = format!("{name}/v1");
@@ -112,22 +116,28 @@ pub fn group_v1_resources(group: &str) -> Option<Value> {
             &["create"],
             None,
         )],
-        "rbac.authorization.k8s.io" => vec![
-            resource(
-                "clusterrolebindings",
-                "ClusterRoleBinding",
-                false,
-                &["create", "delete"],
-                None,
-            ),
-            resource(
-                "clusterroles",
-                "ClusterRole",
-                false,
-                &["create", "delete"],
-                None,
-            ),
-        ],
+        "authorization.k8s.io" => vec![resource(
+            "subjectaccessreviews",
+            "SubjectAccessReview",
+            false,
+            &["create"],
+            None,
+        )],
+        "rbac.authorization.k8s.io" => {
+            const VERBS: [&str; 4] = ["create", "delete", "get", "list"];
+            vec![
+                resource(
+                    "clusterrolebindings",
+                    "ClusterRoleBinding",
+                    false,
+                    &VERBS,
+                    None,
+                ),
+                resource("clusterroles", "ClusterRole", false, &VERBS, None),
+                resource("rolebindings", "RoleBinding", true, &VERBS, None),
+                resource("roles", "Role", true, &VERBS, None),
+            ]
+        }
         _ => return None,
     };
     Some(json!({

@@ -13,11 +13,15 @@
 //!   pod/secret lookups by name and UID) and answers with the exact JSON shape and error
 //!   strings (`[invalid bearer token, ...]`).
 //! * **Caller authentication and RBAC**: a bad token gets the 401 `Status`, a caller not
-//!   bound to `system:auth-delegator` the 403 `Status` with the real message.
+//!   bound to `system:auth-delegator` the 403 `Status` with the real message. RBAC is the
+//!   API server's authorizer ([`rbac`]) over Roles, ClusterRoles, RoleBindings and
+//!   ClusterRoleBindings created and deleted through the API (kubectl included, [`rbac_api`]).
+//! * **SubjectAccessReview** (`POST /apis/authorization.k8s.io/v1/subjectaccessreviews`)
+//!   answers `status.allowed` and the RBAC authorizer's reason for any user info.
 //! * **OIDC discovery** (`/.well-known/openid-configuration`, `/openid/v1/jwks`) with key
 //!   rotation ([`Standin::add_signing_key`], [`Standin::retire_key`]).
 //! * **Objects and controls**: service accounts, pods (deleting one revokes its tokens),
-//!   ClusterRoleBindings, a TokenReview counter and run-time [`Fault`]s.
+//!   RBAC objects, TokenReview and SubjectAccessReview counters and run-time [`Fault`]s.
 //! * **Discovery documents** (`/api`, `/apis`, `/api/v1`, `/apis/<group>/v1`, `/version`)
 //!   so `kubectl create -f tokenreview.yaml -o yaml` works. `/openapi/v3` is 404 and
 //!   `/openapi/v2` is a valid document without definitions, so kubectl skips client-side
@@ -50,6 +54,8 @@ pub mod discovery;
 pub mod keys;
 pub mod kubeconfig;
 pub mod protobuf;
+pub mod rbac;
+pub mod rbac_api;
 pub mod server;
 pub mod status;
 pub mod tls;
@@ -396,7 +402,7 @@ impl Standin {
             cluster.bind(
                 "tokengate-auth-delegator",
                 "system:auth-delegator",
-                Subject::ServiceAccount(rns.to_string(), rname.to_string()),
+                Subject::service_account(rns, rname),
             );
         }
         let reviewer = Reviewer {
@@ -430,6 +436,7 @@ impl Standin {
         let shared = Arc::new(Shared {
             cluster,
             reviews: AtomicU64::new(0),
+            access_reviews: AtomicU64::new(0),
             fault: Mutex::new(Fault::None),
             down: down_tx,
             url: url.clone(),
@@ -693,7 +700,7 @@ impl Standin {
         self.shared.cluster.bind(
             binding,
             cluster_role,
-            Subject::ServiceAccount(subject_sa.0.to_string(), subject_sa.1.to_string()),
+            Subject::service_account(subject_sa.0, subject_sa.1),
         );
     }
 
@@ -737,6 +744,12 @@ impl Standin {
     /// Deletes a secret.
     pub fn delete_secret(&self, ns: &str, name: &str) {
         self.shared.cluster.delete_secret(ns, name);
+    }
+
+    /// Number of `POST subjectaccessreviews` requests that reached the handler, counted
+    /// before faults, authentication and validation.
+    pub fn subject_access_reviews_served(&self) -> u64 {
+        self.shared.access_reviews.load(Ordering::SeqCst)
     }
 
     /// Number of `POST tokenreviews` requests that reached the handler, counted before

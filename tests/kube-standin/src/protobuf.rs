@@ -203,6 +203,140 @@ pub fn decode_object(body: &[u8]) -> Result<ObjectBody, String> {
     Ok(out)
 }
 
+fn strings_map(
+    b: &[u8],
+    into: &mut std::collections::BTreeMap<String, String>,
+) -> Result<(), String> {
+    let mut r = Reader::new(b);
+    let (mut k, mut v) = (String::new(), String::new());
+    while let Some((f, val)) = r.next()? {
+        match (f, val) {
+            (1, Value::Bytes(x)) => k = string(x)?,
+            (2, Value::Bytes(x)) => v = string(x)?,
+            _ => {}
+        }
+    }
+    into.insert(k, v);
+    Ok(())
+}
+
+/// `ObjectMeta` of an RBAC object: name (1), namespace (3), labels (11), annotations (12).
+fn rbac_meta(b: &[u8]) -> Result<crate::rbac::ObjectMeta, String> {
+    let mut m = crate::rbac::ObjectMeta::default();
+    let mut r = Reader::new(b);
+    while let Some((f, v)) = r.next()? {
+        match (f, v) {
+            (1, Value::Bytes(s)) => m.name = string(s)?,
+            (3, Value::Bytes(s)) => m.namespace = string(s)?,
+            (11, Value::Bytes(e)) => strings_map(e, &mut m.labels)?,
+            (12, Value::Bytes(e)) => strings_map(e, &mut m.annotations)?,
+            _ => {}
+        }
+    }
+    Ok(m)
+}
+
+/// Decodes a protobuf Role, ClusterRole, RoleBinding or ClusterRoleBinding
+/// (`k8s.io/api/rbac/v1/generated.proto`), as `kubectl create role|rolebinding|...` sends.
+pub fn decode_rbac(body: &[u8], kind: crate::rbac::Kind) -> Result<crate::rbac::Object, String> {
+    use crate::rbac::{
+        AggregationRule, Binding, Kind, LabelSelector, Object, PolicyRule, Role, Subject,
+    };
+    let (got, raw) = unwrap_envelope(body)?;
+    if !got.is_empty() && got != kind.kind() {
+        return Err(format!("expected kind {}, got {got}", kind.kind()));
+    }
+    let mut r = Reader::new(raw);
+    match kind {
+        Kind::Role | Kind::ClusterRole => {
+            let mut role = Role::default();
+            while let Some((f, v)) = r.next()? {
+                match (f, v) {
+                    (1, Value::Bytes(m)) => role.metadata = rbac_meta(m)?,
+                    (2, Value::Bytes(rule)) => {
+                        let mut pr = PolicyRule::default();
+                        let mut rr = Reader::new(rule);
+                        while let Some((rf, rv)) = rr.next()? {
+                            if let Value::Bytes(x) = rv {
+                                let x = string(x)?;
+                                match rf {
+                                    1 => pr.verbs.push(x),
+                                    2 => pr.api_groups.push(x),
+                                    3 => pr.resources.push(x),
+                                    4 => pr.resource_names.push(x),
+                                    5 => pr.non_resource_urls.push(x),
+                                    _ => {}
+                                }
+                            }
+                        }
+                        role.rules.push(pr);
+                    }
+                    (3, Value::Bytes(agg)) => {
+                        let mut rule = AggregationRule::default();
+                        let mut ar = Reader::new(agg);
+                        while let Some((af, av)) = ar.next()? {
+                            if let (1, Value::Bytes(sel)) = (af, av) {
+                                let mut ls = LabelSelector::default();
+                                let mut sr = Reader::new(sel);
+                                while let Some((sf, sv)) = sr.next()? {
+                                    if let (1, Value::Bytes(e)) = (sf, sv) {
+                                        strings_map(e, &mut ls.match_labels)?;
+                                    }
+                                }
+                                rule.cluster_role_selectors.push(ls);
+                            }
+                        }
+                        role.aggregation_rule = Some(rule);
+                    }
+                    _ => {}
+                }
+            }
+            Ok(Object::Role(role))
+        }
+        Kind::RoleBinding | Kind::ClusterRoleBinding => {
+            let mut b = Binding::default();
+            while let Some((f, v)) = r.next()? {
+                match (f, v) {
+                    (1, Value::Bytes(m)) => b.metadata = rbac_meta(m)?,
+                    (2, Value::Bytes(sub)) => {
+                        let mut s = Subject::default();
+                        let mut sr = Reader::new(sub);
+                        while let Some((sf, sv)) = sr.next()? {
+                            if let Value::Bytes(x) = sv {
+                                let x = string(x)?;
+                                match sf {
+                                    1 => s.kind = x,
+                                    2 => s.api_group = x,
+                                    3 => s.name = x,
+                                    4 => s.namespace = x,
+                                    _ => {}
+                                }
+                            }
+                        }
+                        b.subjects.push(s);
+                    }
+                    (3, Value::Bytes(rr)) => {
+                        let mut rd = Reader::new(rr);
+                        while let Some((rf, rv)) = rd.next()? {
+                            if let Value::Bytes(x) = rv {
+                                let x = string(x)?;
+                                match rf {
+                                    1 => b.role_ref.api_group = x,
+                                    2 => b.role_ref.kind = x,
+                                    3 => b.role_ref.name = x,
+                                    _ => {}
+                                }
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            Ok(Object::Binding(b))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -311,7 +311,7 @@ async fn process_mode_serves_and_takes_controls() {
     let a = post_fault(&admin, json!({"kind":"bogus"})).await;
     assert_eq!(a.status, 400);
     let a = call(&admin, "GET", "/standin/v1/counters", None).await;
-    assert_eq!(a.body, r#"{"token_reviews":2}"#);
+    assert_eq!(a.body, r#"{"subject_access_reviews":0,"token_reviews":2}"#);
 
     // Down for a while, then back on the same port (process-mode down/up).
     let addr: std::net::SocketAddr = url.trim_start_matches("https://").parse().unwrap();
@@ -644,4 +644,157 @@ async fn process_mode_watch_bulk_clock_keys_and_restart() {
         "clock offset survives the restart: {now}"
     );
     task.abort();
+}
+
+/// RBAC objects made and removed with kubectl (protobuf creates, JSON `create -f`, get, list,
+/// `delete --wait`), and SubjectAccessReview answering from them as the RBAC authorizer does.
+#[tokio::test]
+async fn kubectl_rbac_objects_drive_subject_access_review() {
+    let s = Standin::start(Options::default()).await.unwrap();
+    s.create_service_account("web", "api");
+    let admin_kc = s.admin_kubeconfig_path();
+    let k = move |args: &[&str]| {
+        let mut cmd = Command::new(kubectl());
+        cmd.arg("--kubeconfig").arg(&admin_kc).args(args);
+        tokio::task::spawn_blocking(move || run(&mut cmd))
+    };
+    let reviewer = client_from_kubeconfig(&s.kubeconfig_path()).await;
+    let sar = |verb: &str, ns: &str| {
+        json!({"apiVersion":"authorization.k8s.io/v1","kind":"SubjectAccessReview",
+            "spec":{"user":"system:serviceaccount:web:api","uid":"u",
+                "groups":["system:serviceaccounts","system:serviceaccounts:web","system:authenticated"],
+                "extra":{"authentication.kubernetes.io/pod-name":["api-0"]},
+                "resourceAttributes":{"namespace":ns,"verb":verb,"resource":"pods","subresource":"log","name":"db-0"}}})
+    };
+    const PATH: &str = "/apis/authorization.k8s.io/v1/subjectaccessreviews";
+
+    // Nothing grants it: allowed false, no reason; the review echoes its spec.
+    let a = call(&reviewer, "POST", PATH, Some(&sar("get", "data"))).await;
+    assert_eq!(a.status, 201, "{}", a.body);
+    let v = a.json();
+    assert_eq!(v["status"], json!({"allowed": false}));
+    assert_eq!(v["spec"], sar("get", "data")["spec"]);
+
+    k(&[
+        "create",
+        "role",
+        "logs",
+        "-n",
+        "data",
+        "--verb=get,list",
+        "--resource=pods/log",
+        "--resource-name=db-0",
+    ])
+    .await
+    .unwrap();
+    k(&[
+        "create",
+        "rolebinding",
+        "api-logs",
+        "-n",
+        "data",
+        "--role=logs",
+        "--serviceaccount=web:api",
+    ])
+    .await
+    .unwrap();
+    let out = k(&["get", "rolebinding", "api-logs", "-n", "data", "-o", "json"])
+        .await
+        .unwrap();
+    let rb: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        rb["roleRef"],
+        json!({"apiGroup":"rbac.authorization.k8s.io","kind":"Role","name":"logs"})
+    );
+    assert_eq!(
+        rb["subjects"],
+        json!([{"kind":"ServiceAccount","name":"api","namespace":"web"}])
+    );
+    let out = k(&["get", "roles,rolebindings", "-n", "data", "-o", "name"])
+        .await
+        .unwrap();
+    assert_eq!(
+        out,
+        "role.rbac.authorization.k8s.io/logs\nrolebinding.rbac.authorization.k8s.io/api-logs\n"
+    );
+
+    let v = call(&reviewer, "POST", PATH, Some(&sar("get", "data")))
+        .await
+        .json();
+    assert_eq!(
+        v["status"],
+        json!({"allowed": true, "reason": "RBAC: allowed by RoleBinding \"api-logs/data\" of Role \"logs\" to ServiceAccount \"api/web\""})
+    );
+    for (verb, ns) in [("delete", "data"), ("get", "other")] {
+        let v = call(&reviewer, "POST", PATH, Some(&sar(verb, ns)))
+            .await
+            .json();
+        assert_eq!(v["status"], json!({"allowed": false}), "{verb} in {ns}");
+    }
+
+    // Non-resource URLs with a trailing `*`, granted to a group by a ClusterRoleBinding.
+    k(&[
+        "create",
+        "clusterrole",
+        "metrics",
+        "--verb=get",
+        "--non-resource-url=/metrics/*",
+    ])
+    .await
+    .unwrap();
+    k(&[
+        "create",
+        "clusterrolebinding",
+        "web-metrics",
+        "--clusterrole=metrics",
+        "--group=system:serviceaccounts:web",
+    ])
+    .await
+    .unwrap();
+    let nr = |path: &str| {
+        json!({"apiVersion":"authorization.k8s.io/v1","kind":"SubjectAccessReview",
+            "spec":{"user":"system:serviceaccount:web:api","groups":["system:serviceaccounts:web"],
+                "nonResourceAttributes":{"path":path,"verb":"get"}}})
+    };
+    let v = call(&reviewer, "POST", PATH, Some(&nr("/metrics/cpu")))
+        .await
+        .json();
+    assert_eq!(v["status"]["allowed"], true, "{v}");
+    let v = call(&reviewer, "POST", PATH, Some(&nr("/metrics")))
+        .await
+        .json();
+    assert_eq!(v["status"]["allowed"], false, "{v}");
+
+    // `kubectl delete rolebinding` (waits for the object to go): the grant is gone.
+    let out = k(&["delete", "rolebinding", "api-logs", "-n", "data"])
+        .await
+        .unwrap();
+    assert!(out.contains("deleted"), "{out}");
+    let v = call(&reviewer, "POST", PATH, Some(&sar("get", "data")))
+        .await
+        .json();
+    assert_eq!(v["status"], json!({"allowed": false}));
+
+    // Validation (422) and the caller's own authorization (403).
+    let mut bad = sar("get", "data");
+    bad["spec"]["nonResourceAttributes"] = json!({"path": "/x", "verb": "get"});
+    assert_eq!(call(&reviewer, "POST", PATH, Some(&bad)).await.status, 422);
+    let mut bad = sar("get", "data");
+    bad["spec"]["user"] = json!("");
+    bad["spec"]["groups"] = json!([]);
+    assert_eq!(call(&reviewer, "POST", PATH, Some(&bad)).await.status, 422);
+    let web = s
+        .mint(&kube_standin::MintRequest::new("web", "api"))
+        .unwrap();
+    let a = call(
+        &client(&s, Some(&web)).await,
+        "POST",
+        PATH,
+        Some(&sar("get", "data")),
+    )
+    .await;
+    assert_eq!(a.status, 403, "{}", a.body);
+    assert!(a.body.contains(r#"cannot create resource \"subjectaccessreviews\" in API group \"authorization.k8s.io\" at the cluster scope"#), "{}", a.body);
+    assert_eq!(s.subject_access_reviews_served(), 10);
+    s.shutdown().await;
 }
