@@ -15,11 +15,16 @@
 //! With watches on, a hit is first put to [`Revocation::vouch`] (is the pod, service account
 //! or signing key gone?), and a route with `verification: local` verifies misses itself
 //! ([`verify`]) before, only for what it cannot judge, asking TokenReview.
+//!
+//! The steps run in `cache`, `precheck`, `verify` and `review` spans under the front door's
+//! `check` span (exported as OpenTelemetry traces when tracing is on, see [`crate::telemetry`]).
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::time::Instant;
+use tracing::field::Empty;
+use tracing::Instrument as _;
 
 use crate::cache::{Cache, Freshness};
 use crate::config::{Config, TokenSource, Verification};
@@ -34,6 +39,7 @@ use crate::request::{RequestView, TokenLookup};
 use crate::review::{ReviewError, Reviewer, Verdict};
 use crate::revocation::{Admitted, Revocation, Vouch};
 use crate::route::{Route, Routes};
+use crate::telemetry::SPAN_TARGET;
 use crate::verify::{self, InvalidKind, LocalVerdict, Stale};
 use crate::watch::Objects;
 
@@ -202,13 +208,17 @@ impl Checker {
         };
 
         let key = self.cache.key(token, &route.audiences);
-        let cached = self.cache.get(&key);
-        let cached = match cached {
-            Some(r) if !self.still_holds(&r, token) => {
-                self.cache.remove(&key);
-                None
-            }
-            other => other,
+        let cached = {
+            let span = tracing::debug_span!(target: SPAN_TARGET, "cache", hit = Empty).entered();
+            let cached = match self.cache.get(&key) {
+                Some(r) if !self.still_holds(&r, token) => {
+                    self.cache.remove(&key);
+                    None
+                }
+                other => other,
+            };
+            span.record("hit", cached.is_some());
+            cached
         };
         let remembered = match cached {
             Some(r) => {
@@ -227,7 +237,9 @@ impl Checker {
                         .or_else(|| keys.as_deref().map(|k| k.issuer())),
                     ..precheck::Expect::default()
                 };
-                let claims = match precheck::precheck_with(token, &route.audiences, now, &expect) {
+                let claims = match tracing::debug_span!(target: SPAN_TARGET, "precheck")
+                    .in_scope(|| precheck::precheck_with(token, &route.audiences, now, &expect))
+                {
                     Ok(c) => c,
                     Err(denial) => {
                         tracing::debug!(route = %route.name, token = %TokenHash(token), reason = denial.code(), "precheck refused");
@@ -249,15 +261,24 @@ impl Checker {
                         let metrics = Arc::clone(&self.metrics);
                         let token = token.to_owned();
                         let audiences = route.audiences.clone();
+                        // The load runs in another task: its spans hang under this Check's.
+                        let check_span = tracing::Span::current();
                         async move {
                             if let Some(local) = local {
                                 if let Some(known) =
-                                    verify_locally(&local, &token, &audiences, &metrics).await?
+                                    verify_locally(&local, &token, &audiences, &metrics)
+                                        .instrument(
+                                            tracing::debug_span!(target: SPAN_TARGET, "verify"),
+                                        )
+                                        .await?
                                 {
                                     return Ok(remember(known, cap));
                                 }
                             }
-                            let verdict = reviewer.review(&token, &audiences).await?;
+                            let verdict = reviewer
+                                .review(&token, &audiences)
+                                .instrument(tracing::debug_span!(target: SPAN_TARGET, "review"))
+                                .await?;
                             Ok(remember(
                                 match verdict {
                                     Verdict::Authenticated(id) => Ok(Arc::new(Admitted {
@@ -269,6 +290,7 @@ impl Checker {
                                 cap,
                             ))
                         }
+                        .instrument(check_span)
                     })
                     .await;
                 match loaded {

@@ -55,6 +55,8 @@
 //! | [`shutdown`] | [`shutdown::Lifecycle`], [`shutdown::Shutdown`], the drain delay and grace |
 //! | [`tls`] | [`tls::Acceptor`]: TLS/mTLS on the gRPC listener, certificate reload |
 //! | [`metrics`], [`admin`] | metrics; `/healthz`, `/readyz`, `/metrics` (beside the path) |
+//! | [`audit`] | [`audit::Audit`]: the decision log and the outage summary (beside the path) |
+//! | [`telemetry`] | OTLP traces: the exporter layer, the `check` span and its parent context |
 //! | [`error`] | [`Error`] (what [`serve`] returns), [`error::Report`] (a cause chain, once) |
 //!
 //! Envoy types appear only in `server`, `request` and `decision`; Kubernetes types only in
@@ -68,6 +70,7 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod audit;
 pub mod cache;
 pub mod check;
 pub mod config;
@@ -87,6 +90,7 @@ pub mod revocation;
 pub mod route;
 pub mod server;
 pub mod shutdown;
+pub mod telemetry;
 pub mod tls;
 pub mod verify;
 pub mod watch;
@@ -154,6 +158,7 @@ pub async fn serve_with_http(
         metrics.clone(),
     )?);
     let responder = decision::Responder::new(&config.identity_headers);
+    let audit = Arc::new(audit::Audit::new(&config.log, config.token_sources.clone()));
 
     let admin_task = tokio::spawn(admin::run(
         admin,
@@ -170,6 +175,7 @@ pub async fn serve_with_http(
         tokio::spawn(http::run(
             checker.clone(),
             responder.clone(),
+            audit.clone(),
             config.listen.http_path_prefix.clone(),
             listener,
             observer.clone(),
@@ -189,6 +195,7 @@ pub async fn serve_with_http(
             server::run(
                 checker,
                 responder,
+                audit.clone(),
                 grpc,
                 config.listen.limits.clone(),
                 observer,
@@ -200,6 +207,7 @@ pub async fn serve_with_http(
     if let Some(task) = http_task {
         let _ = task.await;
     }
+    audit.flush();
     // `None`: the grace period ran out; still a clean stop.
     served.unwrap_or(Ok(()))?;
     tracing::info!("tokengate stopped");

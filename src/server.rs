@@ -10,12 +10,11 @@
 //! HTTP/2 keepalive PINGs, and caps on concurrent streams, header list and message size, so
 //! idle, half-open or greedy clients cannot hold sockets, tasks or memory.
 //!
-//! During an API-server outage every Check that misses the cache is answered UNAVAILABLE;
-//! [`OutageLog`] turns that into one warning per [`OUTAGE_LOG_EVERY`] with a count and the
-//! last cause, instead of a line per Check.
+//! Each Check runs in a `check` span that continues the trace context Envoy forwarded (see
+//! [`crate::telemetry`]), and its answer is logged by [`Audit`] (the decision log, and one
+//! warning per interval during an API-server outage instead of a line per Check).
 
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
 
 use envoy_types::pb::envoy::service::auth::v3::authorization_server::{
     Authorization, AuthorizationServer,
@@ -28,77 +27,26 @@ use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 use tonic_health::ServingStatus;
 
-use crate::check::{Checker, Outcome};
+use tracing::Instrument as _;
+
+use crate::audit::{Audit, Seen};
+use crate::check::Checker;
 use crate::config::GrpcLimits;
 use crate::decision::Responder;
-use crate::error::{Error, Report};
+use crate::error::Error;
 use crate::io::{Admission, Guarded, ScalarWrites};
 use crate::request::RequestView;
-use crate::review::ReviewError;
 use crate::shutdown::{Phase, Shutdown};
+use crate::telemetry;
 
 /// Length of the HTTP/2 connection preface (`PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`).
 pub const HTTP2_PREFACE_LEN: usize = 24;
-/// At most one outage summary per this interval.
-pub const OUTAGE_LOG_EVERY: Duration = Duration::from_secs(10);
-
-/// Rate-limited logging of UNAVAILABLE answers: the first one is logged at once, then at most
-/// one line per interval, with the number of UNAVAILABLE answers since the previous line and
-/// the latest cause.
-#[derive(Debug)]
-pub struct OutageLog {
-    every: Duration,
-    state: Mutex<OutageState>,
-}
-
-#[derive(Debug, Default)]
-struct OutageState {
-    last_logged: Option<Instant>,
-    unlogged: u64,
-}
-
-impl OutageLog {
-    /// A log that writes at most one line per `every`.
-    pub fn new(every: Duration) -> OutageLog {
-        OutageLog {
-            every,
-            state: Mutex::new(OutageState::default()),
-        }
-    }
-
-    /// Counts one UNAVAILABLE answer; returns how many it summarised if it logged a line.
-    pub fn record(&self, route: &str, error: &ReviewError) -> Option<u64> {
-        let now = Instant::now();
-        let count = {
-            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            st.unlogged += 1;
-            if st
-                .last_logged
-                .is_some_and(|t| now.duration_since(t) < self.every)
-            {
-                return None;
-            }
-            st.last_logged = Some(now);
-            std::mem::take(&mut st.unlogged)
-        };
-        tracing::warn!(
-            unavailable = count,
-            route,
-            kind = error.kind(),
-            error = %Report(error),
-            "TokenReview unavailable: {count} Check(s) answered UNAVAILABLE since the last summary (at most one summary per {:?})",
-            self.every
-        );
-        Some(count)
-    }
-}
-
 /// The tonic service: reads each Check, hands it to the [`Checker`], answers with the
 /// [`Responder`].
 pub struct AuthzService {
     checker: Arc<Checker>,
     responder: Responder,
-    outages: OutageLog,
+    audit: Arc<Audit>,
 }
 
 #[tonic::async_trait]
@@ -107,14 +55,64 @@ impl Authorization for AuthzService {
         &self,
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
-        let outcome = match RequestView::new(request.get_ref()) {
-            Some(view) => self.checker.check(&view).await,
+        let started = Instant::now();
+        let metadata = Metadata(request.metadata());
+        let view = RequestView::new(request.get_ref());
+        let outcome = match &view {
+            Some(view) => {
+                let span = telemetry::check_span(&[&metadata, view]);
+                let outcome = self.checker.check(view).instrument(span.clone()).await;
+                telemetry::record(&span, &outcome);
+                outcome
+            }
             None => self.checker.unreadable(),
         };
-        if let Outcome::Unavailable { route, error } = &outcome {
-            self.outages.record(&route.name, error);
-        }
+        let peer = source_address(request.get_ref());
+        self.audit.record(
+            &outcome,
+            Seen {
+                front: "grpc",
+                view: view.as_ref(),
+                peer: peer.as_ref().map(|p| p as &dyn std::fmt::Display),
+                started,
+            },
+        );
         self.responder.respond(&outcome).map(Response::new)
+    }
+}
+
+/// The gRPC call's metadata, where Envoy's ext_authz client puts its trace context.
+struct Metadata<'a>(&'a tonic::metadata::MetadataMap);
+
+impl telemetry::Carrier for Metadata<'_> {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.0.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// The downstream client's address as Envoy reports it (`attributes.source.address`).
+fn source_address(req: &CheckRequest) -> Option<String> {
+    use envoy_types::pb::envoy::config::core::v3::address::Address;
+    use envoy_types::pb::envoy::config::core::v3::socket_address::PortSpecifier;
+    match req
+        .attributes
+        .as_ref()?
+        .source
+        .as_ref()?
+        .address
+        .as_ref()?
+        .address
+        .as_ref()?
+    {
+        Address::SocketAddress(a) => Some(match a.port_specifier {
+            Some(PortSpecifier::PortValue(port)) if a.address.contains(':') => {
+                format!("[{}]:{port}", a.address)
+            }
+            Some(PortSpecifier::PortValue(port)) => format!("{}:{port}", a.address),
+            _ => a.address.clone(),
+        }),
+        Address::Pipe(p) => Some(format!("unix:{}", p.path)),
+        Address::EnvoyInternalAddress(_) => Some("envoy-internal".to_owned()),
     }
 }
 
@@ -236,6 +234,7 @@ impl Stream for UnixIncoming {
 pub async fn run(
     checker: Arc<Checker>,
     responder: Responder,
+    audit: Arc<Audit>,
     listener: GrpcListener,
     limits: GrpcLimits,
     mut shutdown: Shutdown,
@@ -247,7 +246,7 @@ pub async fn run(
     let authz = AuthorizationServer::new(AuthzService {
         checker,
         responder,
-        outages: OutageLog::new(OUTAGE_LOG_EVERY),
+        audit,
     })
     .max_decoding_message_size(limits.max_message_bytes);
     let admission = Admission::new(
@@ -298,26 +297,4 @@ pub async fn run(
         }
     };
     result.map_err(Error::Transport)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test(start_paused = true)]
-    async fn outages_are_summarised_once_per_interval() {
-        let log = OutageLog::new(Duration::from_secs(10));
-        let e = ReviewError::Timeout;
-        assert_eq!(
-            log.record("r", &e),
-            Some(1),
-            "the first one is logged at once"
-        );
-        for _ in 0..999 {
-            assert_eq!(log.record("r", &e), None);
-        }
-        tokio::time::advance(Duration::from_secs(10)).await;
-        assert_eq!(log.record("r", &e), Some(1000));
-        assert_eq!(log.record("r", &e), None);
-    }
 }
