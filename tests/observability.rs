@@ -96,8 +96,7 @@ impl Served {
             "tokengate did not exit cleanly: {status:?}\n{}",
             self.process.diagnostics()
         );
-        let out = self.process.stdout() + &self.process.stderr();
-        out
+        self.process.stdout() + &self.process.stderr()
     }
 }
 
