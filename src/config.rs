@@ -1939,6 +1939,14 @@ routes:
         let c = Config::from_yaml_str(&section[start..end])
             .unwrap_or_else(|e| panic!("README example: {e}"));
         assert_eq!(c.listen.grpc, GrpcAddr::Tcp(defaults::LISTEN_GRPC));
+        assert_eq!(c.log.decisions, defaults::LOG_DECISIONS);
+        assert_eq!(
+            c.log.decisions_per_second,
+            defaults::LOG_DECISIONS_PER_SECOND
+        );
+        assert_eq!(c.tracing.otlp_endpoint, None, "tracing is off by default");
+        assert_eq!(c.tracing.sample_ratio, defaults::TRACING_SAMPLE_RATIO);
+        assert_eq!(c.tracing.service_name, defaults::TRACING_SERVICE_NAME);
         assert_eq!(c.listen.admin, defaults::LISTEN_ADMIN);
         assert_eq!(c.listen.drain_delay, defaults::DRAIN_DELAY);
         assert_eq!(c.kubernetes.retries, defaults::KUBE_RETRIES);
