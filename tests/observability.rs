@@ -32,15 +32,18 @@ use tonic::transport::Channel;
 struct Served {
     process: ChildGuard,
     client: AuthorizationClient<Channel>,
+    grpc: u16,
+    /// The HTTP front door.
+    http: SocketAddr,
 }
 
 impl Served {
     /// Writes `BASE_CONFIG` (for `world`) plus `extra` sections, starts the binary and waits
     /// until it serves.
     async fn start(world: &World, extra: &str) -> Served {
-        let [grpc, admin] = testkit::ports::free_ports::<2>();
+        let [grpc, admin, http] = testkit::ports::free_ports::<3>();
         let yaml = format!(
-            "listen:\n  grpc: 127.0.0.1:{grpc}\n  admin: 127.0.0.1:{admin}\n  drain_delay: 0s\n{}{extra}",
+            "listen:\n  grpc: 127.0.0.1:{grpc}\n  admin: 127.0.0.1:{admin}\n  http: 127.0.0.1:{http}\n  drain_delay: 0s\n{}{extra}",
             config(&world.standin.kubeconfig_path(), "")
         );
         let dir = tempfile::tempdir().unwrap();
@@ -78,6 +81,8 @@ impl Served {
         Served {
             process,
             client: AuthorizationClient::new(channel),
+            grpc,
+            http: ([127, 0, 0, 1], http).into(),
         }
     }
 
@@ -155,6 +160,19 @@ async fn decision_log_lines_carry_the_decision_never_the_token() {
     );
     let r = gate.check(data_store(&[])).await.unwrap();
     assert_eq!(reason(&r).as_deref(), Some("missing_token"));
+    // The HTTP front door logs alike (forward-auth, as nginx asks).
+    let r = testkit::http::get(
+        gate.http,
+        "/forward-auth",
+        &[
+            ("x-original-uri", "/items?token=x"),
+            ("x-original-method", "POST"),
+            ("x-tokengate-route", "data-store"),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 401, "{}", r.body);
     let out = gate.stop();
     world.shutdown().await;
 
@@ -169,7 +187,7 @@ async fn decision_log_lines_carry_the_decision_never_the_token() {
     assert!(!out.contains('\x1b'), "colour codes in a JSON log:\n{out}");
 
     let lines = decision_lines(&out);
-    assert_eq!(lines.len(), 4, "one line per Check:\n{out}");
+    assert_eq!(lines.len(), 5, "one line per Check:\n{out}");
     let allow = &lines[0];
     assert_eq!(allow["level"], "INFO");
     assert_eq!(allow["message"], "decision");
@@ -205,6 +223,17 @@ async fn decision_log_lines_carry_the_decision_never_the_token() {
     let missing = &lines[3];
     assert_eq!(missing["reason"], "missing_token");
     assert!(missing.get("token").is_none());
+    let http = &lines[4];
+    assert_eq!(http["front"], "http");
+    assert_eq!(http["reason"], "missing_token");
+    assert_eq!(http["method"], "POST");
+    assert_eq!(http["path"], "/items");
+    assert!(
+        http["peer"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("127.0.0.1:")),
+        "{http}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -263,9 +292,42 @@ async fn text_logs_to_a_file_carry_no_colour_codes() {
     assert!(!out.contains('\x1b'), "colour codes in a log file:\n{out}");
 }
 
-/// An OTLP/gRPC trace receiver that keeps every span it is sent.
+/// An OTLP/gRPC trace receiver that keeps every span it is sent, with its `service.name`.
 #[derive(Clone, Default)]
-struct Receiver(Arc<Mutex<Vec<Span>>>);
+struct Receiver(Arc<Mutex<Vec<(String, Span)>>>);
+
+impl Receiver {
+    /// Serves on a fresh port until `stop` fires; returns the address and the server task.
+    async fn serve(
+        &self,
+        stop: tokio::sync::oneshot::Receiver<()>,
+    ) -> (
+        SocketAddr,
+        tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    ) {
+        let listener = testkit::ports::listener().await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(TraceServiceServer::new(self.clone()))
+                .serve_with_incoming_shutdown(
+                    tonic::transport::server::TcpIncoming::from(listener),
+                    async {
+                        let _ = stop.await;
+                    },
+                ),
+        );
+        (addr, server)
+    }
+
+    fn spans(&self, service: &str) -> Vec<Span> {
+        let all = self.0.lock().unwrap();
+        all.iter()
+            .filter(|(s, _)| s == service)
+            .map(|(_, span)| span.clone())
+            .collect()
+    }
+}
 
 #[tonic::async_trait]
 impl TraceService for Receiver {
@@ -273,13 +335,22 @@ impl TraceService for Receiver {
         &self,
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        let spans = request
-            .into_inner()
-            .resource_spans
-            .into_iter()
-            .flat_map(|r| r.scope_spans)
-            .flat_map(|s| s.spans);
-        self.0.lock().unwrap().extend(spans);
+        for resource in request.into_inner().resource_spans {
+            let service = resource
+                .resource
+                .as_ref()
+                .and_then(|r| r.attributes.iter().find(|kv| kv.key == "service.name"))
+                .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+                    opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(s) => {
+                        Some(s.clone())
+                    }
+                    _ => None,
+                })
+                .unwrap_or_default();
+            let spans = resource.scope_spans.into_iter().flat_map(|s| s.spans);
+            let mut all = self.0.lock().unwrap();
+            all.extend(spans.map(|span| (service.clone(), span)));
+        }
         Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
     }
 }
@@ -303,19 +374,8 @@ fn attribute(span: &Span, key: &str) -> Option<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checks_are_traced_over_otlp_under_the_callers_trace() {
     let receiver = Receiver::default();
-    let listener = testkit::ports::listener().await.unwrap();
-    let otlp = listener.local_addr().unwrap();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(TraceServiceServer::new(receiver.clone()))
-            .serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(listener),
-                async {
-                    let _ = stop_rx.await;
-                },
-            ),
-    );
+    let (otlp, server) = receiver.serve(stop_rx).await;
 
     let world = world().await;
     let gate = Served::start(
@@ -373,7 +433,7 @@ async fn checks_are_traced_over_otlp_under_the_callers_trace() {
     let _ = stop_tx.send(());
     server.await.unwrap().unwrap();
 
-    let spans = receiver.0.lock().unwrap().clone();
+    let spans = receiver.spans("tokengate");
     let names = |trace: &str| {
         let mut n: Vec<String> = spans
             .iter()
@@ -423,4 +483,89 @@ async fn checks_are_traced_over_otlp_under_the_callers_trace() {
     assert_eq!(hex(&second.parent_span_id), ENVOY_SPAN);
     assert_eq!(names(ENVOY_TRACE), ["cache", "check"], "a hit");
     assert!(!out.contains("OTLP"), "the exporter complained:\n{out}");
+}
+
+/// Envoy's own tracer (OpenTelemetry, to the same receiver) on the published sidecar config:
+/// tokengate's `check` span is the child of the span of Envoy's ext_authz call, in the trace
+/// Envoy started for the request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_envoy_the_check_span_is_a_child_of_envoys_ext_authz_span() {
+    let receiver = Receiver::default();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (otlp, server) = receiver.serve(stop_rx).await;
+    let world = world().await;
+    let gate = Served::start(
+        &world,
+        &format!("tracing: {{otlp_endpoint: 'http://{otlp}'}}\n"),
+    )
+    .await;
+    let echo = testkit::echo::spawn_echo(testkit::ports::listener().await.unwrap()).unwrap();
+    let ports = testkit::envoy::Ports::new(gate.grpc, echo.addr().port());
+    let config = testkit::envoy::render("envoy/sidecar.yaml", &ports).unwrap();
+    // Tracing on in the HCM (every request sampled), spans to the receiver, flushed one by one.
+    let hcm = "          stat_prefix: ingress\n";
+    assert!(config.contains(hcm));
+    let config = config.replacen(
+        hcm,
+        &format!(
+            "{hcm}          tracing:\n            random_sampling: {{value: 100}}\n            provider:\n              name: envoy.tracers.opentelemetry\n              typed_config:\n                \"@type\": type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig\n                grpc_service: {{envoy_grpc: {{cluster_name: otlp}}, timeout: 1s}}\n                service_name: envoy\n"
+        ),
+        1,
+    ) + &format!(
+        "  - name: otlp\n    type: STATIC\n    connect_timeout: 0.25s\n    typed_extension_protocol_options:\n      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n        \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n        explicit_http_config: {{http2_protocol_options: {{}}}}\n    load_assignment:\n      cluster_name: otlp\n      endpoints:\n      - lb_endpoints:\n        - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {}}}}}}}\n\
+         layered_runtime:\n  layers:\n  - name: static\n    static_layer: {{tracing.opentelemetry.min_flush_spans: 1}}\n",
+        otlp.port()
+    );
+    let envoy = testkit::envoy::Envoy::start(&config, ports).await.unwrap();
+
+    let token = world.api_token(AUD);
+    let resp = testkit::http::get(
+        envoy.addr(),
+        "/items",
+        &[("authorization", &format!("Bearer {token}"))],
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.status, 200, "{}", resp.body);
+
+    // Envoy exports when its span ends; wait for both sides (bounded), never a fixed sleep.
+    let out = gate.stop();
+    let mut envoy_spans = Vec::new();
+    for _ in 0..1500 {
+        envoy_spans = receiver.spans("envoy");
+        if envoy_spans.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(envoy);
+    world.shutdown().await;
+    let _ = stop_tx.send(());
+    server.await.unwrap().unwrap();
+
+    let ours = receiver.spans("tokengate");
+    let check = ours
+        .iter()
+        .find(|s| s.name == "check")
+        .unwrap_or_else(|| panic!("no check span: {ours:#?}\n{out}"));
+    let parent = envoy_spans
+        .iter()
+        .find(|s| s.span_id == check.parent_span_id)
+        .unwrap_or_else(|| {
+            panic!(
+                "the check span's parent is not one of Envoy's spans: {envoy_spans:#?}\n{check:#?}"
+            )
+        });
+    assert_eq!(parent.trace_id, check.trace_id);
+    assert!(
+        parent.name.contains("Authorization.Check") || parent.name.contains("ext_authz"),
+        "parent span {:?} is not Envoy's ext_authz call",
+        parent.name
+    );
+    assert!(
+        envoy_spans
+            .iter()
+            .any(|s| s.trace_id == check.trace_id && s.parent_span_id.is_empty()),
+        "Envoy's request span roots the trace: {envoy_spans:#?}"
+    );
 }
