@@ -90,30 +90,31 @@ impl telemetry::Carrier for Metadata<'_> {
     }
 }
 
-/// The downstream client's address as Envoy reports it (`attributes.source.address`).
-fn source_address(req: &CheckRequest) -> Option<String> {
-    use envoy_types::pb::envoy::config::core::v3::address::Address;
-    use envoy_types::pb::envoy::config::core::v3::socket_address::PortSpecifier;
-    match req
-        .attributes
-        .as_ref()?
-        .source
-        .as_ref()?
-        .address
-        .as_ref()?
-        .address
-        .as_ref()?
-    {
-        Address::SocketAddress(a) => Some(match a.port_specifier {
-            Some(PortSpecifier::PortValue(port)) if a.address.contains(':') => {
-                format!("[{}]:{port}", a.address)
-            }
-            Some(PortSpecifier::PortValue(port)) => format!("{}:{port}", a.address),
-            _ => a.address.clone(),
-        }),
-        Address::Pipe(p) => Some(format!("unix:{}", p.path)),
-        Address::EnvoyInternalAddress(_) => Some("envoy-internal".to_owned()),
+/// The downstream client's address as Envoy reports it (`attributes.source.address`),
+/// formatted only when a decision line is written.
+struct SourceAddress<'a>(&'a envoy_types::pb::envoy::config::core::v3::address::Address);
+
+impl std::fmt::Display for SourceAddress<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use envoy_types::pb::envoy::config::core::v3::address::Address;
+        use envoy_types::pb::envoy::config::core::v3::socket_address::PortSpecifier;
+        match self.0 {
+            Address::SocketAddress(a) => match a.port_specifier {
+                Some(PortSpecifier::PortValue(port)) if a.address.contains(':') => {
+                    write!(f, "[{}]:{port}", a.address)
+                }
+                Some(PortSpecifier::PortValue(port)) => write!(f, "{}:{port}", a.address),
+                _ => f.write_str(&a.address),
+            },
+            Address::Pipe(p) => write!(f, "unix:{}", p.path),
+            Address::EnvoyInternalAddress(_) => f.write_str("envoy-internal"),
+        }
     }
+}
+
+fn source_address(req: &CheckRequest) -> Option<SourceAddress<'_>> {
+    let address = req.attributes.as_ref()?.source.as_ref()?.address.as_ref()?;
+    address.address.as_ref().map(SourceAddress)
 }
 
 /// The gRPC server's listening socket: TCP, or a Unix domain socket (sidecar Envoy in the same
