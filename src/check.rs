@@ -23,11 +23,16 @@
 //! changes the routes or the cache settings gets a new, empty cache: a verdict remembered
 //! under the old routes is never used, nor stored, under the new ones (a load still in flight
 //! fills the old cache, which goes away with the last Check holding it).
+//!
+//! The steps run in `cache`, `precheck`, `verify` and `review` spans under the front door's
+//! `check` span (exported as OpenTelemetry traces when tracing is on, see [`crate::telemetry`]).
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::time::Instant;
+use tracing::field::Empty;
+use tracing::Instrument as _;
 
 use arc_swap::ArcSwap;
 
@@ -46,6 +51,7 @@ use crate::request::{RequestView, TokenLookup};
 use crate::review::{ReviewError, Reviewer, Verdict};
 use crate::revocation::{Admitted, Revocation, Vouch};
 use crate::route::{Route, Routes};
+use crate::telemetry::SPAN_TARGET;
 use crate::verify::{self, InvalidKind, LocalVerdict, Stale};
 use crate::watch::Objects;
 
@@ -105,6 +111,11 @@ impl Snapshot {
     /// Writes the answers of Checks decided under this snapshot (its identity header names).
     pub fn responder(&self) -> &Responder {
         &self.responder
+    }
+
+    /// Where tokens are looked for under this snapshot.
+    pub fn token_sources(&self) -> &[TokenSource] {
+        &self.token_sources
     }
 
     /// The configuration this snapshot was built from.
@@ -289,13 +300,17 @@ impl Checker {
 
         let cache = &snapshot.cache;
         let key = cache.key(token, &route.audiences);
-        let cached = cache.get(&key);
-        let cached = match cached {
-            Some(r) if !self.still_holds(&r, token) => {
-                cache.remove(&key);
-                None
-            }
-            other => other,
+        let cached = {
+            let span = tracing::debug_span!(target: SPAN_TARGET, "cache", hit = Empty).entered();
+            let cached = match cache.get(&key) {
+                Some(r) if !self.still_holds(&r, token) => {
+                    cache.remove(&key);
+                    None
+                }
+                other => other,
+            };
+            span.record("hit", cached.is_some());
+            cached
         };
         let remembered = match cached {
             Some(r) => {
@@ -314,7 +329,9 @@ impl Checker {
                         .or_else(|| keys.as_deref().map(|k| k.issuer())),
                     ..precheck::Expect::default()
                 };
-                let claims = match precheck::precheck_with(token, &route.audiences, now, &expect) {
+                let claims = match tracing::debug_span!(target: SPAN_TARGET, "precheck")
+                    .in_scope(|| precheck::precheck_with(token, &route.audiences, now, &expect))
+                {
                     Ok(c) => c,
                     Err(denial) => {
                         tracing::debug!(route = %route.name, token = %TokenHash(token), reason = denial.code(), "precheck refused");
@@ -335,15 +352,24 @@ impl Checker {
                         let metrics = Arc::clone(&self.metrics);
                         let token = token.to_owned();
                         let audiences = route.audiences.clone();
+                        // The load runs in another task: its spans hang under this Check's.
+                        let check_span = tracing::Span::current();
                         async move {
                             if let Some(local) = local {
                                 if let Some(known) =
-                                    verify_locally(&local, &token, &audiences, &metrics).await?
+                                    verify_locally(&local, &token, &audiences, &metrics)
+                                        .instrument(
+                                            tracing::debug_span!(target: SPAN_TARGET, "verify"),
+                                        )
+                                        .await?
                                 {
                                     return Ok(remember(known, cap));
                                 }
                             }
-                            let verdict = reviewer.review(&token, &audiences).await?;
+                            let verdict = reviewer
+                                .review(&token, &audiences)
+                                .instrument(tracing::debug_span!(target: SPAN_TARGET, "review"))
+                                .await?;
                             Ok(remember(
                                 match verdict {
                                     Verdict::Authenticated(id) => Ok(Arc::new(Admitted {
@@ -355,6 +381,7 @@ impl Checker {
                                 cap,
                             ))
                         }
+                        .instrument(check_span)
                     })
                     .await;
                 match loaded {

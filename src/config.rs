@@ -3,7 +3,7 @@
 //! Parsing is two passes. serde (with `deny_unknown_fields`) turns the text into raw structs
 //! whose interesting fields are [`Spanned`] so they remember their line; then one validation
 //! function per section (listen, kubernetes, token_sources, each route and its match and
-//! allow, cache, identity_headers, log) checks every field and collects *all* problems, each
+//! allow, cache, identity_headers, log, tracing) checks every field and collects *all* problems, each
 //! naming the field path and the line, so an operator fixes a file in one round
 //! (`tokengate check-config FILE`). A value is parsed once, by the parser of the type that
 //! uses it ([`HostPattern::parse`], [`ServiceAccountPattern::parse`], ...), so [`Config`]
@@ -95,6 +95,17 @@ pub mod defaults {
     pub const HEADER_POD_UID: &str = "x-k8s-pod-uid";
     /// Log level (an `EnvFilter` directive).
     pub const LOG_LEVEL: &str = "info";
+    /// Which decisions get a line in the decision log.
+    pub const LOG_DECISIONS: super::DecisionLogMode = super::DecisionLogMode::Denials;
+    /// Decision log lines per second at most (a burst of as many is allowed); the rest are
+    /// counted in a periodic summary line.
+    pub const LOG_DECISIONS_PER_SECOND: u32 = 100;
+    /// Largest `log.decisions_per_second`.
+    pub const LOG_DECISIONS_PER_SECOND_LIMIT: u32 = 1_000_000;
+    /// OTLP traces: share of Checks without a sampled parent trace that are traced.
+    pub const TRACING_SAMPLE_RATIO: f64 = 1.0;
+    /// OTLP `service.name` of tokengate's spans.
+    pub const TRACING_SERVICE_NAME: &str = "tokengate";
     /// How tokens are verified unless a route says otherwise.
     pub const VERIFICATION: super::Verification = super::Verification::TokenReview;
     /// Local verification: how long the last-known keys and watch caches are trusted without
@@ -173,6 +184,8 @@ pub struct Config {
     pub identity_headers: IdentityHeaders,
     /// Logging.
     pub log: LogConfig,
+    /// OpenTelemetry traces (OTLP).
+    pub tracing: TracingConfig,
 }
 
 /// Listen addresses.
@@ -392,6 +405,46 @@ pub struct LogConfig {
     pub format: LogFormat,
     /// `EnvFilter` directive, e.g. `info` or `tokengate=debug,info`.
     pub level: String,
+    /// Which decisions are logged (target `tokengate::decision`, level info).
+    pub decisions: DecisionLogMode,
+    /// Decision log lines per second at most; the rest are counted in a summary line.
+    pub decisions_per_second: u32,
+}
+
+/// Which Checks get a line in the decision log (`log.decisions`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecisionLogMode {
+    /// None.
+    Off,
+    /// Denials and UNAVAILABLE answers.
+    Denials,
+    /// Every decision.
+    All,
+}
+
+impl DecisionLogMode {
+    /// `off`, `denials` or `all`.
+    pub fn parse(text: &str) -> Result<DecisionLogMode, String> {
+        match text.trim() {
+            "off" => Ok(DecisionLogMode::Off),
+            "denials" => Ok(DecisionLogMode::Denials),
+            "all" => Ok(DecisionLogMode::All),
+            other => Err(format!("`{other}` is not `off`, `denials` or `all`")),
+        }
+    }
+}
+
+/// OpenTelemetry traces (`tracing`): off unless an OTLP endpoint is configured here or in the
+/// standard `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` / `OTEL_EXPORTER_OTLP_ENDPOINT` variables.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TracingConfig {
+    /// OTLP/gRPC collector endpoint, e.g. `http://otel-collector.observability:4317`.
+    pub otlp_endpoint: Option<String>,
+    /// Share (0..=1) of Checks without a parent trace context that are traced; a Check whose
+    /// proxy forwarded a trace context follows that context's sampled flag.
+    pub sample_ratio: f64,
+    /// `service.name` resource attribute.
+    pub service_name: String,
 }
 
 /// One problem in a configuration file.
@@ -498,6 +551,8 @@ struct RawConfig {
     identity_headers: RawIdentityHeaders,
     #[serde(default)]
     log: RawLog,
+    #[serde(default)]
+    tracing: RawTracing,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -659,6 +714,16 @@ struct RawIdentityHeaders {
 struct RawLog {
     format: Option<LogFormat>,
     level: Option<Spanned<String>>,
+    decisions: Option<Spanned<String>>,
+    decisions_per_second: Option<Spanned<u32>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTracing {
+    otlp_endpoint: Option<Spanned<String>>,
+    sample_ratio: Option<Spanned<f64>>,
+    service_name: Option<Spanned<String>>,
 }
 
 /// serde pass: structure, types, unknown fields. Stops at the first problem (serde cannot go
@@ -869,6 +934,7 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<FieldError>> {
     let identity_headers =
         identity_headers(&raw.identity_headers, token_sources.as_deref(), &mut p);
     let log = log(&raw.log, &mut p);
+    let tracing = tracing(&raw.tracing, &mut p);
     match (
         listen,
         kubernetes,
@@ -876,7 +942,7 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<FieldError>> {
         routes,
         cache,
         identity_headers,
-        log,
+        (log, tracing),
     ) {
         (
             Some(listen),
@@ -885,7 +951,7 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<FieldError>> {
             Some(routes),
             Some(cache),
             Some(identity_headers),
-            Some(log),
+            (Some(log), Some(tracing)),
         ) if p.0.is_empty() => Ok(Config {
             listen,
             kubernetes,
@@ -894,6 +960,7 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<FieldError>> {
             cache,
             identity_headers,
             log,
+            tracing,
         }),
         _ => {
             p.0.sort_by_key(|e| e.line);
@@ -1643,10 +1710,84 @@ fn log(raw: &RawLog, p: &mut Problems) -> Option<LogConfig> {
             }
         },
     );
+    let decisions = p.field(
+        "log.decisions",
+        &raw.decisions,
+        defaults::LOG_DECISIONS,
+        |d| DecisionLogMode::parse(d),
+    );
+    let decisions_per_second = p.field(
+        "log.decisions_per_second",
+        &raw.decisions_per_second,
+        defaults::LOG_DECISIONS_PER_SECOND,
+        |&n| {
+            if (1..=defaults::LOG_DECISIONS_PER_SECOND_LIMIT).contains(&n) {
+                Ok(n)
+            } else {
+                Err(format!(
+                    "must be 1..={} (set `decisions: off` to log none)",
+                    defaults::LOG_DECISIONS_PER_SECOND_LIMIT
+                ))
+            }
+        },
+    );
     Some(LogConfig {
         format: raw.format.unwrap_or_default(),
         level: level?,
+        decisions: decisions?,
+        decisions_per_second: decisions_per_second?,
     })
+}
+
+fn tracing(raw: &RawTracing, p: &mut Problems) -> Option<TracingConfig> {
+    let otlp_endpoint = match &raw.otlp_endpoint {
+        None => Some(None),
+        Some(e) => p.parsed("tracing.otlp_endpoint", e, |e| {
+            parse_otlp_endpoint(e).map(Some)
+        }),
+    };
+    let sample_ratio = p.field(
+        "tracing.sample_ratio",
+        &raw.sample_ratio,
+        defaults::TRACING_SAMPLE_RATIO,
+        |&r| {
+            if (0.0..=1.0).contains(&r) {
+                Ok(r)
+            } else {
+                Err(format!("`{r}` is not a ratio between 0 and 1"))
+            }
+        },
+    );
+    let service_name = p.field(
+        "tracing.service_name",
+        &raw.service_name,
+        defaults::TRACING_SERVICE_NAME.to_owned(),
+        |n| match n.trim() {
+            "" => Err("is empty".to_owned()),
+            n => Ok(n.to_owned()),
+        },
+    );
+    Some(TracingConfig {
+        otlp_endpoint: otlp_endpoint?,
+        sample_ratio: sample_ratio?,
+        service_name: service_name?,
+    })
+}
+
+/// An OTLP/gRPC endpoint: `http://` or `https://`, a host, an optional port, no path.
+pub fn parse_otlp_endpoint(text: &str) -> Result<String, String> {
+    let text = text.trim();
+    let uri: http::Uri = text
+        .parse()
+        .map_err(|_| format!("`{text}` is not a URL like \"http://otel-collector:4317\""))?;
+    let scheme_ok = matches!(uri.scheme_str(), Some("http" | "https"));
+    let path_ok = uri.path_and_query().is_none_or(|p| p.as_str() == "/");
+    if !scheme_ok || uri.host().is_none_or(str::is_empty) || !path_ok {
+        return Err(format!(
+            "`{text}` is not an OTLP/gRPC endpoint like \"http://otel-collector:4317\" (http or https, host, optional port, no path)"
+        ));
+    }
+    Ok(text.to_owned())
 }
 
 #[cfg(test)]
@@ -1756,6 +1897,52 @@ log:
         assert_eq!(e[0].field, "routes[0].audience");
         assert_eq!(e[0].line, 4);
         assert!(e[0].message.contains("unknown field"), "{}", e[0].message);
+    }
+
+    #[test]
+    fn decision_log_and_tracing_settings() {
+        let c = Config::from_yaml_str(
+            "routes: [{name: a, audiences: [a]}]\n\
+             log: {decisions: off, decisions_per_second: 5}\n\
+             tracing: {otlp_endpoint: 'http://collector.observability:4317', sample_ratio: 0.25}\n",
+        )
+        .unwrap();
+        assert_eq!(c.log.decisions, DecisionLogMode::Off);
+        assert_eq!(c.log.decisions_per_second, 5);
+        assert_eq!(
+            c.tracing.otlp_endpoint.as_deref(),
+            Some("http://collector.observability:4317")
+        );
+        assert_eq!(c.tracing.sample_ratio, 0.25);
+        let c =
+            Config::from_yaml_str("routes: [{name: a, audiences: [a]}]\nlog: {decisions: all}\n")
+                .unwrap();
+        assert_eq!(c.log.decisions, DecisionLogMode::All);
+
+        // Every problem at once, each with its field and line.
+        let e = errors(
+            "routes: [{name: a, audiences: [a]}]\n\
+             log:\n  decisions: some\n  decisions_per_second: 0\n\
+             tracing:\n  otlp_endpoint: collector:4317\n  sample_ratio: 1.5\n  service_name: ' '\n",
+        );
+        let fields: Vec<(&str, usize)> = e.iter().map(|e| (e.field.as_str(), e.line)).collect();
+        assert_eq!(
+            fields,
+            [
+                ("log.decisions", 3),
+                ("log.decisions_per_second", 4),
+                ("tracing.otlp_endpoint", 6),
+                ("tracing.sample_ratio", 7),
+                ("tracing.service_name", 8),
+            ],
+            "{e:?}"
+        );
+        for bad in ["ftp://c:4317", "http://c:4317/v1/traces", "http://", "c"] {
+            assert!(parse_otlp_endpoint(bad).is_err(), "{bad}");
+        }
+        for good in ["http://c:4317", "https://c.example", "http://[::1]:4317/"] {
+            assert!(parse_otlp_endpoint(good).is_ok(), "{good}");
+        }
     }
 
     #[test]
@@ -1973,6 +2160,14 @@ routes:
         let c = Config::from_yaml_str(&section[start..end])
             .unwrap_or_else(|e| panic!("README example: {e}"));
         assert_eq!(c.listen.grpc, GrpcAddr::Tcp(defaults::LISTEN_GRPC));
+        assert_eq!(c.log.decisions, defaults::LOG_DECISIONS);
+        assert_eq!(
+            c.log.decisions_per_second,
+            defaults::LOG_DECISIONS_PER_SECOND
+        );
+        assert_eq!(c.tracing.otlp_endpoint, None, "tracing is off by default");
+        assert_eq!(c.tracing.sample_ratio, defaults::TRACING_SAMPLE_RATIO);
+        assert_eq!(c.tracing.service_name, defaults::TRACING_SERVICE_NAME);
         assert_eq!(c.listen.admin, defaults::LISTEN_ADMIN);
         assert_eq!(c.listen.drain_delay, defaults::DRAIN_DELAY);
         assert_eq!(c.kubernetes.retries, defaults::KUBE_RETRIES);
@@ -1986,6 +2181,13 @@ routes:
         );
         assert_eq!(c.identity_headers.user, defaults::HEADER_USER);
         assert_eq!(c.log.level, defaults::LOG_LEVEL);
+        assert_eq!(c.log.decisions, defaults::LOG_DECISIONS);
+        assert_eq!(
+            c.log.decisions_per_second,
+            defaults::LOG_DECISIONS_PER_SECOND
+        );
+        assert_eq!(c.tracing.otlp_endpoint, None);
+        assert_eq!(c.tracing.sample_ratio, defaults::TRACING_SAMPLE_RATIO);
         let limits = &c.listen.limits;
         assert_eq!(limits.max_connections, defaults::GRPC_MAX_CONNECTIONS);
         assert_eq!(limits.handshake_timeout, defaults::GRPC_HANDSHAKE_TIMEOUT);

@@ -35,6 +35,7 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,9 +46,13 @@ use hyper::body::{Bytes, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 
+use tracing::Instrument as _;
+
+use crate::audit::{Audit, Seen};
 use crate::check::{Checker, Outcome};
 use crate::decision::{DenialParts, Responder, REASON_HEADER};
 use crate::shutdown::{Phase, Shutdown};
+use crate::telemetry;
 
 /// The forward-auth endpoint (nginx `auth_request`, Traefik `ForwardAuth`).
 pub const FORWARD_AUTH_PATH: &str = "/forward-auth";
@@ -71,6 +76,7 @@ const NOT_UTF8: &str = "\u{0}";
 /// What each connection needs.
 struct State {
     checker: Arc<Checker>,
+    audit: Arc<Audit>,
     path_prefix: Option<String>,
 }
 
@@ -88,12 +94,14 @@ struct Original<'a> {
 /// phase reaches [`Phase::Stopped`]. `path_prefix` is `listen.http_path_prefix`.
 pub async fn run(
     checker: Arc<Checker>,
+    audit: Arc<Audit>,
     path_prefix: Option<String>,
     listener: tokio::net::TcpListener,
     shutdown: Shutdown,
 ) {
     let state = Arc::new(State {
         checker,
+        audit,
         path_prefix,
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -110,9 +118,9 @@ pub async fn run(
     let graceful = GracefulShutdown::new();
     let mut draining = shutdown.clone();
     loop {
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     tracing::warn!(error = %e, "http accept failed");
                     // Out of file descriptors and the like: do not spin.
@@ -126,7 +134,7 @@ pub async fn run(
         let state = state.clone();
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
             let state = state.clone();
-            async move { Ok::<_, Infallible>(handle(&state, req).await) }
+            async move { Ok::<_, Infallible>(handle(&state, req, peer).await) }
         });
         let conn = builder
             .serve_connection(TokioIo::new(stream), service)
@@ -147,7 +155,8 @@ pub async fn run(
 }
 
 /// One check: read the original request, run the pipeline, answer.
-async fn handle(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn handle(state: &State, req: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
+    let started = tokio::time::Instant::now();
     // The body is never read: nothing in a check depends on it.
     let (parts, _body) = req.into_parts();
     let headers: Vec<(&str, &str)> = parts
@@ -156,19 +165,40 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> 
         .map(|(k, v)| (k.as_str(), v.to_str().unwrap_or(NOT_UTF8)))
         .collect();
     let snapshot = state.checker.snapshot();
-    let outcome = match read(state, &parts) {
-        Some((original, context_extensions)) => {
-            let view = crate::request::RequestView::from_parts(
-                original.host,
-                original.path,
-                original.method,
-                &context_extensions,
-                &headers,
-            );
-            state.checker.check(&snapshot, &view).await
+    let read = read(state, &parts);
+    let view = read.as_ref().map(|(original, context_extensions)| {
+        crate::request::RequestView::from_parts(
+            original.host,
+            original.path,
+            original.method,
+            context_extensions,
+            &headers,
+        )
+    });
+    let outcome = match &view {
+        Some(view) => {
+            // Envoy's http_service client puts its own span's context in these headers.
+            let span = telemetry::check_span(&[&parts.headers]);
+            let outcome = state
+                .checker
+                .check(&snapshot, view)
+                .instrument(span.clone())
+                .await;
+            telemetry::record(&span, &outcome);
+            outcome
         }
         None => state.checker.unreadable(&snapshot),
     };
+    state.audit.record(
+        &outcome,
+        Seen {
+            front: "http",
+            view: view.as_ref(),
+            peer: Some(&peer),
+            started,
+            token_sources: snapshot.token_sources(),
+        },
+    );
     answer(snapshot.responder(), &outcome)
 }
 

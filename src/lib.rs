@@ -58,6 +58,8 @@
 //! | [`shutdown`] | [`shutdown::Lifecycle`], [`shutdown::Shutdown`], the drain delay and grace |
 //! | [`tls`] | [`tls::Acceptor`]: TLS/mTLS on the gRPC listener, certificate reload |
 //! | [`metrics`], [`admin`] | metrics; `/healthz`, `/readyz`, `/metrics` (beside the path) |
+//! | [`audit`] | [`audit::Audit`]: the decision log and the outage summary (beside the path) |
+//! | [`telemetry`] | OTLP traces: the exporter layer, the `check` span and its parent context |
 //! | [`error`] | [`Error`] (what [`serve`] returns), [`error::Report`] (a cause chain, once) |
 //!
 //! Envoy types appear only in `server`, `request` and `decision`; Kubernetes types only in
@@ -73,6 +75,7 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod audit;
 pub mod cache;
 pub mod check;
 pub mod config;
@@ -94,6 +97,7 @@ pub mod revocation;
 pub mod route;
 pub mod server;
 pub mod shutdown;
+pub mod telemetry;
 pub mod tls;
 pub mod verify;
 pub mod watch;
@@ -181,6 +185,7 @@ pub async fn serve_with_reload(
             stopped(&observer),
         ));
     }
+    let audit = Arc::new(audit::Audit::new(&config.log));
 
     let admin_task = tokio::spawn(admin::run(
         admin,
@@ -196,6 +201,7 @@ pub async fn serve_with_reload(
         tracing::info!(http = %listener.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()), "HTTP front door on");
         tokio::spawn(http::run(
             checker.clone(),
+            audit.clone(),
             config.listen.http_path_prefix.clone(),
             listener,
             observer.clone(),
@@ -212,7 +218,13 @@ pub async fn serve_with_reload(
     );
     let served = lifecycle
         .run(
-            server::run(checker, grpc, config.listen.limits.clone(), observer),
+            server::run(
+                checker,
+                audit.clone(),
+                grpc,
+                config.listen.limits.clone(),
+                observer,
+            ),
             shutdown,
         )
         .await;
@@ -220,6 +232,7 @@ pub async fn serve_with_reload(
     if let Some(task) = http_task {
         let _ = task.await;
     }
+    audit.flush();
     // `None`: the grace period ran out; still a clean stop.
     served.unwrap_or(Ok(()))?;
     tracing::info!("tokengate stopped");

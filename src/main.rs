@@ -88,18 +88,34 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(config: &Config) {
+/// Log output (text or JSON, the `log.level` filter; colour only on a terminal) and, when
+/// tracing is on, the OTLP layer for tokengate's spans beside it with its own filter.
+fn init_logging(config: &Config) -> anyhow::Result<Option<tokengate::telemetry::Tracing>> {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::Layer as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&config.log.level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colour codes only for a person at a terminal, never into a log pipeline.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
-    match config.log.format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Text => builder.init(),
-    }
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let output = match config.log.format {
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_ansi(false)
+            .boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer().with_ansi(ansi).boxed(),
+    };
+    let (otlp, tracing) = match tokengate::telemetry::layer(&config.tracing)? {
+        Some((layer, tracing)) => (Some(layer), Some(tracing)),
+        None => (None, None),
+    };
+    tracing_subscriber::registry()
+        .with(output.with_filter(filter))
+        .with(otlp)
+        .init();
+    Ok(tracing)
 }
 
 /// The tokio runtime: current-thread for `Some(0)`, else multi-thread (`None`: one worker
@@ -118,7 +134,16 @@ fn runtime(worker_threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runt
 }
 
 async fn serve(config: Config, reload: tokengate::reload::Source) -> anyhow::Result<()> {
-    init_logging(&config);
+    let tracing = init_logging(&config)?;
+    let served = serve_with(config, reload).await;
+    if let Some(tracing) = tracing {
+        // Blocking, while the runtime keeps driving the exporter's channel.
+        let _ = tokio::task::spawn_blocking(move || tracing.shutdown()).await;
+    }
+    served
+}
+
+async fn serve_with(config: Config, reload: tokengate::reload::Source) -> anyhow::Result<()> {
     let grpc = tokengate::GrpcListener::bind(&config.listen.grpc)
         .await
         .with_context(|| format!("binding gRPC listener {}", config.listen.grpc))?;

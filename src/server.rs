@@ -10,12 +10,11 @@
 //! HTTP/2 keepalive PINGs, and caps on concurrent streams, header list and message size, so
 //! idle, half-open or greedy clients cannot hold sockets, tasks or memory.
 //!
-//! During an API-server outage every Check that misses the cache is answered UNAVAILABLE;
-//! [`OutageLog`] turns that into one warning per [`OUTAGE_LOG_EVERY`] with a count and the
-//! last cause, instead of a line per Check.
+//! Each Check runs in a `check` span that continues the trace context Envoy forwarded (see
+//! [`crate::telemetry`]), and its answer is logged by [`Audit`] (the decision log, and one
+//! warning per interval during an API-server outage instead of a line per Check).
 
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
 
 use envoy_types::pb::envoy::service::auth::v3::authorization_server::{
     Authorization, AuthorizationServer,
@@ -28,75 +27,24 @@ use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 use tonic_health::ServingStatus;
 
-use crate::check::{Checker, Outcome};
+use tracing::Instrument as _;
+
+use crate::audit::{Audit, Seen};
+use crate::check::Checker;
 use crate::config::GrpcLimits;
-use crate::error::{Error, Report};
+use crate::error::Error;
 use crate::io::{Admission, Guarded, ScalarWrites};
 use crate::request::RequestView;
-use crate::review::ReviewError;
 use crate::shutdown::{Phase, Shutdown};
+use crate::telemetry;
 
 /// Length of the HTTP/2 connection preface (`PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`).
 pub const HTTP2_PREFACE_LEN: usize = 24;
-/// At most one outage summary per this interval.
-pub const OUTAGE_LOG_EVERY: Duration = Duration::from_secs(10);
-
-/// Rate-limited logging of UNAVAILABLE answers: the first one is logged at once, then at most
-/// one line per interval, with the number of UNAVAILABLE answers since the previous line and
-/// the latest cause.
-#[derive(Debug)]
-pub struct OutageLog {
-    every: Duration,
-    state: Mutex<OutageState>,
-}
-
-#[derive(Debug, Default)]
-struct OutageState {
-    last_logged: Option<Instant>,
-    unlogged: u64,
-}
-
-impl OutageLog {
-    /// A log that writes at most one line per `every`.
-    pub fn new(every: Duration) -> OutageLog {
-        OutageLog {
-            every,
-            state: Mutex::new(OutageState::default()),
-        }
-    }
-
-    /// Counts one UNAVAILABLE answer; returns how many it summarised if it logged a line.
-    pub fn record(&self, route: &str, error: &ReviewError) -> Option<u64> {
-        let now = Instant::now();
-        let count = {
-            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            st.unlogged += 1;
-            if st
-                .last_logged
-                .is_some_and(|t| now.duration_since(t) < self.every)
-            {
-                return None;
-            }
-            st.last_logged = Some(now);
-            std::mem::take(&mut st.unlogged)
-        };
-        tracing::warn!(
-            unavailable = count,
-            route,
-            kind = error.kind(),
-            error = %Report(error),
-            "TokenReview unavailable: {count} Check(s) answered UNAVAILABLE since the last summary (at most one summary per {:?})",
-            self.every
-        );
-        Some(count)
-    }
-}
-
 /// The tonic service: reads each Check, hands it to the [`Checker`], answers with the
 /// [`Responder`](crate::decision::Responder) of the configuration snapshot it was decided under.
 pub struct AuthzService {
     checker: Arc<Checker>,
-    outages: OutageLog,
+    audit: Arc<Audit>,
 }
 
 #[tonic::async_trait]
@@ -105,16 +53,72 @@ impl Authorization for AuthzService {
         &self,
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
+        let started = Instant::now();
         let snapshot = self.checker.snapshot();
-        let outcome = match RequestView::new(request.get_ref()) {
-            Some(view) => self.checker.check(&snapshot, &view).await,
+        let metadata = Metadata(request.metadata());
+        let view = RequestView::new(request.get_ref());
+        let outcome = match &view {
+            Some(view) => {
+                let span = telemetry::check_span(&[&metadata, view]);
+                let outcome = self
+                    .checker
+                    .check(&snapshot, view)
+                    .instrument(span.clone())
+                    .await;
+                telemetry::record(&span, &outcome);
+                outcome
+            }
             None => self.checker.unreadable(&snapshot),
         };
-        if let Outcome::Unavailable { route, error } = &outcome {
-            self.outages.record(&route.name, error);
-        }
+        let peer = source_address(request.get_ref());
+        self.audit.record(
+            &outcome,
+            Seen {
+                front: "grpc",
+                view: view.as_ref(),
+                peer: peer.as_ref().map(|p| p as &dyn std::fmt::Display),
+                started,
+                token_sources: snapshot.token_sources(),
+            },
+        );
         snapshot.responder().respond(&outcome).map(Response::new)
     }
+}
+
+/// The gRPC call's metadata, where Envoy's ext_authz client puts its trace context.
+struct Metadata<'a>(&'a tonic::metadata::MetadataMap);
+
+impl telemetry::Carrier for Metadata<'_> {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.0.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// The downstream client's address as Envoy reports it (`attributes.source.address`),
+/// formatted only when a decision line is written.
+struct SourceAddress<'a>(&'a envoy_types::pb::envoy::config::core::v3::address::Address);
+
+impl std::fmt::Display for SourceAddress<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use envoy_types::pb::envoy::config::core::v3::address::Address;
+        use envoy_types::pb::envoy::config::core::v3::socket_address::PortSpecifier;
+        match self.0 {
+            Address::SocketAddress(a) => match a.port_specifier {
+                Some(PortSpecifier::PortValue(port)) if a.address.contains(':') => {
+                    write!(f, "[{}]:{port}", a.address)
+                }
+                Some(PortSpecifier::PortValue(port)) => write!(f, "{}:{port}", a.address),
+                _ => f.write_str(&a.address),
+            },
+            Address::Pipe(p) => write!(f, "unix:{}", p.path),
+            Address::EnvoyInternalAddress(_) => f.write_str("envoy-internal"),
+        }
+    }
+}
+
+fn source_address(req: &CheckRequest) -> Option<SourceAddress<'_>> {
+    let address = req.attributes.as_ref()?.source.as_ref()?.address.as_ref()?;
+    address.address.as_ref().map(SourceAddress)
 }
 
 /// The gRPC server's listening socket: TCP, or a Unix domain socket (sidecar Envoy in the same
@@ -234,6 +238,7 @@ impl Stream for UnixIncoming {
 /// [`Lifecycle`]: crate::shutdown::Lifecycle
 pub async fn run(
     checker: Arc<Checker>,
+    audit: Arc<Audit>,
     listener: GrpcListener,
     limits: GrpcLimits,
     mut shutdown: Shutdown,
@@ -242,11 +247,8 @@ pub async fn run(
     health
         .set_serving::<AuthorizationServer<AuthzService>>()
         .await;
-    let authz = AuthorizationServer::new(AuthzService {
-        checker,
-        outages: OutageLog::new(OUTAGE_LOG_EVERY),
-    })
-    .max_decoding_message_size(limits.max_message_bytes);
+    let authz = AuthorizationServer::new(AuthzService { checker, audit })
+        .max_decoding_message_size(limits.max_message_bytes);
     let admission = Admission::new(
         limits.max_connections,
         limits.handshake_timeout,
@@ -295,26 +297,4 @@ pub async fn run(
         }
     };
     result.map_err(Error::Transport)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test(start_paused = true)]
-    async fn outages_are_summarised_once_per_interval() {
-        let log = OutageLog::new(Duration::from_secs(10));
-        let e = ReviewError::Timeout;
-        assert_eq!(
-            log.record("r", &e),
-            Some(1),
-            "the first one is logged at once"
-        );
-        for _ in 0..999 {
-            assert_eq!(log.record("r", &e), None);
-        }
-        tokio::time::advance(Duration::from_secs(10)).await;
-        assert_eq!(log.record("r", &e), Some(1000));
-        assert_eq!(log.record("r", &e), None);
-    }
 }
