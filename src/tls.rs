@@ -548,7 +548,10 @@ mod tests {
         replace(&a.0);
         let (ca, first) = ReloadingCa::load(&file).unwrap();
         let subjects = |v: &Arc<dyn rustls::server::danger::ClientCertVerifier>| {
-            v.root_hint_subjects().to_vec()
+            v.root_hint_subjects()
+                .iter()
+                .map(|dn| dn.as_ref().to_vec())
+                .collect::<Vec<Vec<u8>>>()
         };
         assert_eq!(subjects(&first).len(), 1);
         assert!(ca.reload_if_changed().is_none(), "nothing changed");
