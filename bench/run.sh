@@ -40,7 +40,7 @@ CONNS=${BENCH_CONNS:-32}
 CONC=${BENCH_ENVOY_CONCURRENCY:-1}
 MISS_MS=${BENCH_MISS_LATENCY_MS:-2}
 NULL_WORKERS=${BENCH_NULL_WORKERS:-2}
-ALL_SCENARIOS="noauth jwt_nocache jwt_cache extauthz_null extauthz_null_hdrs tokengate_hit tokengate_miss tokengate_miss_local check_null check_tokengate"
+ALL_SCENARIOS="noauth jwt_nocache jwt_cache extauthz_null extauthz_null_hdrs tokengate_hit tokengate_hit_http tokengate_hit_h2c tokengate_miss tokengate_miss_local check_null check_tokengate"
 SCENARIOS=${BENCH_SCENARIOS:-$ALL_SCENARIOS}
 ENVOY=${ENVOY_BIN:-$ROOT/.venv/bin/envoy}
 OUT=${BENCH_OUT:-$ROOT/target/bench/$(date -u +%Y%m%dT%H%M%SZ)}
@@ -138,21 +138,24 @@ HIT_TOKEN=$(sed -n 1p "$SDIR/single.txt")
 
 # Free ports, chosen only now: minting takes a while, and a port picked before it may have been
 # taken (as an ephemeral port) by then.
-read -r -a P <<<"$("$BIN/tokengate-bench" ports 32 | tr '\n' ' ')"
+read -r -a P <<<"$("$BIN/tokengate-bench" ports 40 | tr '\n' ' ')"
 port_i=0
 # take_port VAR: assign the next free port to VAR (no subshell, so the counter advances).
 take_port() { printf -v "$1" '%s' "${P[$port_i]}"; port_i=$((port_i + 1)); }
 
 # ---- tokengate instances ------------------------------------------------------------------
-# tg_config NAME GRPC_PORT ADMIN_PORT [VERIFICATION]: writes conf/tokengate-NAME.yaml, prints
-# its path. VERIFICATION `local` adds `verification: local` (which implies the watch).
+# tg_config NAME GRPC_PORT ADMIN_PORT [VERIFICATION] [HTTP_PORT]: writes
+# conf/tokengate-NAME.yaml, prints its path. VERIFICATION `local` adds `verification: local`
+# (which implies the watch); `-` or empty keeps TokenReview. With HTTP_PORT the HTTP front door
+# listens there too (same process, same cache), under the path prefix /authz.
 tg_config() {
-  local f=$OUT/conf/tokengate-$1.yaml local_lines=""
+  local f=$OUT/conf/tokengate-$1.yaml local_lines="" http_lines=""
   [[ ${4:-} == local ]] && local_lines=$'\n  verification: local\n  watch: true\n  max_staleness: 5m'
+  [[ -n ${5:-} ]] && http_lines=$'\n  http: 127.0.0.1:'"$5"$'\n  http_path_prefix: /authz'
   cat > "$f" <<EOF
 listen:
   grpc: 127.0.0.1:$2
-  admin: 127.0.0.1:$3
+  admin: 127.0.0.1:$3$http_lines
 kubernetes:
   kubeconfig: $SDIR/kubeconfig
   timeout: 2s
@@ -176,7 +179,7 @@ log:
 EOF
   echo "$f"
 }
-declare -A TG_GRPC=() TG_ADMIN=()
+declare -A TG_GRPC=() TG_ADMIN=() TG_HTTP=()
 start_tokengate() { # NAME
   local name=tokengate-$1
   spawn "$name" "$TG_BIN" serve --config "$OUT/conf/$name.yaml" \
@@ -185,10 +188,11 @@ start_tokengate() { # NAME
 }
 for t in hit miss; do
   take_port "TG_GRPC[$t]"; take_port "TG_ADMIN[$t]"
-  tg_config "$t" "${TG_GRPC[$t]}" "${TG_ADMIN[$t]}" >/dev/null
+  [[ $t == hit ]] && take_port "TG_HTTP[$t]"
+  tg_config "$t" "${TG_GRPC[$t]}" "${TG_ADMIN[$t]}" - "${TG_HTTP[$t]:-}" >/dev/null
   ((TG)) && start_tokengate $t
 done
-((TG)) && log "tokengate hit :${TG_GRPC[hit]}  miss :${TG_GRPC[miss]}"
+((TG)) && log "tokengate hit :${TG_GRPC[hit]} (http :${TG_HTTP[hit]})  miss :${TG_GRPC[miss]}"
 # missl: the same cache-miss setting with `verification: local`.
 if ((LOCAL)); then
   take_port "TG_GRPC[missl]"; take_port "TG_ADMIN[missl]"
@@ -228,6 +232,10 @@ start_envoy extauthz_null extauthz "$NULL_PORT"
 start_envoy extauthz_null_hdrs extauthz "$NULL_HDRS_PORT"
 if ((TG)); then
   start_envoy tokengate_hit extauthz "${TG_GRPC[hit]}"
+  # The same tokengate process through Envoy's HTTP ext_authz (http_service), over HTTP/1.1
+  # and over h2c: only the protocol between Envoy and tokengate differs.
+  start_envoy tokengate_hit_http extauthz-http "${TG_HTTP[hit]}"
+  start_envoy tokengate_hit_h2c extauthz-h2c "${TG_HTTP[hit]}"
   start_envoy tokengate_miss extauthz "${TG_GRPC[miss]}"
 fi
 ((LOCAL)) && start_envoy tokengate_miss_local extauthz "${TG_GRPC[missl]}"
@@ -243,10 +251,13 @@ for s in jwt_nocache jwt_cache; do
   [[ $(code "${LISTEN[$s]}" -H "Authorization: Bearer $JWT") == 200 ]] || die "$s: JWT rejected"
 done
 if ((TG)); then
-  [[ $(code "${LISTEN[tokengate_hit]}" -H 'Authorization: Bearer nope') =~ ^40[13]$ ]] ||
-    die "tokengate lets a bad token through"
-  [[ $(code "${LISTEN[tokengate_hit]}" -H "Authorization: Bearer $HIT_TOKEN") == 200 ]] ||
-    die "tokengate denies a valid token"
+  for s in tokengate_hit tokengate_hit_http tokengate_hit_h2c; do
+    [[ $(code "${LISTEN[$s]}" -H 'Authorization: Bearer nope') =~ ^40[13]$ ]] ||
+      die "$s: tokengate lets a bad token through"
+    [[ $(code "${LISTEN[$s]}") == 401 ]] || die "$s: no token is not 401"
+    [[ $(code "${LISTEN[$s]}" -H "Authorization: Bearer $HIT_TOKEN") == 200 ]] ||
+      die "$s: tokengate denies a valid token"
+  done
 fi
 if ((LOCAL)); then
   [[ $(code "${LISTEN[tokengate_miss_local]}" -H 'Authorization: Bearer nope') =~ ^40[13]$ ]] ||
@@ -285,7 +296,7 @@ authz_of() { # scenario -> process name of its authz server ("" if none)
   case $1 in
     extauthz_null|check_null) echo null-authz ;;
     extauthz_null_hdrs) echo null-authz-hdrs ;;
-    tokengate_hit|check_tokengate) echo tokengate-hit ;;
+    tokengate_hit|tokengate_hit_http|tokengate_hit_h2c|check_tokengate) echo tokengate-hit ;;
     tokengate_miss) echo tokengate-miss ;;
     tokengate_miss_local) echo tokengate-missl ;;
     *) echo "" ;;
@@ -326,7 +337,7 @@ saturate() {
   case $s in
     noauth) out=$("${wrk[@]}" "http://127.0.0.1:${LISTEN[$s]}/") ;;
     jwt_*) out=$("${wrk[@]}" -H "Authorization: Bearer $JWT" "http://127.0.0.1:${LISTEN[$s]}/") ;;
-    extauthz_null|extauthz_null_hdrs|tokengate_hit)
+    extauthz_null|extauthz_null_hdrs|tokengate_hit|tokengate_hit_http|tokengate_hit_h2c)
       out=$("${wrk[@]}" -H "Authorization: Bearer $HIT_TOKEN" "http://127.0.0.1:${LISTEN[$s]}/") ;;
     tokengate_miss|tokengate_miss_local)
       out=$("${wrk[@]}" -s "$ROOT/bench/pool.lua" "http://127.0.0.1:${LISTEN[$s]}/" -- "$SDIR/pool.txt" "$CONC") ;;
@@ -380,7 +391,7 @@ latency() {
   case $s in
     noauth) load+=(--http "127.0.0.1:${LISTEN[$s]}") ;;
     jwt_*) load+=(--http "127.0.0.1:${LISTEN[$s]}" --tokens "$OUT/conf/jwt-token.txt") ;;
-    extauthz_null|extauthz_null_hdrs|tokengate_hit) load+=(--http "127.0.0.1:${LISTEN[$s]}" --tokens "$SDIR/single.txt" --first 1) ;;
+    extauthz_null|extauthz_null_hdrs|tokengate_hit|tokengate_hit_http|tokengate_hit_h2c) load+=(--http "127.0.0.1:${LISTEN[$s]}" --tokens "$SDIR/single.txt" --first 1) ;;
     tokengate_miss|tokengate_miss_local) load+=(--http "127.0.0.1:${LISTEN[$s]}" --tokens "$SDIR/pool.txt") ;;
     check_null) load+=(--grpc "http://127.0.0.1:$NULL_PORT" --tokens "$SDIR/single.txt" --first 1) ;;
     check_tokengate) load+=(--grpc "http://127.0.0.1:${TG_GRPC[hit]}" --tokens "$SDIR/single.txt" --first 1) ;;

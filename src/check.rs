@@ -432,7 +432,7 @@ impl Checker {
         let (Some(revocation), Ok(admitted)) = (&self.revocation, remembered) else {
             return true;
         };
-        match revocation.vouch(admitted) {
+        match revocation.vouch(admitted, unix_now()) {
             Vouch::Holds => true,
             Vouch::Stale => false,
             Vouch::Revoked(cause) => {

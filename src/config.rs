@@ -1175,10 +1175,7 @@ fn listen_tls(
         "listen.tls.reload_interval",
         &t.reload_interval,
         defaults::TLS_RELOAD_INTERVAL,
-        |d| match parse_duration(d)? {
-            Duration::ZERO => Err("must be greater than zero".to_owned()),
-            d => Ok(d),
-        },
+        positive_duration,
     );
     let settings = TlsSettings {
         cert_file: cert_file?,
@@ -1203,10 +1200,7 @@ fn kubernetes(raw: &RawKubernetes, p: &mut Problems) -> Option<Kubernetes> {
         "kubernetes.timeout",
         &raw.timeout,
         defaults::KUBE_TIMEOUT,
-        |t| match parse_duration(t)? {
-            Duration::ZERO => Err("must be greater than zero".to_owned()),
-            d => Ok(d),
-        },
+        positive_duration,
     );
     let retries = p.field(
         "kubernetes.retries",
@@ -1256,10 +1250,7 @@ fn kubernetes(raw: &RawKubernetes, p: &mut Problems) -> Option<Kubernetes> {
         "kubernetes.max_staleness",
         &raw.max_staleness,
         defaults::MAX_STALENESS,
-        |t| match parse_duration(t)? {
-            Duration::ZERO => Err("must be greater than zero".to_owned()),
-            d => Ok(d),
-        },
+        positive_duration,
     );
     let jwks_refresh = p.field(
         "kubernetes.jwks_refresh",

@@ -15,7 +15,7 @@
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use crate::identity::Identity;
 use crate::watch::{Kind, Objects, Presence};
@@ -88,16 +88,13 @@ impl Revocation {
         }
     }
 
-    /// Does `admitted` still hold?
-    pub fn vouch(&self, admitted: &Admitted) -> Vouch {
+    /// Does `admitted` still hold at `now` (Unix seconds)?
+    pub fn vouch(&self, admitted: &Admitted, now: i64) -> Vouch {
         match self.objects.staleness() {
             Some(age) if age <= self.max_staleness => {}
             // Never listed, or cut off too long: the caches cannot vouch.
             _ => return Vouch::Stale,
         }
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64);
         let id = &admitted.identity;
         if let Some(uid) = &id.uid {
             let presence =

@@ -7,8 +7,11 @@
 //! [`CertifiedKey`] that [`ReloadingCert`] hands to each new handshake. Existing connections
 //! keep the certificate they were opened with. A pair that does not load (a half-written
 //! rotation, a key that does not match) is reported and the previous one stays in use. With
-//! `client_ca_file`, clients must present a certificate signed by that CA (only the proxies
-//! may ask); that file is read at start.
+//! `client_ca_file`, clients must present a certificate signed by one of its CAs (only the
+//! proxies may ask); that file is watched the same way, so a CA rotation (old and new CA side
+//! by side, then the new one alone) needs no restart: new handshakes use the new CA set,
+//! established connections keep the verification they passed. A CA file that does not load
+//! keeps the previous set in use.
 //!
 //! Handshakes run on their own tasks, so a slow or silent client never holds up `accept`.
 
@@ -194,6 +197,56 @@ impl Stamp {
     }
 }
 
+/// The client CA file, re-read when it changes.
+#[derive(Debug)]
+struct ReloadingCa {
+    file: PathBuf,
+    stamp: std::sync::Mutex<Stamp>,
+}
+
+impl ReloadingCa {
+    fn load(
+        file: &Path,
+    ) -> Result<
+        (
+            ReloadingCa,
+            Arc<dyn rustls::server::danger::ClientCertVerifier>,
+        ),
+        TlsError,
+    > {
+        let stamp = Stamp::of(file);
+        let verifier = client_verifier(file)?;
+        let ca = ReloadingCa {
+            file: file.to_owned(),
+            stamp: std::sync::Mutex::new(stamp),
+        };
+        Ok((ca, verifier))
+    }
+
+    /// A verifier for the file's new contents if it changed since the last look and loads.
+    fn reload_if_changed(&self) -> Option<Arc<dyn rustls::server::danger::ClientCertVerifier>> {
+        let now = Stamp::of(&self.file);
+        {
+            let mut seen = self.stamp.lock().unwrap_or_else(|p| p.into_inner());
+            if *seen == now {
+                return None;
+            }
+            // Reported once per version; a fixed file is a new version.
+            *seen = now;
+        }
+        match client_verifier(&self.file) {
+            Ok(verifier) => {
+                tracing::info!(client_ca_file = %self.file.display(), "TLS client CA reloaded; new connections are verified against it");
+                Some(verifier)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "TLS client CA file changed but does not load; keeping the previous CAs");
+                None
+            }
+        }
+    }
+}
+
 /// The serving certificate, replaced when its files change; each handshake takes the current
 /// one.
 #[derive(Debug)]
@@ -254,11 +307,13 @@ impl ResolvesServerCert for ReloadingCert {
     }
 }
 
-/// The TLS side of the gRPC listener: the rustls configuration and the reloading certificate.
+/// The TLS side of the gRPC listener: the rustls configuration, the reloading certificate and
+/// the reloading client CA.
 #[derive(Clone)]
 pub struct Acceptor {
     acceptor: tokio_rustls::TlsAcceptor,
     cert: Arc<ReloadingCert>,
+    client_ca: Option<Arc<ReloadingCa>>,
     reload_interval: Duration,
 }
 
@@ -279,17 +334,17 @@ impl Acceptor {
             &settings.cert_file,
             &settings.key_file,
         )?);
-        let builder = rustls::ServerConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()?;
-        let builder = match &settings.client_ca_file {
-            Some(ca) => builder.with_client_cert_verifier(client_verifier(ca)?),
-            None => builder.with_no_client_auth(),
+        let (client_ca, verifier) = match &settings.client_ca_file {
+            Some(file) => {
+                let (ca, verifier) = ReloadingCa::load(file)?;
+                (Some(Arc::new(ca)), Some(verifier))
+            }
+            None => (None, None),
         };
-        let mut config = builder.with_cert_resolver(cert.clone());
-        config.alpn_protocols = vec![b"h2".to_vec()];
         Ok(Acceptor {
-            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+            acceptor: server_config(cert.clone(), verifier)?,
             cert,
+            client_ca,
             reload_interval: settings.reload_interval,
         })
     }
@@ -304,7 +359,7 @@ impl Acceptor {
     }
 
     async fn accept_loop(
-        self,
+        mut self,
         listener: tokio::net::TcpListener,
         tx: mpsc::Sender<std::io::Result<ScalarWrites<TlsConnection>>>,
     ) {
@@ -314,9 +369,21 @@ impl Acceptor {
             let (tcp, peer) = tokio::select! {
                 () = tx.closed() => return, // the server stopped accepting: close the port
                 _ = reload.tick() => {
-                    let cert = self.cert.clone();
+                    let (cert, ca) = (self.cert.clone(), self.client_ca.clone());
                     // File metadata and PEM parsing are blocking calls.
-                    let _ = tokio::task::spawn_blocking(move || cert.reload_if_changed()).await;
+                    let new_ca = tokio::task::spawn_blocking(move || {
+                        cert.reload_if_changed();
+                        ca.and_then(|ca| ca.reload_if_changed())
+                    })
+                    .await;
+                    if let Ok(Some(verifier)) = new_ca {
+                        // The verifier is fixed per rustls configuration: build a new one
+                        // (same certificate resolver) for the handshakes from now on.
+                        match server_config(self.cert.clone(), Some(verifier)) {
+                            Ok(acceptor) => self.acceptor = acceptor,
+                            Err(e) => tracing::warn!(error = %e, "TLS client CA reload failed; keeping the previous CAs"),
+                        }
+                    }
                     continue;
                 }
                 accepted = listener.accept() => match accepted {
@@ -344,6 +411,23 @@ impl Acceptor {
             });
         }
     }
+}
+
+/// The rustls configuration: HTTP/2 only (gRPC), the reloading certificate, and client
+/// certificates required when a verifier is given.
+fn server_config(
+    cert: Arc<ReloadingCert>,
+    verifier: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+) -> Result<tokio_rustls::TlsAcceptor, TlsError> {
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?;
+    let builder = match verifier {
+        Some(verifier) => builder.with_client_cert_verifier(verifier),
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_cert_resolver(cert);
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
 /// Connections that completed their handshake, as the stream tonic serves.
@@ -403,10 +487,12 @@ mod tests {
     /// A self-signed certificate and its key, as PEM.
     fn pair(name: &str) -> (String, String) {
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let cert = rcgen::CertificateParams::new(vec![name.to_owned()])
-            .unwrap()
-            .self_signed(&key)
-            .unwrap();
+        let mut params = rcgen::CertificateParams::new(vec![name.to_owned()]).unwrap();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let cert = params.self_signed(&key).unwrap();
         (cert.pem(), key.serialize_pem())
     }
 
@@ -447,6 +533,45 @@ mod tests {
         assert!(matches!(e, TlsError::NoCertificate { .. }), "{e}");
         let e = load_certified_key(&cert, &cert).unwrap_err();
         assert!(matches!(e, TlsError::NoKey { .. }), "{e}");
+    }
+
+    #[test]
+    fn a_changed_client_ca_is_reloaded_and_a_broken_one_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("ca.crt");
+        let replace = |text: &str| {
+            let tmp = dir.path().join("ca.tmp");
+            std::fs::write(&tmp, text).unwrap();
+            std::fs::rename(&tmp, &file).unwrap();
+        };
+        let (a, b) = (pair("ca-a"), pair("ca-b"));
+        replace(&a.0);
+        let (ca, first) = ReloadingCa::load(&file).unwrap();
+        let subjects = |v: &Arc<dyn rustls::server::danger::ClientCertVerifier>| {
+            v.root_hint_subjects()
+                .iter()
+                .map(|dn| dn.as_ref().to_vec())
+                .collect::<Vec<Vec<u8>>>()
+        };
+        assert_eq!(subjects(&first).len(), 1);
+        assert!(ca.reload_if_changed().is_none(), "nothing changed");
+
+        // Both CAs (the first step of a rotation): a verifier trusting both.
+        replace(&format!("{}{}", a.0, b.0));
+        let both = ca.reload_if_changed().expect("the new CA set");
+        assert_eq!(subjects(&both).len(), 2);
+        assert!(subjects(&both).contains(&subjects(&first)[0]));
+
+        // A broken file is refused (the caller keeps what it has), once.
+        replace("not a certificate\n");
+        assert!(ca.reload_if_changed().is_none());
+        assert!(ca.reload_if_changed().is_none());
+
+        // The new CA alone.
+        replace(&b.0);
+        let last = ca.reload_if_changed().expect("the new CA alone");
+        assert_eq!(subjects(&last).len(), 1);
+        assert_ne!(subjects(&last), subjects(&first));
     }
 
     #[test]

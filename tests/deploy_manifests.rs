@@ -130,6 +130,7 @@ fn every_kustomization_renders_and_validates() {
     for dir in [
         "base",
         "istio",
+        "istio-http",
         "istio-ambient",
         "envoy-sidecar",
         "envoy-gateway",
@@ -751,6 +752,160 @@ fn istio_objects_are_well_formed() {
         .map(|s| serde_json::json!({"exact": s["header"]}))
         .collect();
     assert_eq!(merged["allowed_headers"]["patterns"], Value::Array(sources));
+}
+
+#[test]
+fn istio_http_provider_matches_tokengate_http_listener() {
+    let objs = validate_rendered("istio-http");
+    let mesh = load("deploy/istio-http/mesh-config.yaml").unwrap();
+    assert_eq!(mesh["apiVersion"], "install.istio.io/v1alpha1");
+    assert_eq!(mesh["kind"], "IstioOperator");
+    assert_eq!(
+        at(&mesh, "spec.meshConfig.pathNormalization.normalization"),
+        "MERGE_SLASHES"
+    );
+    let providers = at(&mesh, "spec.meshConfig.extensionProviders")
+        .as_array()
+        .expect("extensionProviders");
+    assert_eq!(providers.len(), 1);
+    let provider = &providers[0];
+    assert_known_keys(
+        "extension provider",
+        provider,
+        &["name", "envoyExtAuthzHttp"],
+    );
+    let http = &provider["envoyExtAuthzHttp"];
+    // Fields of istio/api's EnvoyExternalAuthorizationHttpProvider only (a misspelt one is
+    // refused by istiod's install validation or silently dropped).
+    assert_known_keys(
+        "envoyExtAuthzHttp",
+        http,
+        &[
+            "service",
+            "port",
+            "timeout",
+            "pathPrefix",
+            "failOpen",
+            "statusOnError",
+            "includeRequestHeadersInCheck",
+            "includeAdditionalHeadersInCheck",
+            "includeRequestBodyInCheck",
+            "headersToUpstreamOnAllow",
+            "headersToDownstreamOnDeny",
+            "headersToDownstreamOnAllow",
+        ],
+    );
+    assert_eq!(http["failOpen"], false);
+    assert_eq!(http["statusOnError"], "503");
+    // Envoy is told nothing it could take a client's word for: no added route header.
+    assert!(http["includeAdditionalHeadersInCheck"].is_null());
+
+    // service:port is the ClusterIP Service's `http` port, which reaches the container port
+    // tokengate's listen.http binds, and the NetworkPolicy admits it from the proxies.
+    let svc = objs
+        .iter()
+        .find(|o| o["kind"] == "Service" && o["metadata"]["name"] == "tokengate")
+        .expect("Service tokengate");
+    assert_eq!(
+        http["service"],
+        format!(
+            "tokengate.{}.svc.cluster.local",
+            svc["metadata"]["namespace"].as_str().unwrap()
+        )
+    );
+    let svc_port = svc["spec"]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["port"] == http["port"])
+        .unwrap_or_else(|| panic!("the Service has no port {}", http["port"]));
+    assert_eq!(svc_port["appProtocol"], "http");
+    let target = svc_port["targetPort"].as_str().unwrap();
+    let deployment = find(&objs, "Deployment", "tokengate");
+    let container_port = at(deployment, "spec.template.spec.containers.0.ports")
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == target)
+        .unwrap_or_else(|| panic!("no container port named {target}"))["containerPort"]
+        .clone();
+    let config = configmap_file(&objs, "tokengate-config", "tokengate.yaml");
+    check_config_text("deploy/istio-http ConfigMap", config);
+    let config = parse(config).unwrap();
+    assert_eq!(
+        config["listen"]["http"],
+        format!("0.0.0.0:{container_port}"),
+        "listen.http is the container port the Service targets"
+    );
+    let np = find(&objs, "NetworkPolicy", "tokengate");
+    let proxies = np["spec"]["ingress"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| {
+            r["from"][0]["namespaceSelector"]["matchLabels"]["tokengate.io/authz-client"] == "true"
+        })
+        .expect("the proxies' ingress rule");
+    assert!(
+        proxies["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["port"] == target),
+        "the NetworkPolicy does not admit the proxies to port {target}: {proxies}"
+    );
+
+    // pathPrefix is tokengate's listen.http_path_prefix (Envoy prepends it; tokengate strips
+    // it and refuses requests without it).
+    assert_eq!(http["pathPrefix"], config["listen"]["http_path_prefix"]);
+    // Exactly the token headers travel.
+    let sent: BTreeSet<String> = http["includeRequestHeadersInCheck"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h.as_str().unwrap().to_ascii_lowercase())
+        .collect();
+    assert_eq!(sent, token_headers(&config).into_iter().collect());
+    assert!(!sent.contains(tokengate::http::ROUTE_HEADER));
+    // Every identity header is copied upstream (overwriting a client's copy); the denial's
+    // challenge and reason reach the client.
+    let upstream: BTreeSet<&str> = http["headersToUpstreamOnAllow"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h.as_str().unwrap())
+        .collect();
+    assert_eq!(upstream, IDENTITY_HEADERS.into_iter().collect());
+    let downstream: BTreeSet<&str> = http["headersToDownstreamOnDeny"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h.as_str().unwrap())
+        .collect();
+    for h in ["www-authenticate", "x-tokengate-reason"] {
+        assert!(
+            downstream.contains(h),
+            "{h} not passed to the client on deny"
+        );
+    }
+    // Same routes as the gRPC overlay (and so as the tested envoy/tokengate-istio.yaml).
+    assert_eq!(
+        config["routes"],
+        load("deploy/istio/tokengate.yaml").unwrap()["routes"]
+    );
+
+    // The policy names this provider; identity headers are still stripped first (for the
+    // paths that skip the check); the gRPC-only header patch is gone.
+    let ap = find(&objs, "AuthorizationPolicy", "tokengate");
+    assert_eq!(ap["spec"]["provider"]["name"], provider["name"]);
+    assert_eq!(ap["spec"]["action"], "CUSTOM");
+    find(&objs, "EnvoyFilter", "tokengate-strip-identity-headers");
+    assert!(
+        !objs
+            .iter()
+            .any(|o| o["metadata"]["name"] == "tokengate-check-headers"),
+        "the gRPC provider's allowed_headers patch does not apply to the HTTP provider"
+    );
 }
 
 /// The keys of `obj` must all be in `known` (a misspelt CRD field would be pruned or refused by

@@ -5,7 +5,9 @@
 //! What must hold: Envoy reaches tokengate over TLS, verifying its certificate and presenting
 //! its own; a client without a certificate (or with one from another CA) is refused; swapping
 //! the certificate and key files under load loses no request and new connections present the
-//! new certificate; `check-config` names the file and the problem of a bad TLS setting.
+//! new certificate; rotating the proxies' CA under load (tokengate's client CA file re-read,
+//! Envoy's client certificate replaced through its file-based SDS) loses no request either;
+//! `check-config` names the file and the problem of a bad TLS setting.
 
 mod common;
 
@@ -152,6 +154,68 @@ fn presented(tls: &tokio_rustls::client::TlsStream<tokio::net::TcpStream>) -> Ve
         .to_vec()
 }
 
+/// Writes `text` to `path` by a rename (a new inode, as the kubelet swaps Secret files).
+fn replace_file(path: &Path, text: &str) {
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// Whether tokengate serves a health Check over a new TLS connection presenting `client`.
+async fn served(addr: SocketAddr, ca_pem: &str, client: (&Path, &Path)) -> bool {
+    match handshake(addr, ca_pem, Some(client)).await {
+        Ok(tls) => health_over(tls).await == Ok(ServingStatus::Serving as i32),
+        Err(_) => false,
+    }
+}
+
+/// Polls `cond` every 50 ms until it holds; panics with `what` after 15 s.
+async fn eventually<F, Fut>(what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !cond().await {
+        assert!(Instant::now() < deadline, "never happened: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The published Envoy TLS config for `pki`: the SDS files (`envoy/sds/*.yaml`) copied into
+/// the test's directory with the certificate directory rewritten, the main config pointing at
+/// them, and `max_connection_duration` set to `connection_duration`.
+fn envoy_config(pki: &Pki, ports: &Ports, connection_duration: &str) -> String {
+    let sds = pki.dir.path().join("sds");
+    std::fs::create_dir_all(&sds).unwrap();
+    for name in ["tokengate-client.yaml", "tokengate-ca.yaml"] {
+        let text = std::fs::read_to_string(testkit::workspace_root().join("envoy/sds").join(name))
+            .unwrap();
+        assert!(text.contains("{path: /etc/envoy/tokengate-tls}"), "{name}");
+        std::fs::write(
+            sds.join(name),
+            text.replace(
+                "/etc/envoy/tokengate-tls",
+                &pki.path("envoy").display().to_string(),
+            ),
+        )
+        .unwrap();
+    }
+    let config = render(ENVOY, ports).unwrap();
+    assert!(
+        !config.contains("filename: /etc/envoy/tokengate-tls/"),
+        "{ENVOY} names certificate files itself instead of through SDS"
+    );
+    assert!(config.contains("path: /etc/envoy/sds/tokengate-client.yaml"));
+    assert!(config.contains("max_connection_duration: 600s"));
+    config
+        .replace("/etc/envoy/sds", &sds.display().to_string())
+        .replace(
+            "max_connection_duration: 600s",
+            &format!("max_connection_duration: {connection_duration}"),
+        )
+}
+
 /// An HTTP/2 connection as a tonic client transport.
 #[derive(Clone)]
 struct H2(hyper::client::conn::http2::SendRequest<tonic::body::Body>);
@@ -277,7 +341,8 @@ struct Stack {
 }
 
 impl Stack {
-    async fn start(pki: &Pki) -> Stack {
+    /// `connection_duration`: Envoy's max_connection_duration to tokengate (600s published).
+    async fn start(pki: &Pki, connection_duration: &str) -> Stack {
         let world = World::start().await.unwrap();
         let listener = testkit::ports::listener().await.unwrap();
         let grpc = listener.local_addr().unwrap();
@@ -286,17 +351,7 @@ impl Stack {
             .unwrap_or_else(|e| panic!("{e:#}"));
         let echo = spawn_echo(testkit::ports::listener().await.unwrap()).unwrap();
         let ports = Ports::new(grpc.port(), echo.addr().port());
-        let config = render(ENVOY, &ports).unwrap();
-        assert_eq!(
-            config
-                .matches("filename: /etc/envoy/tokengate-tls/")
-                .count(),
-            3
-        );
-        let config = config.replace(
-            "/etc/envoy/tokengate-tls/",
-            &format!("{}/", pki.path("envoy").display()),
-        );
+        let config = envoy_config(pki, &ports, connection_duration);
         let envoy = Envoy::start(&config, ports)
             .await
             .unwrap_or_else(|e| panic!("starting envoy: {e:#}"));
@@ -318,7 +373,7 @@ impl Stack {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_over_mtls_survives_a_certificate_rotation_under_load() {
     let pki = Pki::new();
-    let stack = Stack::start(&pki).await;
+    let stack = Stack::start(&pki, "600s").await;
     let token = stack.world.api_token("data-store");
 
     // Envoy → tokengate over mTLS: allowed with identity, a bad token denied by tokengate.
@@ -402,6 +457,116 @@ async fn envoy_over_mtls_survives_a_certificate_rotation_under_load() {
     stack.finish().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_ca_rotation_through_sds_and_the_client_ca_file_loses_nothing() {
+    let pki = Pki::new();
+    // Connections re-made every second, so the rotation reaches the connections in use.
+    let stack = Stack::start(&pki, "1s").await;
+    let token = stack.world.api_token("data-store");
+    let r = testkit::http::get(
+        stack.envoy.addr(),
+        "/items",
+        &[HOST, ("x-client-id", &token)],
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200, "{r:?}\n{}", stack.envoy.diagnostics());
+    let ca = pki.ca.pem();
+    // A client certificate of the old CA, to probe tokengate directly.
+    let old = pki.dir.path().join("old-client");
+    std::fs::create_dir(&old).unwrap();
+    let (cert, key) = pki.issue("probe", 5, ExtendedKeyUsagePurpose::ClientAuth);
+    std::fs::write(old.join("tls.crt"), cert).unwrap();
+    std::fs::write(old.join("tls.key"), key).unwrap();
+    let old_client = (old.join("tls.crt"), old.join("tls.key"));
+    // The new CA, with a client certificate of its own for probing.
+    let next = Pki::new();
+    let new_client = (
+        next.path("envoy").join("tls.crt"),
+        next.path("envoy").join("tls.key"),
+    );
+    assert!(served(stack.grpc, &ca, (&old_client.0, &old_client.1)).await);
+    assert!(!served(stack.grpc, &ca, (&new_client.0, &new_client.1)).await);
+
+    let load = Load::start(
+        stack.envoy.addr(),
+        "/items",
+        &[HOST, ("x-client-id", &token)],
+        4,
+    );
+    load.wait_ok(0, 50).await;
+    let stat = |name: &'static str| {
+        let envoy = &stack.envoy;
+        async move { envoy.stat(name).await.unwrap().unwrap_or(0) }
+    };
+
+    // 1. tokengate trusts the old and the new CA (its client_ca_file re-read).
+    let ca_file = pki.path("tokengate").join("ca.crt");
+    replace_file(&ca_file, &format!("{}{}", pki.ca.pem(), next.ca.pem()));
+    eventually("tokengate accepts the new CA's client certificates", || {
+        served(stack.grpc, &ca, (&new_client.0, &new_client.1))
+    })
+    .await;
+    assert!(served(stack.grpc, &ca, (&old_client.0, &old_client.1)).await);
+
+    // 2. Envoy's client certificate from the new CA, through SDS: the Secret's files replaced
+    // in the watched directory, nothing else touched.
+    let serial: u64 = 0x7a11_5eed_c0ff_ee01;
+    let (cert, key) = {
+        let mut params = CertificateParams::new(vec!["envoy".to_owned()]).unwrap();
+        params.distinguished_name = dn("envoy");
+        params.serial_number = Some(SerialNumber::from(serial));
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let cert = params.signed_by(&key, &next.ca).unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    pki.install("envoy", &cert, &key);
+    let admin = stack.envoy.admin_addr();
+    eventually(
+        "Envoy loads the new client certificate from SDS",
+        || async move {
+            testkit::http::get(admin, "/certs", &[])
+                .await
+                .is_ok_and(|r| r.body.contains(&format!("{serial:x}")))
+        },
+    )
+    .await;
+
+    // 3. tokengate drops the old CA: a client certificate of the old CA is refused from now on.
+    replace_file(&ca_file, &next.ca.pem());
+    eventually(
+        "tokengate refuses the old CA's client certificates",
+        || async { !served(stack.grpc, &ca, (&old_client.0, &old_client.1)).await },
+    )
+    .await;
+    assert!(served(stack.grpc, &ca, (&new_client.0, &new_client.1)).await);
+
+    // Envoy keeps making new connections (max_connection_duration), now only with the new
+    // certificate: they succeed, and Checks keep flowing.
+    let handshakes = stat("cluster.tokengate.ssl.handshake").await;
+    eventually(
+        "Envoy reconnects to tokengate after the old CA is gone",
+        || async { stat("cluster.tokengate.ssl.handshake").await >= handshakes + 2 },
+    )
+    .await;
+    load.wait_ok(load.ok(), 50).await;
+    let (ok, failures) = load.finish().await;
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed across the CA rotation, e.g. {:?}\n{}",
+        failures.len(),
+        ok + failures.len() as u64,
+        &failures[..failures.len().min(5)],
+        stack.envoy.diagnostics()
+    );
+    // No handshake failed on Envoy's side either (retries could hide one from the load).
+    assert_eq!(stat("cluster.tokengate.ssl.connection_error").await, 0);
+    assert_eq!(stack.echo.requests_seen(), ok + 1);
+    stack.finish().await;
+}
+
 /// `tokengate check-config FILE` on `yaml`: (success, stderr).
 fn check_config(yaml: &str) -> (bool, String) {
     let dir = tempfile::tempdir().unwrap();
@@ -470,6 +635,9 @@ fn check_config_names_the_tls_file_and_its_problem() {
 fn tls_sample_is_the_sidecar_sample_plus_a_verified_transport_socket() {
     let plain = testkit::yaml::load("envoy/sidecar.yaml").unwrap();
     let mut tls = testkit::yaml::load(ENVOY).unwrap();
+    // SDS needs a node identity.
+    let node = tls.as_object_mut().unwrap().remove("node").expect("node");
+    assert!(node["id"].is_string() && node["cluster"].is_string());
     let clusters = tls["static_resources"]["clusters"].as_array_mut().unwrap();
     let tokengate = clusters
         .iter_mut()
@@ -480,23 +648,62 @@ fn tls_sample_is_the_sidecar_sample_plus_a_verified_transport_socket() {
         .unwrap()
         .remove("transport_socket")
         .expect("the tokengate cluster has a transport_socket");
+    // Connections re-made, so rotated files reach every connection.
+    let options = &mut tokengate["typed_extension_protocol_options"]
+        ["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"];
+    let common_http = options
+        .as_object_mut()
+        .unwrap()
+        .remove("common_http_protocol_options")
+        .expect("common_http_protocol_options");
+    assert_eq!(common_http["max_connection_duration"], "600s");
     let context = &socket["typed_config"];
     assert_eq!(context["sni"], NAME);
     let common = &context["common_tls_context"];
+    // tokengate's name checked; its CA and Envoy's client certificate through file-based SDS
+    // with a watched directory.
+    let validation = &common["combined_validation_context"];
     assert_eq!(
-        common["validation_context"]["match_typed_subject_alt_names"][0]["matcher"]["exact"],
+        validation["default_validation_context"]["match_typed_subject_alt_names"][0]["matcher"]
+            ["exact"],
         NAME
     );
-    assert!(common["validation_context"]["trusted_ca"]["filename"].is_string());
-    assert!(common["tls_certificates"][0]["certificate_chain"]["filename"].is_string());
+    let sds = [
+        &common["tls_certificate_sds_secret_configs"][0],
+        &validation["validation_context_sds_secret_config"],
+    ];
+    for (secret, (name, file)) in sds.into_iter().zip([
+        ("tokengate-client", "envoy/sds/tokengate-client.yaml"),
+        ("tokengate-ca", "envoy/sds/tokengate-ca.yaml"),
+    ]) {
+        assert_eq!(secret["name"], name);
+        let source = &secret["sds_config"]["path_config_source"];
+        assert_eq!(
+            source["path"],
+            format!("/etc/envoy/sds/{}", file.rsplit('/').next().unwrap())
+        );
+        assert_eq!(source["watched_directory"]["path"], "/etc/envoy/sds");
+        // The SDS file holds exactly that secret, naming the mounted Secret's files and
+        // watching their directory.
+        let doc = testkit::yaml::load(file).unwrap();
+        let resources = doc["resources"].as_array().unwrap();
+        assert_eq!(resources.len(), 1, "{file}: SDS takes one secret per file");
+        assert_eq!(resources[0]["name"], name);
+        let inner = if name == "tokengate-client" {
+            &resources[0]["tls_certificate"]
+        } else {
+            &resources[0]["validation_context"]
+        };
+        assert_eq!(
+            inner["watched_directory"]["path"],
+            "/etc/envoy/tokengate-tls"
+        );
+    }
     // Apart from TLS, exactly envoy/sidecar.yaml: the tested security settings carry over.
     assert_eq!(tls, plain, "{ENVOY} drifted from envoy/sidecar.yaml");
 
-    // Envoy accepts it (with the certificate files present).
+    // Envoy accepts it (with the SDS and certificate files present).
     let pki = Pki::new();
-    let rendered = render(ENVOY, &Ports::new(19001, 18081)).unwrap().replace(
-        "/etc/envoy/tokengate-tls/",
-        &format!("{}/", pki.path("envoy").display()),
-    );
+    let rendered = envoy_config(&pki, &Ports::new(19001, 18081), "600s");
     testkit::envoy::validate_str(&rendered).unwrap_or_else(|e| panic!("{e:#}"));
 }

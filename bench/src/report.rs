@@ -28,6 +28,14 @@ const SCENARIOS: &[(&str, &str)] = &[
     ),
     ("tokengate_hit", "Envoy + ext_authz → tokengate, cache hit"),
     (
+        "tokengate_hit_http",
+        "Envoy + ext_authz http_service (HTTP/1.1) → tokengate, cache hit",
+    ),
+    (
+        "tokengate_hit_h2c",
+        "Envoy + ext_authz http_service (h2c) → tokengate, cache hit",
+    ),
+    (
         "tokengate_miss",
         "Envoy + ext_authz → tokengate, cache miss (TokenReview +2 ms)",
     ),
@@ -275,6 +283,38 @@ pub fn print(dir: &Path) -> Result<()> {
         "- Envoy + tokengate (hit) ÷ jwt_authn without cache: {} (stretch goal ≥ 1.00×)",
         ratio(m("tokengate_hit"), m("jwt_nocache"))
     );
+    // Issue 11: the same tokengate through Envoy's HTTP ext_authz (http_service) against gRPC:
+    // requests/s, Envoy's and tokengate's CPU per request, median p50/p99 at the fixed rate.
+    let cpu_col = |k: &str, i: usize| {
+        cpu.get(k)
+            .map(|c| median(&mut c[i].clone()))
+            .map_or("–".into(), |v| format!("{v:.1}"))
+    };
+    let lat_of = |k: &str, f: &str| {
+        lat.get(k)
+            .and_then(|v| v[f].as_f64())
+            .map_or("–".into(), |v| format!("{v:.0}"))
+    };
+    for (key, what) in [
+        ("tokengate_hit_http", "HTTP/1.1"),
+        ("tokengate_hit_h2c", "h2c"),
+    ] {
+        if m(key).is_none() || m("tokengate_hit").is_none() {
+            continue;
+        }
+        println!(
+            "- Envoy http_service ({what}) ÷ gRPC ext_authz, same tokengate: {} rps; Envoy CPU µs/req {} vs {}; tokengate {} vs {}; p50 {} vs {} µs, p99 {} vs {} µs",
+            ratio(m(key), m("tokengate_hit")),
+            cpu_col(key, 0),
+            cpu_col("tokengate_hit", 0),
+            cpu_col(key, 1),
+            cpu_col("tokengate_hit", 1),
+            lat_of(key, "p50_us"),
+            lat_of("tokengate_hit", "p50_us"),
+            lat_of(key, "p99_us"),
+            lat_of("tokengate_hit", "p99_us"),
+        );
+    }
     // Issue 9: a local-mode miss against a hit (rps and tokengate's CPU per Check) and against
     // a TokenReview-mode miss.
     let authz_cpu = |k: &str| {

@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use kube_standin::Options;
+use kube_standin::{Fault, Options};
 use testkit::echo::{spawn_echo, Echo, EchoServer};
 use testkit::envoy::{Envoy, Ports};
 use testkit::http::{self, Response};
@@ -201,10 +201,84 @@ impl Stack {
         self.gate.stop().await;
     }
 
+    /// The API server down, then answering 503: a Check with a valid new token is 503 from
+    /// Envoy's error path (counted as ext_authz errors, not denials), never 200, and the same
+    /// token works once the API server is back (errors are not cached). The sample routes
+    /// `/items` on host `data-store` to a route the `api/api` token in `x-client-id` passes.
+    pub async fn assert_api_server_down_is_503(&self) {
+        let host = ("host", "data-store");
+        let token = self.world.api_token("data-store");
+        self.world.standin.set_fault(Fault::Down);
+        let resp = self.get("/items", &[host, ("x-client-id", &token)]).await;
+        assert_eq!(resp.status, 503, "{resp:?}");
+        self.world.standin.set_fault(Fault::Status {
+            code: 503,
+            retry_after: None,
+        });
+        let resp = self.get("/items", &[host, ("x-client-id", &token)]).await;
+        assert_eq!(resp.status, 503, "{resp:?}");
+        assert_eq!(
+            self.echo.requests_seen(),
+            0,
+            "an unchecked request reached the upstream"
+        );
+        // The 503s came from Envoy's error path (gRPC UNAVAILABLE or an HTTP 5xx ->
+        // status_on_error), which is what failure_mode_allow would act on, not a denial.
+        let errors = self.counter("http.ingress.ext_authz.error").await;
+        assert_eq!(errors, 2, "ext_authz.error counter");
+        let denied = self.counter("http.ingress.ext_authz.denied").await;
+        assert_eq!(denied, 0, "ext_authz.denied counter");
+
+        self.world.standin.set_fault(Fault::None);
+        let resp = self.get("/items", &[host, ("x-client-id", &token)]).await;
+        assert_eq!(resp.status, 200, "errors must not be cached: {resp:?}");
+    }
+
+    /// tokengate stopped: a cached and a new token both get 503 (Envoy's error path), and
+    /// nothing more reaches the upstream.
+    pub async fn assert_tokengate_down_fails_closed(&mut self) {
+        let host = ("host", "data-store");
+        let token = self.world.api_token("data-store");
+        let resp = self.get("/items", &[host, ("x-client-id", &token)]).await;
+        assert_eq!(resp.status, 200, "baseline: {resp:?}");
+        let seen = self.echo.requests_seen();
+        let errors = self.counter("http.ingress.ext_authz.error").await;
+
+        self.stop_tokengate().await;
+        let fresh = self.world.api_token("data-store");
+        for t in [&token, &fresh] {
+            let resp = self.get("/items", &[host, ("x-client-id", t)]).await;
+            assert_eq!(
+                resp.status, 503,
+                "tokengate down must fail closed: {resp:?}"
+            );
+        }
+        assert_eq!(
+            self.counter("http.ingress.ext_authz.error").await,
+            errors + 2,
+            "ext_authz.error counter"
+        );
+        assert_eq!(self.echo.requests_seen(), seen);
+    }
+
     /// Stops everything, surfacing tokengate errors.
     pub async fn finish(mut self) {
         self.gate.stop().await;
         self.world.shutdown().await;
+    }
+}
+
+impl super::front_door::FrontDoor for Stack {
+    fn world(&self) -> &World {
+        &self.world
+    }
+
+    fn upstream_requests(&self) -> u64 {
+        self.echo.requests_seen()
+    }
+
+    async fn get(&self, path: &str, headers: &[(&str, &str)]) -> Response {
+        Stack::get(self, path, headers).await
     }
 }
 

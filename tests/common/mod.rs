@@ -16,6 +16,7 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 pub mod envoy;
+pub mod front_door;
 pub mod load;
 
 use std::path::Path;
