@@ -12,6 +12,11 @@
 //! so the hit path skips decoding the JWT. Junk tokens never reach the cache, so they cost one
 //! keyed hash and one failed probe before precheck refuses them.
 //!
+//! A route with `require_peer` refuses a Check without an mTLS peer before the cache, and one
+//! whose peer is not the token's service account after the allow-list ([`crate::peer`]). On
+//! a `mode: audit` route a denial becomes [`Outcome::Audited`]: counted and logged as the
+//! would-be decision, and answered as a pass without identity.
+//!
 //! With watches on, a hit is first put to [`Revocation::vouch`] (is the pod, service account
 //! or signing key gone?), and a route with `verification: local` verifies misses itself
 //! ([`verify`]) before, only for what it cannot judge, asking TokenReview.
@@ -22,7 +27,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::time::Instant;
 
 use crate::cache::{Cache, Freshness};
-use crate::config::{Config, TokenSource, Verification};
+use crate::config::{Config, Mode, TokenSource, Verification};
 use crate::denial::Denial;
 use crate::error::{Error, Report};
 use crate::identity::{Identity, TokenHash};
@@ -93,6 +98,16 @@ pub enum Outcome<'c> {
         /// Why.
         denial: Denial,
     },
+    /// A `mode: audit` route would have denied: the request passes, without identity.
+    Audited {
+        /// The route that matched.
+        route: &'c Route,
+        /// What enforcing would have answered.
+        denial: Denial,
+        /// Where the token was found, if anywhere (its header is removed when the route
+        /// strips tokens).
+        source: Option<&'c TokenSource>,
+    },
     /// The API server could not answer: gRPC UNAVAILABLE, so Envoy's `status_on_error` /
     /// `failure_mode_allow` decide.
     Unavailable {
@@ -150,9 +165,45 @@ impl Checker {
     /// Decides one Check, and counts it.
     pub async fn check(&self, view: &RequestView<'_>) -> Outcome<'_> {
         let started = Instant::now();
-        let outcome = self.decide(view).await;
+        let mut caller = None;
+        let outcome = self.decide(view, &mut caller).await;
+        let outcome = match outcome {
+            Outcome::Deny {
+                route: Some(route),
+                denial,
+            } if route.mode == Mode::Audit => self.audited(view, route, denial, caller),
+            other => other,
+        };
         self.count(&outcome, started);
         outcome
+    }
+
+    /// A denial on a `mode: audit` route: logged (the decision log of audit mode) and turned
+    /// into a pass without identity.
+    fn audited<'c>(
+        &'c self,
+        view: &RequestView<'_>,
+        route: &'c Route,
+        denial: Denial,
+        caller: Option<Arc<Identity>>,
+    ) -> Outcome<'c> {
+        let (token, source) = match view.token(&self.token_sources) {
+            TokenLookup::Found { token, source } => (Some(TokenHash(token)), Some(source)),
+            _ => (None, None),
+        };
+        tracing::info!(
+            route = %route.name,
+            reason = denial.code(),
+            caller = caller.as_ref().map(|c| c.username.as_str()),
+            token = token.map(tracing::field::display),
+            peer = view.source_principal,
+            "audit: would deny; passing without identity"
+        );
+        Outcome::Audited {
+            route,
+            denial,
+            source,
+        }
     }
 
     /// The outcome for a CheckRequest without HTTP attributes (say, from Envoy's network
@@ -178,6 +229,10 @@ impl Checker {
                 self.metrics
                     .decision(route.map(|r| r.index), Counted::Deny(*denial));
             }
+            Outcome::Audited { route, denial, .. } => {
+                self.metrics
+                    .decision(Some(route.index), Counted::WouldDeny(*denial));
+            }
             Outcome::Unavailable { route, error } => {
                 self.metrics.decision(Some(route.index), Counted::Error);
                 // At debug: `server` logs one summary per interval during an outage.
@@ -189,7 +244,13 @@ impl Checker {
             .observe(started.elapsed().as_secs_f64());
     }
 
-    async fn decide<'c>(&'c self, view: &RequestView<'_>) -> Outcome<'c> {
+    /// Decides; `caller` receives the verified identity on `mode: audit` routes (for the
+    /// audit log of a denial after verification).
+    async fn decide<'c>(
+        &'c self,
+        view: &RequestView<'_>,
+        caller: &mut Option<Arc<Identity>>,
+    ) -> Outcome<'c> {
         let deny = |route, denial| Outcome::Deny { route, denial };
         let Some(route) = self.routes.select(view) else {
             tracing::debug!(host = view.host, path = view.path, "no route");
@@ -199,6 +260,16 @@ impl Checker {
             TokenLookup::Found { token, source } => (token, source),
             TokenLookup::Missing => return deny(Some(route), Denial::MissingToken),
             TokenLookup::Malformed => return deny(Some(route), Denial::MalformedToken),
+        };
+        // Without the required peer no token can pass: refuse before spending a TokenReview.
+        let peer = match route
+            .require_peer
+            .as_ref()
+            .map(|b| b.peer(view.source_principal))
+        {
+            None => None,
+            Some(Ok(peer)) => Some(peer),
+            Some(Err(denial)) => return deny(Some(route), denial),
         };
 
         let key = self.cache.key(token, &route.audiences);
@@ -284,9 +355,16 @@ impl Checker {
                 return deny(Some(route), denial);
             }
         };
+        if route.mode == Mode::Audit {
+            *caller = Some(Arc::clone(&identity));
+        }
         if !policy::permits(route.allow.as_ref(), &identity) {
             tracing::debug!(route = %route.name, user = %identity.username, "not on the allow-list");
             return deny(Some(route), Denial::NotAllowed);
+        }
+        if peer.is_some_and(|p| !p.is(&identity)) {
+            tracing::debug!(route = %route.name, user = %identity.username, peer = view.source_principal, "token presented by another workload");
+            return deny(Some(route), Denial::PeerMismatch);
         }
         Outcome::Allow {
             route,
@@ -554,5 +632,102 @@ mod tests {
             .check(&RequestView::from_parts("h", "/api", "GET", &ext, &headers))
             .await;
         assert_eq!(denial(&o), Some(Denial::TokenRejected));
+    }
+
+    #[tokio::test]
+    async fn require_peer_binds_the_token_to_its_workload() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = checker(&dir, "    require_peer: service_account\n").await;
+        let ext = HashMap::new();
+        let token = jwt(unix_now() + 3600);
+        remember(&c, &token, Ok(admitted(identity("default", "api")))).await;
+        let headers = [("x-client-id", token.as_str())];
+        let view = RequestView::from_parts("h", "/api", "GET", &ext, &headers);
+        let o = c.check(&view).await;
+        assert_eq!(denial(&o), Some(Denial::PeerMissing));
+        let o = c
+            .check(&view.with_source_principal("spiffe://td/ns/default/sa/web"))
+            .await;
+        assert_eq!(denial(&o), Some(Denial::PeerMismatch));
+        let o = c
+            .check(&view.with_source_principal("spiffe://td/ns/default/sa/api/x"))
+            .await;
+        assert_eq!(denial(&o), Some(Denial::PeerMismatch));
+        let o = c
+            .check(&view.with_source_principal("spiffe://td/ns/default/sa/api"))
+            .await;
+        assert!(matches!(o, Outcome::Allow { .. }), "{o:?}");
+        // Missing peer is decided before the token: no TokenReview for an unverifiable token.
+        let junk = [("x-client-id", "not-a-jwt")];
+        let o = c
+            .check(&RequestView::from_parts("h", "/api", "GET", &ext, &junk))
+            .await;
+        assert_eq!(denial(&o), Some(Denial::PeerMissing));
+    }
+
+    #[tokio::test]
+    async fn audit_mode_passes_denials_but_not_outages() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = checker(
+            &dir,
+            "    mode: audit\n    allow: {service_accounts: [default/api]}\n",
+        )
+        .await;
+        let ext = HashMap::new();
+        let (good, other) = (jwt(unix_now() + 3600), jwt(unix_now() + 3601));
+        remember(&c, &good, Ok(admitted(identity("default", "api")))).await;
+        remember(&c, &other, Ok(admitted(identity("default", "web")))).await;
+        let check = |headers: &'static [(&'static str, &'static str)]| {
+            let ext = &ext;
+            let c = &c;
+            async move {
+                c.check(&RequestView::from_parts("h", "/api", "GET", ext, headers))
+                    .await
+            }
+        };
+        let o = check(&[]).await;
+        assert!(
+            matches!(
+                o,
+                Outcome::Audited {
+                    denial: Denial::MissingToken,
+                    source: None,
+                    ..
+                }
+            ),
+            "{o:?}"
+        );
+        let headers = [("x-client-id", other.as_str())];
+        let o = c
+            .check(&RequestView::from_parts("h", "/api", "GET", &ext, &headers))
+            .await;
+        let Outcome::Audited {
+            denial: Denial::NotAllowed,
+            source: Some(source),
+            ..
+        } = o
+        else {
+            panic!("expected Audited not_allowed, got {o:?}");
+        };
+        assert_eq!(source.header, "x-client-id");
+        let headers = [("x-client-id", good.as_str())];
+        let o = c
+            .check(&RequestView::from_parts("h", "/api", "GET", &ext, &headers))
+            .await;
+        assert!(matches!(o, Outcome::Allow { .. }), "{o:?}");
+        // The API server cannot answer: still UNAVAILABLE (Envoy's status_on_error).
+        let unknown = jwt(unix_now() + 3602);
+        let headers = [("x-client-id", unknown.as_str())];
+        let o = c
+            .check(&RequestView::from_parts("h", "/api", "GET", &ext, &headers))
+            .await;
+        assert!(matches!(o, Outcome::Unavailable { .. }), "{o:?}");
+        let text = c.metrics.encode();
+        assert!(
+            text.contains(
+                r#"tokengate_decisions_total{route="api",outcome="would_deny",reason="not_allowed"} 1"#
+            ),
+            "{text}"
+        );
     }
 }

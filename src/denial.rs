@@ -28,6 +28,12 @@ pub enum Denial {
     NotServiceAccount,
     /// Valid service account, but not on the route's allow-list.
     NotAllowed,
+    /// The route requires the caller's mTLS peer identity (`require_peer`), and the Check
+    /// carried none (plaintext connection, or HTTP mode).
+    PeerMissing,
+    /// The mTLS peer is not the token's service account (another account, another trust
+    /// domain, or not a SPIFFE service-account ID at all).
+    PeerMismatch,
     /// No route matched the request and no default route is configured.
     NoRoute,
     /// The CheckRequest carried no HTTP attributes (for example, the network ext_authz filter).
@@ -36,7 +42,7 @@ pub enum Denial {
 
 impl Denial {
     /// Every reason, in decision-table order.
-    pub const ALL: [Denial; 10] = [
+    pub const ALL: [Denial; 12] = [
         Denial::MissingToken,
         Denial::MalformedToken,
         Denial::TokenTooLarge,
@@ -45,6 +51,8 @@ impl Denial {
         Denial::TokenRejected,
         Denial::NotServiceAccount,
         Denial::NotAllowed,
+        Denial::PeerMissing,
+        Denial::PeerMismatch,
         Denial::NoRoute,
         Denial::BadRequest,
     ];
@@ -60,6 +68,8 @@ impl Denial {
             Denial::TokenRejected => "token_rejected",
             Denial::NotServiceAccount => "not_service_account",
             Denial::NotAllowed => "not_allowed",
+            Denial::PeerMissing => "peer_missing",
+            Denial::PeerMismatch => "peer_mismatch",
             Denial::NoRoute => "no_route",
             Denial::BadRequest => "bad_request",
         }
@@ -105,6 +115,8 @@ impl fmt::Display for Denial {
             Denial::TokenRejected => "the token is invalid",
             Denial::NotServiceAccount => "the token does not belong to a service account",
             Denial::NotAllowed => "this service account is not allowed here",
+            Denial::PeerMissing => "the caller presented no mTLS peer identity",
+            Denial::PeerMismatch => "the token was presented by another workload",
             Denial::NoRoute => "no route is configured for this request",
             Denial::BadRequest => "the request has no HTTP attributes",
         })

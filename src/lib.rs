@@ -48,6 +48,7 @@
 //! | [`watch`] | [`watch::Objects`]: metadata-only watch caches of pods and service accounts |
 //! | [`revocation`] | [`revocation::Revocation`] (does a cached verdict still hold?), [`revocation::Admitted`] |
 //! | [`policy`] | [`policy::AllowList`], [`policy::ServiceAccountPattern`], [`policy::Glob`] |
+//! | [`peer`] | [`peer::PeerBinding`]: `require_peer`, the mTLS peer's SPIFFE ID against the token |
 //! | [`decision`] | [`decision::Responder`]: Outcome → CheckResponse / gRPC status |
 //! | [`identity`] | [`identity::Identity`], [`identity::TokenHash`] |
 //! | [`denial`] | [`denial::Denial`], the reason codes |
@@ -79,6 +80,7 @@ pub mod identity;
 pub mod io;
 pub mod keys;
 pub mod metrics;
+pub mod peer;
 pub mod policy;
 pub mod precheck;
 pub mod request;
