@@ -1777,6 +1777,37 @@ routes:
     }
 
     #[test]
+    fn peer_binding_and_audit_mode() {
+        let c = Config::from_yaml_str(
+            "kubernetes:\n  trust_domain: cluster.local\nroutes:\n  - name: a\n    audiences: [a]\n    require_peer: service_account\n    mode: audit\n",
+        )
+        .unwrap();
+        let r = &c.routes[0];
+        assert_eq!(r.mode, Mode::Audit);
+        assert_eq!(
+            r.require_peer.as_ref().unwrap().trust_domain.as_deref(),
+            Some("cluster.local")
+        );
+        let c = Config::from_yaml_str("routes:\n  - name: a\n    audiences: [a]\n").unwrap();
+        assert_eq!(
+            (c.routes[0].mode, c.routes[0].require_peer.as_ref()),
+            (Mode::Enforce, None)
+        );
+        let e = errors(
+            "kubernetes:\n  trust_domain: Cluster.Local\nroutes:\n  - name: a\n    audiences: [a]\n    require_peer: pod\n    mode: dry-run\n",
+        );
+        let fields: Vec<_> = e.iter().map(|e| (e.field.as_str(), e.line)).collect();
+        assert_eq!(
+            fields,
+            vec![
+                ("kubernetes.trust_domain", 2),
+                ("routes[0].require_peer", 6),
+                ("routes[0].mode", 7)
+            ]
+        );
+    }
+
+    #[test]
     fn duplicate_and_conflicting_headers() {
         let yaml = "\
 token_sources:
