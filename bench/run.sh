@@ -40,7 +40,7 @@ CONNS=${BENCH_CONNS:-32}
 CONC=${BENCH_ENVOY_CONCURRENCY:-1}
 MISS_MS=${BENCH_MISS_LATENCY_MS:-2}
 NULL_WORKERS=${BENCH_NULL_WORKERS:-2}
-ALL_SCENARIOS="noauth jwt_nocache jwt_cache extauthz_null extauthz_null_hdrs tokengate_hit tokengate_hit_http tokengate_hit_h2c tokengate_miss tokengate_miss_local check_null check_tokengate"
+ALL_SCENARIOS="noauth jwt_nocache jwt_cache extauthz_null extauthz_null_hdrs tokengate_hit tokengate_hit_http tokengate_hit_h2c tokengate_miss tokengate_miss_local check_null check_tokengate check_tokengate_peer"
 SCENARIOS=${BENCH_SCENARIOS:-$ALL_SCENARIOS}
 ENVOY=${ENVOY_BIN:-$ROOT/.venv/bin/envoy}
 OUT=${BENCH_OUT:-$ROOT/target/bench/$(date -u +%Y%m%dT%H%M%SZ)}
@@ -160,7 +160,8 @@ kubernetes:
   kubeconfig: $SDIR/kubeconfig
   timeout: 2s
   retries: 0
-  max_in_flight: 64$local_lines
+  max_in_flight: 64
+  trust_domain: cluster.local$local_lines
 token_sources:
   - header: authorization
     scheme: Bearer
@@ -169,6 +170,11 @@ routes:
     match:
       context_extensions: {route: bench}
     audiences: [tokengate-bench]
+  - name: bench-peer            # check_tokengate_peer: the same token, bound to its mTLS peer
+    match:
+      context_extensions: {route: bench-peer}
+    audiences: [tokengate-bench]
+    require_peer: service_account
 cache:
   max_entries: 100000
   ttl: 60s
@@ -271,6 +277,10 @@ done
 # What Envoy sends with our published config (allowed_headers: the token headers only).
 "$BIN/tokengate-bench" check-body --tokens "$SDIR/single.txt" --line 0 --out "$OUT/conf/check.bin" \
   --token-header-only
+# The same Check from the token's own workload over mTLS, on the require_peer route.
+PEER=spiffe://cluster.local/ns/bench/sa/client
+"$BIN/tokengate-bench" check-body --tokens "$SDIR/single.txt" --line 0 --out "$OUT/conf/check-peer.bin" \
+  --token-header-only --peer "$PEER"
 set_latency "$MISS_MS"
 log "stand-in TokenReview latency +${MISS_MS} ms; pool $(wc -l < "$SDIR/pool.txt") tokens"
 
@@ -296,7 +306,7 @@ authz_of() { # scenario -> process name of its authz server ("" if none)
   case $1 in
     extauthz_null|check_null) echo null-authz ;;
     extauthz_null_hdrs) echo null-authz-hdrs ;;
-    tokengate_hit|tokengate_hit_http|tokengate_hit_h2c|check_tokengate) echo tokengate-hit ;;
+    tokengate_hit|tokengate_hit_http|tokengate_hit_h2c|check_tokengate|check_tokengate_peer) echo tokengate-hit ;;
     tokengate_miss) echo tokengate-miss ;;
     tokengate_miss_local) echo tokengate-missl ;;
     *) echo "" ;;
@@ -341,9 +351,11 @@ saturate() {
       out=$("${wrk[@]}" -H "Authorization: Bearer $HIT_TOKEN" "http://127.0.0.1:${LISTEN[$s]}/") ;;
     tokengate_miss|tokengate_miss_local)
       out=$("${wrk[@]}" -s "$ROOT/bench/pool.lua" "http://127.0.0.1:${LISTEN[$s]}/" -- "$SDIR/pool.txt" "$CONC") ;;
-    check_null|check_tokengate)
-      local p=$NULL_PORT; [[ $s == check_tokengate ]] && p=${TG_GRPC[hit]}
-      out=$(h2load -D "$SAT" -c1 -m"$CONNS" -t1 -d "$OUT/conf/check.bin" \
+    check_null|check_tokengate|check_tokengate_peer)
+      local p=$NULL_PORT body=$OUT/conf/check.bin
+      [[ $s == check_tokengate* ]] && p=${TG_GRPC[hit]}
+      [[ $s == check_tokengate_peer ]] && body=$OUT/conf/check-peer.bin
+      out=$(h2load -D "$SAT" -c1 -m"$CONNS" -t1 -d "$body" \
         -H 'content-type: application/grpc' -H 'te: trailers' \
         "http://127.0.0.1:$p/envoy.service.auth.v3.Authorization/Check") ;;
   esac
@@ -395,6 +407,7 @@ latency() {
     tokengate_miss|tokengate_miss_local) load+=(--http "127.0.0.1:${LISTEN[$s]}" --tokens "$SDIR/pool.txt") ;;
     check_null) load+=(--grpc "http://127.0.0.1:$NULL_PORT" --tokens "$SDIR/single.txt" --first 1) ;;
     check_tokengate) load+=(--grpc "http://127.0.0.1:${TG_GRPC[hit]}" --tokens "$SDIR/single.txt" --first 1) ;;
+    check_tokengate_peer) load+=(--grpc "http://127.0.0.1:${TG_GRPC[hit]}" --tokens "$SDIR/single.txt" --first 1 --peer "$PEER") ;;
   esac
   local line; line=$("${load[@]}")
   echo "$line" >> "$OUT/lat.jsonl"
@@ -466,6 +479,13 @@ if ((ISSUE9)); then
   sleep 0.2 # the process substitutions above finish writing extra.txt
 fi
 
+# check_tokengate_peer must have been allowed, not denied (h2load sees only HTTP statuses).
+if [[ " ${SC[*]} " == *" check_tokengate_peer "* ]]; then
+  peer_lines=$(curl -sf "http://127.0.0.1:${TG_ADMIN[hit]}/metrics" | grep 'route="bench-peer"' | grep -v ' 0$' || true)
+  echo "require_peer route decisions: $(tr '\n' ' ' <<<"$peer_lines")" >> "$OUT/extra.txt"
+  grep -q 'outcome="deny"' <<<"$peer_lines" && die "check_tokengate_peer was denied: $peer_lines"
+  grep -q 'outcome="allow"' <<<"$peer_lines" || die "check_tokengate_peer: no allow counted"
+fi
 # ---- report -------------------------------------------------------------------------------------
 "$BIN/tokengate-bench" report "$OUT" > "$OUT/summary.md"
 { echo; echo '```'; cat "$OUT/env.txt"; echo '```'; } >> "$OUT/summary.md"

@@ -61,6 +61,7 @@ pub fn describe<'o>(outcome: &'o Outcome<'_>) -> (&'o str, &'static str, &'stati
             "deny",
             denial.code(),
         ),
+        Outcome::Audited { route, denial, .. } => (&route.name, "would_deny", denial.code()),
         Outcome::Unavailable { route, .. } => (&route.name, "unavailable", ERROR_REASON),
     }
 }
@@ -200,9 +201,11 @@ impl DecisionLog {
             TokenLookup::Missing | TokenLookup::Malformed => None,
         });
         let caller = match outcome {
-            Outcome::Allow { identity, .. } => {
-                Some(format!("{}/{}", identity.namespace, identity.name))
-            }
+            Outcome::Allow { identity, .. }
+            | Outcome::Audited {
+                caller: Some(identity),
+                ..
+            } => Some(format!("{}/{}", identity.namespace, identity.name)),
             _ => None,
         };
         let error = match outcome {

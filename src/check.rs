@@ -13,6 +13,11 @@
 //! so the hit path skips decoding the JWT. Junk tokens never reach the cache, so they cost one
 //! keyed hash and one failed probe before precheck refuses them.
 //!
+//! A route with `require_peer` refuses a Check without an mTLS peer before the cache, and one
+//! whose peer is not the token's service account after the allow-list ([`crate::peer`]). On
+//! a `mode: audit` route a denial becomes [`Outcome::Audited`]: counted and logged as the
+//! would-be decision, and answered as a pass without identity.
+//!
 //! With watches on, a hit is first put to [`Revocation::vouch`] (is the pod, service account
 //! or signing key gone?), and a route with `verification: local` verifies misses itself
 //! ([`verify`]) before, only for what it cannot judge, asking TokenReview.
@@ -37,7 +42,7 @@ use tracing::Instrument as _;
 use arc_swap::ArcSwap;
 
 use crate::cache::{Cache, Freshness};
-use crate::config::{Config, TokenSource, Verification};
+use crate::config::{Config, Mode, TokenSource, Verification};
 use crate::decision::Responder;
 use crate::denial::Denial;
 use crate::error::{Error, Report};
@@ -158,6 +163,18 @@ pub enum Outcome<'c> {
         /// Why.
         denial: Denial,
     },
+    /// A `mode: audit` route would have denied: the request passes, without identity.
+    Audited {
+        /// The route that matched.
+        route: &'c Route,
+        /// What enforcing would have answered.
+        denial: Denial,
+        /// Where the token was found, if anywhere (its header is removed when the route
+        /// strips tokens).
+        source: Option<&'c TokenSource>,
+        /// The verified caller, when the denial came after verification (for the decision log).
+        caller: Option<Arc<Identity>>,
+    },
     /// The API server could not answer: gRPC UNAVAILABLE, so Envoy's `status_on_error` /
     /// `failure_mode_allow` decide.
     Unavailable {
@@ -247,9 +264,39 @@ impl Checker {
     /// Decides one Check under `snapshot` (see [`Checker::snapshot`]), and counts it.
     pub async fn check<'s>(&self, snapshot: &'s Snapshot, view: &RequestView<'_>) -> Outcome<'s> {
         let started = Instant::now();
-        let outcome = self.decide(snapshot, view).await;
+        let mut caller = None;
+        let outcome = self.decide(snapshot, view, &mut caller).await;
+        let outcome = match outcome {
+            Outcome::Deny {
+                route: Some(route),
+                denial,
+            } if route.mode == Mode::Audit => Self::audited(snapshot, view, route, denial, caller),
+            other => other,
+        };
         self.count(snapshot, &outcome, started);
         outcome
+    }
+
+    /// A denial on a `mode: audit` route: logged (the decision log of audit mode) and turned
+    /// into a pass without identity.
+    fn audited<'s>(
+        snapshot: &'s Snapshot,
+        view: &RequestView<'_>,
+        route: &'s Route,
+        denial: Denial,
+        caller: Option<Arc<Identity>>,
+    ) -> Outcome<'s> {
+        let source = match view.token(&snapshot.token_sources) {
+            TokenLookup::Found { source, .. } => Some(source),
+            _ => None,
+        };
+        // Logged by the front door's decision log (`outcome=would_deny`), like every decision.
+        Outcome::Audited {
+            route,
+            denial,
+            source,
+            caller,
+        }
     }
 
     /// The outcome for a CheckRequest without HTTP attributes (say, from Envoy's network
@@ -275,6 +322,9 @@ impl Checker {
             Outcome::Deny { route, denial } => {
                 counters.count(route.map(|r| r.index), Counted::Deny(*denial));
             }
+            Outcome::Audited { route, denial, .. } => {
+                counters.count(Some(route.index), Counted::WouldDeny(*denial));
+            }
             Outcome::Unavailable { route, error } => {
                 counters.count(Some(route.index), Counted::Error);
                 // At debug: `server` logs one summary per interval during an outage.
@@ -286,7 +336,14 @@ impl Checker {
             .observe(started.elapsed().as_secs_f64());
     }
 
-    async fn decide<'s>(&self, snapshot: &'s Snapshot, view: &RequestView<'_>) -> Outcome<'s> {
+    /// Decides; `caller` receives the verified identity on `mode: audit` routes (for the
+    /// audit log of a denial after verification).
+    async fn decide<'s>(
+        &self,
+        snapshot: &'s Snapshot,
+        view: &RequestView<'_>,
+        caller: &mut Option<Arc<Identity>>,
+    ) -> Outcome<'s> {
         let deny = |route, denial| Outcome::Deny { route, denial };
         let Some(route) = snapshot.routes.select(view) else {
             tracing::debug!(host = view.host, path = view.path, "no route");
@@ -296,6 +353,16 @@ impl Checker {
             TokenLookup::Found { token, source } => (token, source),
             TokenLookup::Missing => return deny(Some(route), Denial::MissingToken),
             TokenLookup::Malformed => return deny(Some(route), Denial::MalformedToken),
+        };
+        // Without the required peer no token can pass: refuse before spending a TokenReview.
+        let peer = match route
+            .require_peer
+            .as_ref()
+            .map(|b| b.peer(view.source_principal))
+        {
+            None => None,
+            Some(Ok(peer)) => Some(peer),
+            Some(Err(denial)) => return deny(Some(route), denial),
         };
 
         let cache = &snapshot.cache;
@@ -397,9 +464,16 @@ impl Checker {
                 return deny(Some(route), denial);
             }
         };
+        if route.mode == Mode::Audit {
+            *caller = Some(Arc::clone(&identity));
+        }
         if !policy::permits(route.allow.as_ref(), &identity) {
             tracing::debug!(route = %route.name, user = %identity.username, "not on the allow-list");
             return deny(Some(route), Denial::NotAllowed);
+        }
+        if peer.is_some_and(|p| !p.is(&identity)) {
+            tracing::debug!(route = %route.name, user = %identity.username, peer = view.source_principal, "token presented by another workload");
+            return deny(Some(route), Denial::PeerMismatch);
         }
         // allow.rbac: after the static lists, a SubjectAccessReview must also allow.
         if let Some(rule) = route.allow.as_ref().and_then(|a| a.rbac.as_ref()) {
@@ -785,5 +859,129 @@ mod tests {
             c.check(&before, &view).await,
             Outcome::Allow { .. }
         ));
+    }
+
+    #[tokio::test]
+    async fn require_peer_binds_the_token_to_its_workload() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = checker(&dir, "    require_peer: service_account\n").await;
+        let snap = c.snapshot();
+        let ext = HashMap::new();
+        let token = jwt(unix_now() + 3600);
+        remember(&c, &token, Ok(admitted(identity("default", "api")))).await;
+        let headers = [("x-client-id", token.as_str())];
+        let view = RequestView::from_parts("h", "/api", "GET", &ext, &headers);
+        let o = c.check(&snap, &view).await;
+        assert_eq!(denial(&o), Some(Denial::PeerMissing));
+        let o = c
+            .check(
+                &snap,
+                &view.with_source_principal("spiffe://td/ns/default/sa/web"),
+            )
+            .await;
+        assert_eq!(denial(&o), Some(Denial::PeerMismatch));
+        let o = c
+            .check(
+                &snap,
+                &view.with_source_principal("spiffe://td/ns/default/sa/api/x"),
+            )
+            .await;
+        assert_eq!(denial(&o), Some(Denial::PeerMismatch));
+        let o = c
+            .check(
+                &snap,
+                &view.with_source_principal("spiffe://td/ns/default/sa/api"),
+            )
+            .await;
+        assert!(matches!(o, Outcome::Allow { .. }), "{o:?}");
+        // Missing peer is decided before the token: no TokenReview for an unverifiable token.
+        let junk = [("x-client-id", "not-a-jwt")];
+        let o = c
+            .check(
+                &snap,
+                &RequestView::from_parts("h", "/api", "GET", &ext, &junk),
+            )
+            .await;
+        assert_eq!(denial(&o), Some(Denial::PeerMissing));
+    }
+
+    #[tokio::test]
+    async fn audit_mode_passes_denials_but_not_outages() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = checker(
+            &dir,
+            "    mode: audit\n    allow: {service_accounts: [default/api]}\n",
+        )
+        .await;
+        let snap = c.snapshot();
+        let ext = HashMap::new();
+        let (good, other) = (jwt(unix_now() + 3600), jwt(unix_now() + 3601));
+        remember(&c, &good, Ok(admitted(identity("default", "api")))).await;
+        remember(&c, &other, Ok(admitted(identity("default", "web")))).await;
+        let check = |headers: &'static [(&'static str, &'static str)]| {
+            let ext = &ext;
+            let c = &c;
+            let snap = &snap;
+            async move {
+                c.check(
+                    snap,
+                    &RequestView::from_parts("h", "/api", "GET", ext, headers),
+                )
+                .await
+            }
+        };
+        let o = check(&[]).await;
+        assert!(
+            matches!(
+                o,
+                Outcome::Audited {
+                    denial: Denial::MissingToken,
+                    source: None,
+                    ..
+                }
+            ),
+            "{o:?}"
+        );
+        let headers = [("x-client-id", other.as_str())];
+        let o = c
+            .check(
+                &snap,
+                &RequestView::from_parts("h", "/api", "GET", &ext, &headers),
+            )
+            .await;
+        let Outcome::Audited {
+            denial: Denial::NotAllowed,
+            source: Some(source),
+            ..
+        } = o
+        else {
+            panic!("expected Audited not_allowed, got {o:?}");
+        };
+        assert_eq!(source.header, "x-client-id");
+        let headers = [("x-client-id", good.as_str())];
+        let o = c
+            .check(
+                &snap,
+                &RequestView::from_parts("h", "/api", "GET", &ext, &headers),
+            )
+            .await;
+        assert!(matches!(o, Outcome::Allow { .. }), "{o:?}");
+        // The API server cannot answer: still UNAVAILABLE (Envoy's status_on_error).
+        let unknown = jwt(unix_now() + 3602);
+        let headers = [("x-client-id", unknown.as_str())];
+        let o = c
+            .check(
+                &snap,
+                &RequestView::from_parts("h", "/api", "GET", &ext, &headers),
+            )
+            .await;
+        assert!(matches!(o, Outcome::Unavailable { .. }), "{o:?}");
+        let text = c.metrics.encode();
+        assert!(
+            text.contains(
+                r#"tokengate_decisions_total{route="api",outcome="would_deny",reason="not_allowed"} 1"#
+            ),
+            "{text}"
+        );
     }
 }

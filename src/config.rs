@@ -156,6 +156,37 @@ pub enum Verification {
     Local,
 }
 
+/// What a route does with its decision (`mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Denials are enforced.
+    Enforce,
+    /// Denials are recorded (metric, log, `x-tokengate-audit` header) and the request passes
+    /// without identity headers; API-server outages still answer UNAVAILABLE.
+    Audit,
+}
+
+impl Mode {
+    /// `enforce` or `audit`.
+    pub fn parse(text: &str) -> Result<Mode, String> {
+        match text.trim() {
+            "enforce" => Ok(Mode::Enforce),
+            "audit" => Ok(Mode::Audit),
+            other => Err(format!("`{other}` is not `enforce` or `audit`")),
+        }
+    }
+}
+
+/// Parses `require_peer`: `service_account` (the mTLS peer must be the token's service
+/// account) or `none`.
+fn parse_require_peer(text: &str) -> Result<bool, String> {
+    match text.trim() {
+        "service_account" => Ok(true),
+        "none" => Ok(false),
+        other => Err(format!("`{other}` is not `service_account` or `none`")),
+    }
+}
+
 impl Verification {
     /// `tokenreview` or `local`.
     pub fn parse(text: &str) -> Result<Verification, String> {
@@ -307,6 +338,8 @@ pub struct Kubernetes {
     /// The service-account issuer (the API server's first `--service-account-issuer`), if
     /// configured: precheck refuses tokens of any other issuer without a TokenReview.
     pub issuer: Option<String>,
+    /// SPIFFE trust domain of `require_peer` routes' peers; `None` accepts any.
+    pub trust_domain: Option<String>,
 }
 
 /// One place a token may be found.
@@ -335,6 +368,10 @@ pub struct RouteConfig {
     pub invalid_token_status: u16,
     /// How this route's tokens are verified.
     pub verification: Verification,
+    /// `require_peer: service_account`: the mTLS peer must be the token's service account.
+    pub require_peer: Option<crate::peer::PeerBinding>,
+    /// Enforce or audit.
+    pub mode: Mode,
 }
 
 /// Cache settings.
@@ -615,6 +652,7 @@ struct RawKubernetes {
     max_staleness: Option<Spanned<String>>,
     jwks_refresh: Option<Spanned<String>>,
     issuer: Option<Spanned<String>>,
+    trust_domain: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -636,6 +674,8 @@ struct RawRoute {
     strip_token: bool,
     invalid_token_status: Option<Spanned<u16>>,
     verification: Option<Spanned<String>>,
+    require_peer: Option<Spanned<String>>,
+    mode: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -928,6 +968,12 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<FieldError>> {
     // Local verification needs the watch caches (bound objects) and the keys.
     if let (Some(k), Some(routes)) = (kubernetes.as_mut(), routes.as_ref()) {
         k.watch |= routes.iter().any(|r| r.verification == Verification::Local);
+    }
+    let mut routes = routes;
+    if let (Some(k), Some(routes)) = (kubernetes.as_ref(), routes.as_mut()) {
+        for binding in routes.iter_mut().filter_map(|r| r.require_peer.as_mut()) {
+            binding.trust_domain.clone_from(&k.trust_domain);
+        }
     }
     let watched = kubernetes.as_ref().is_some_and(|k| k.watch);
     let cache = cache(&raw.cache, watched, &mut p);
@@ -1287,6 +1333,9 @@ fn kubernetes(raw: &RawKubernetes, p: &mut Problems) -> Option<Kubernetes> {
         watch_namespaces: watch_namespaces?,
         max_staleness: max_staleness?,
         jwks_refresh: jwks_refresh?,
+        trust_domain: p.field("kubernetes.trust_domain", &raw.trust_domain, None, |t| {
+            crate::peer::parse_trust_domain(t).map(Some)
+        })?,
     })
 }
 
@@ -1438,7 +1487,15 @@ fn route(
         default_verification,
         |v| Verification::parse(v),
     );
+    let require_peer = p.field(format!("{f}.require_peer"), &r.require_peer, false, |v| {
+        parse_require_peer(v)
+    });
+    let mode = p.field(format!("{f}.mode"), &r.mode, Mode::Enforce, |m| {
+        Mode::parse(m)
+    });
     Some(RouteConfig {
+        require_peer: require_peer?.then_some(crate::peer::PeerBinding { trust_domain: None }),
+        mode: mode?,
         name: r.name.value.trim().to_owned(),
         matcher: matcher?,
         audiences: audiences?,
@@ -2116,6 +2173,37 @@ routes:
             errors("routes:\n  - name: a\n    audiences: [a]\n  - name: b\n    audiences: [b]\n");
         assert_eq!(e[0].field, "routes[1].name");
         assert_eq!(e[0].line, 4);
+    }
+
+    #[test]
+    fn peer_binding_and_audit_mode() {
+        let c = Config::from_yaml_str(
+            "kubernetes:\n  trust_domain: cluster.local\nroutes:\n  - name: a\n    audiences: [a]\n    require_peer: service_account\n    mode: audit\n",
+        )
+        .unwrap();
+        let r = &c.routes[0];
+        assert_eq!(r.mode, Mode::Audit);
+        assert_eq!(
+            r.require_peer.as_ref().unwrap().trust_domain.as_deref(),
+            Some("cluster.local")
+        );
+        let c = Config::from_yaml_str("routes:\n  - name: a\n    audiences: [a]\n").unwrap();
+        assert_eq!(
+            (c.routes[0].mode, c.routes[0].require_peer.as_ref()),
+            (Mode::Enforce, None)
+        );
+        let e = errors(
+            "kubernetes:\n  trust_domain: Cluster.Local\nroutes:\n  - name: a\n    audiences: [a]\n    require_peer: pod\n    mode: dry-run\n",
+        );
+        let fields: Vec<_> = e.iter().map(|e| (e.field.as_str(), e.line)).collect();
+        assert_eq!(
+            fields,
+            vec![
+                ("kubernetes.trust_domain", 2),
+                ("routes[0].require_peer", 6),
+                ("routes[0].mode", 7)
+            ]
+        );
     }
 
     #[test]

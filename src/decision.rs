@@ -8,6 +8,12 @@
 //! version. Identity headers that do not apply to this caller (no pod, no uid) go in
 //! `headers_to_remove`, so a client can never smuggle them through; the set and remove lists
 //! never overlap, because older Envoys apply removals last.
+//!
+//! An allow also carries the identity as Envoy dynamic metadata ([`METADATA_KEYS`], under
+//! the filter's namespace `envoy.filters.http.ext_authz`), for access logs
+//! (`%DYNAMIC_METADATA(envoy.filters.http.ext_authz:user)%`) and rate-limit descriptors. A
+//! `mode: audit` route's would-be denial is an OK without identity: every identity header
+//! removed, [`AUDIT_HEADER`] naming the reason, and `audit_reason` in the metadata.
 
 use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
 use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption};
@@ -16,11 +22,11 @@ use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
 use envoy_types::pb::envoy::service::auth::v3::{
     CheckResponse, DeniedHttpResponse, OkHttpResponse,
 };
-use envoy_types::pb::google::protobuf::BoolValue;
+use envoy_types::pb::google::protobuf::{value::Kind, BoolValue, Struct, Value};
 use envoy_types::pb::google::rpc;
 
 use crate::check::Outcome;
-use crate::config::{IdentityHeaders, TokenSource};
+use crate::config::{IdentityHeaders, Mode, TokenSource};
 use crate::denial::Denial;
 use crate::error::Report;
 use crate::identity::Identity;
@@ -28,6 +34,21 @@ use crate::route::Route;
 
 /// Header carrying the denial reason code.
 pub const REASON_HEADER: &str = "x-tokengate-reason";
+/// Header telling the upstream, on a `mode: audit` route, which denial was not enforced.
+pub const AUDIT_HEADER: &str = "x-tokengate-audit";
+/// Dynamic metadata keys of an allow: the identity, and the tokengate route. Optional ones
+/// (`uid`, `pod`, `pod_uid`) are absent when they do not apply; a would-be denial on an
+/// audit route carries only `route` and `audit_reason`.
+pub const METADATA_KEYS: [&str; 7] = [
+    "user",
+    "namespace",
+    "service_account",
+    "uid",
+    "pod",
+    "pod_uid",
+    "route",
+];
+
 /// RFC 6750 challenge for a missing token.
 pub const CHALLENGE: &str = r#"Bearer realm="tokengate""#;
 /// RFC 6750 challenge for an invalid token (routes with `invalid_token_status: 401`).
@@ -76,6 +97,12 @@ impl Responder {
                 source,
             } => Ok(self.allow(identity, route, source)),
             Outcome::Deny { route, denial } => Ok(self.deny(*denial, *route)),
+            Outcome::Audited {
+                route,
+                denial,
+                source,
+                ..
+            } => Ok(self.audited(*denial, route, *source)),
             Outcome::Unavailable { error, .. } => Err(unavailable(&Report(error))),
         }
     }
@@ -94,18 +121,59 @@ impl Responder {
         if route.strip_token {
             remove.push(token_source.header.clone());
         }
-        CheckResponse {
-            status: Some(rpc::Status {
-                code: GRPC_OK,
-                ..Default::default()
-            }),
-            http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
-                headers,
-                headers_to_remove: remove,
-                ..Default::default()
-            })),
-            ..Default::default()
+        if route.mode == Mode::Audit {
+            remove.push(AUDIT_HEADER.to_owned());
         }
+        let [user, namespace, service_account, uid, pod, pod_uid, route_key] = METADATA_KEYS;
+        let metadata = [
+            (user, Some(&id.username)),
+            (namespace, Some(&id.namespace)),
+            (service_account, Some(&id.name)),
+            (uid, id.uid.as_ref()),
+            (pod, id.pod_name.as_ref()),
+            (pod_uid, id.pod_uid.as_ref()),
+            (route_key, Some(&route.name)),
+        ];
+        ok(headers, remove, metadata)
+    }
+
+    /// A would-be denial on a `mode: audit` route: OK, every identity header removed (client
+    /// copies included), the reason in [`AUDIT_HEADER`] and the metadata's `audit_reason`.
+    pub fn audited(
+        &self,
+        denial: Denial,
+        route: &Route,
+        token_source: Option<&TokenSource>,
+    ) -> CheckResponse {
+        let mut remove: Vec<String> = self.names().map(str::to_owned).collect();
+        if let Some(source) = token_source.filter(|_| route.strip_token) {
+            remove.push(source.header.clone());
+        }
+        let reason = denial.code().to_owned();
+        ok(
+            vec![overwrite(AUDIT_HEADER, reason.clone())],
+            remove,
+            [
+                ("route", Some(&route.name)),
+                ("audit_reason", Some(&reason)),
+            ],
+        )
+    }
+
+    /// The configured identity header names.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        let n = &self.names;
+        [
+            &n.user,
+            &n.namespace,
+            &n.name,
+            &n.uid,
+            &n.groups,
+            &n.pod_name,
+            &n.pod_uid,
+        ]
+        .into_iter()
+        .map(String::as_str)
     }
 
     /// The identity headers for `id`, in a fixed order: `(name, Some(value))` to set,
@@ -130,6 +198,36 @@ impl Responder {
     /// A denial; `route` decides 401 vs 403 for invalid tokens (403 without a route).
     pub fn deny(&self, denial: Denial, route: Option<&Route>) -> CheckResponse {
         deny(denial, route.map_or(403, |r| r.invalid_token_status))
+    }
+}
+
+/// An OK answer: `headers` set, `remove` removed, `metadata` (the present values) as dynamic
+/// metadata.
+fn ok<const N: usize>(
+    headers: Vec<HeaderValueOption>,
+    remove: Vec<String>,
+    metadata: [(&str, Option<&String>); N],
+) -> CheckResponse {
+    let fields = metadata
+        .into_iter()
+        .filter_map(|(k, v)| {
+            let value = Value {
+                kind: Some(Kind::StringValue(v?.clone())),
+            };
+            Some((k.to_owned(), value))
+        })
+        .collect();
+    CheckResponse {
+        status: Some(rpc::Status {
+            code: GRPC_OK,
+            ..Default::default()
+        }),
+        http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
+            headers,
+            headers_to_remove: remove,
+            ..Default::default()
+        })),
+        dynamic_metadata: Some(Struct { fields }),
     }
 }
 
@@ -371,5 +469,84 @@ mod tests {
         let r = resp.respond(&deny).unwrap();
         assert_eq!(denied(&r).status.as_ref().unwrap().code, 403);
         assert_eq!(header(denied(&r), REASON_HEADER), Some("bad_request"));
+    }
+
+    fn metadata(r: &CheckResponse) -> Vec<(String, String)> {
+        let mut m: Vec<(String, String)> = r
+            .dynamic_metadata
+            .as_ref()
+            .expect("dynamic metadata")
+            .fields
+            .iter()
+            .map(|(k, v)| match &v.kind {
+                Some(Kind::StringValue(s)) => (k.clone(), s.clone()),
+                other => panic!("{k}: {other:?}"),
+            })
+            .collect();
+        m.sort();
+        m
+    }
+
+    #[test]
+    fn allow_carries_the_identity_as_dynamic_metadata() {
+        let (resp, routes, sources) = setup(false);
+        let route = routes.iter().next().unwrap();
+        let r = resp.allow(&id(true), route, &sources[0]);
+        let pairs = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+            v.iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect()
+        };
+        assert_eq!(
+            metadata(&r),
+            pairs(&[
+                ("namespace", "default"),
+                ("pod", "p"),
+                ("pod_uid", "pu"),
+                ("route", "r"),
+                ("service_account", "api"),
+                ("uid", "u"),
+                ("user", "system:serviceaccount:default:api"),
+            ])
+        );
+        let r = resp.allow(&id(false), route, &sources[0]);
+        assert!(metadata(&r)
+            .iter()
+            .all(|(k, _)| k != "pod" && k != "pod_uid"));
+        // Not an audit route: nothing about audits.
+        assert!(!ok(&r).headers_to_remove.contains(&AUDIT_HEADER.to_owned()));
+    }
+
+    #[test]
+    fn audited_passes_without_any_identity() {
+        let yaml = "token_sources:\n  - header: x-client-id\nroutes:\n  - name: r\n    audiences: [a]\n    mode: audit\n    strip_token: true\n";
+        let c = Config::from_yaml_str(yaml).unwrap();
+        let (resp, routes) = (Responder::new(&c.identity_headers), Routes::new(&c.routes));
+        let route = routes.iter().next().unwrap();
+        let r = resp.audited(Denial::NotAllowed, route, Some(&c.token_sources[0]));
+        assert_eq!(r.status.as_ref().unwrap().code, 0);
+        let ok = ok(&r);
+        assert_eq!(ok.headers.len(), 1);
+        let h = ok.headers[0].header.as_ref().unwrap();
+        assert_eq!(
+            (h.key.as_str(), h.value.as_str()),
+            (AUDIT_HEADER, "not_allowed")
+        );
+        for name in resp.names() {
+            assert!(ok.headers_to_remove.iter().any(|n| n == name), "{name}");
+        }
+        assert!(ok.headers_to_remove.iter().any(|n| n == "x-client-id"));
+        assert_eq!(
+            metadata(&r),
+            vec![
+                ("audit_reason".to_owned(), "not_allowed".to_owned()),
+                ("route".to_owned(), "r".to_owned())
+            ]
+        );
+        // An allow on an audit route removes a client's copy of the audit header.
+        let allow = resp.allow(&id(false), route, &c.token_sources[0]);
+        assert!(self::ok(&allow)
+            .headers_to_remove
+            .contains(&AUDIT_HEADER.to_owned()));
     }
 }

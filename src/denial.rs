@@ -30,6 +30,12 @@ pub enum Denial {
     NotAllowed,
     /// On the allow-list, but the route's `allow.rbac` SubjectAccessReview did not allow it.
     RbacDenied,
+    /// The route requires the caller's mTLS peer identity (`require_peer`), and the Check
+    /// carried none (plaintext connection, or HTTP mode).
+    PeerMissing,
+    /// The mTLS peer is not the token's service account (another account, another trust
+    /// domain, or not a SPIFFE service-account ID at all).
+    PeerMismatch,
     /// No route matched the request and no default route is configured.
     NoRoute,
     /// The CheckRequest carried no HTTP attributes (for example, the network ext_authz filter).
@@ -38,7 +44,7 @@ pub enum Denial {
 
 impl Denial {
     /// Every reason, in decision-table order.
-    pub const ALL: [Denial; 11] = [
+    pub const ALL: [Denial; 13] = [
         Denial::MissingToken,
         Denial::MalformedToken,
         Denial::TokenTooLarge,
@@ -48,6 +54,8 @@ impl Denial {
         Denial::NotServiceAccount,
         Denial::NotAllowed,
         Denial::RbacDenied,
+        Denial::PeerMissing,
+        Denial::PeerMismatch,
         Denial::NoRoute,
         Denial::BadRequest,
     ];
@@ -64,6 +72,8 @@ impl Denial {
             Denial::NotServiceAccount => "not_service_account",
             Denial::NotAllowed => "not_allowed",
             Denial::RbacDenied => "rbac_denied",
+            Denial::PeerMissing => "peer_missing",
+            Denial::PeerMismatch => "peer_mismatch",
             Denial::NoRoute => "no_route",
             Denial::BadRequest => "bad_request",
         }
@@ -110,6 +120,8 @@ impl fmt::Display for Denial {
             Denial::NotServiceAccount => "the token does not belong to a service account",
             Denial::NotAllowed => "this service account is not allowed here",
             Denial::RbacDenied => "RBAC does not allow this service account here",
+            Denial::PeerMissing => "the caller presented no mTLS peer identity",
+            Denial::PeerMismatch => "the token was presented by another workload",
             Denial::NoRoute => "no route is configured for this request",
             Denial::BadRequest => "the request has no HTTP attributes",
         })

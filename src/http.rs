@@ -20,6 +20,12 @@
 //! (and Envoy forwards only `allowed_headers` anyway); nginx's `proxy_set_header` overwrites;
 //! Traefik forwards every client header unless `authRequestHeaders` lists the ones to send.
 //!
+//! HTTP carries no `source.principal` either. For `require_peer` routes, Envoy can send the
+//! client certificate's URI SAN in [`PEER_HEADER`] (`authorization_request.headers_to_add`
+//! with `%DOWNSTREAM_PEER_URI_SAN%`, which overrides a client's header of that name); it is
+//! read on Envoy-shaped checks only, never on forward-auth (nginx has no URI SAN variable,
+//! and Traefik passes client headers on), so there `require_peer` answers `peer_missing`.
+//!
 //! Answers: 200 with the identity headers (and [`HEADERS_TO_REMOVE`] naming the optional
 //! identity headers that do not apply, and the token's header when the route strips it, which
 //! Envoy removes from the request); a denial's 401/403 with the JSON body, the reason header
@@ -50,7 +56,7 @@ use tracing::Instrument as _;
 
 use crate::audit::{Audit, Seen};
 use crate::check::{Checker, Outcome};
-use crate::decision::{DenialParts, Responder, REASON_HEADER};
+use crate::decision::{DenialParts, Responder, AUDIT_HEADER, REASON_HEADER};
 use crate::shutdown::{Phase, Shutdown};
 use crate::telemetry;
 
@@ -58,6 +64,9 @@ use crate::telemetry;
 pub const FORWARD_AUTH_PATH: &str = "/forward-auth";
 /// Header a proxy sets to select a route matched by `context_extensions: {route: NAME}`.
 pub const ROUTE_HEADER: &str = "x-tokengate-route";
+/// Header Envoy sets to the client certificate's URI SAN (`%DOWNSTREAM_PEER_URI_SAN%`): the
+/// mTLS peer of `require_peer` routes, on Envoy-shaped checks.
+pub const PEER_HEADER: &str = "x-tokengate-peer";
 /// Envoy's `http_service` removes the headers named here from the allowed request.
 pub const HEADERS_TO_REMOVE: &str = "x-envoy-auth-headers-to-remove";
 /// Reason code of the 503 answered when the API server cannot answer.
@@ -166,7 +175,7 @@ async fn handle(state: &State, req: Request<Incoming>, peer: SocketAddr) -> Resp
         .collect();
     let snapshot = state.checker.snapshot();
     let read = read(state, &parts);
-    let view = read.as_ref().map(|(original, context_extensions)| {
+    let view = read.as_ref().map(|(original, context_extensions, peer)| {
         crate::request::RequestView::from_parts(
             original.host,
             original.path,
@@ -174,6 +183,7 @@ async fn handle(state: &State, req: Request<Incoming>, peer: SocketAddr) -> Resp
             context_extensions,
             &headers,
         )
+        .with_source_principal(peer)
     });
     let outcome = match &view {
         Some(view) => {
@@ -202,16 +212,18 @@ async fn handle(state: &State, req: Request<Incoming>, peer: SocketAddr) -> Resp
     answer(snapshot.responder(), &outcome)
 }
 
-/// The original request and the context extensions, or `None` when the request does not
-/// describe one (wrong prefix, missing or repeated forward-auth header, repeated route header).
+/// The original request, the context extensions and the mTLS peer (Envoy shape only), or
+/// `None` when the request does not describe one (wrong prefix, missing or repeated
+/// forward-auth header, repeated route or peer header).
 fn read<'a>(
     state: &State,
     parts: &'a http::request::Parts,
-) -> Option<(Original<'a>, HashMap<String, String>)> {
-    let original = if parts.uri.path() == FORWARD_AUTH_PATH {
-        forwarded(&parts.headers)?
+) -> Option<(Original<'a>, HashMap<String, String>, &'a str)> {
+    let (original, peer) = if parts.uri.path() == FORWARD_AUTH_PATH {
+        (forwarded(&parts.headers)?, "")
     } else {
-        envoy(parts, state.path_prefix.as_deref())?
+        let peer = one(&parts.headers, PEER_HEADER).ok()?.unwrap_or("");
+        (envoy(parts, state.path_prefix.as_deref())?, peer)
     };
     let mut context_extensions = HashMap::new();
     match one(&parts.headers, ROUTE_HEADER) {
@@ -221,7 +233,7 @@ fn read<'a>(
         }
         Err(()) => return None,
     }
-    Some((original, context_extensions))
+    Some((original, context_extensions, peer))
 }
 
 /// Envoy `http_service`: the request line is the original's, after the configured prefix.
@@ -300,6 +312,27 @@ fn answer(responder: &Responder, outcome: &Outcome<'_>) -> Response<Full<Bytes>>
                 if let Ok(v) = HeaderValue::try_from(remove.join(",")) {
                     insert(r.headers_mut(), HEADERS_TO_REMOVE, v);
                 }
+            }
+            r
+        }
+        Outcome::Audited {
+            route,
+            denial,
+            source,
+            ..
+        } => {
+            let mut r = Response::new(Full::new(Bytes::new()));
+            insert(
+                r.headers_mut(),
+                AUDIT_HEADER,
+                HeaderValue::from_static(denial.code()),
+            );
+            let mut remove: Vec<&str> = responder.names().collect();
+            if let Some(source) = source.filter(|_| route.strip_token) {
+                remove.push(source.header.as_str());
+            }
+            if let Ok(v) = HeaderValue::try_from(remove.join(",")) {
+                insert(r.headers_mut(), HEADERS_TO_REMOVE, v);
             }
             r
         }

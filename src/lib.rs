@@ -50,6 +50,7 @@
 //! | [`revocation`] | [`revocation::Revocation`] (does a cached verdict still hold?), [`revocation::Admitted`] |
 //! | [`policy`] | [`policy::AllowList`], [`policy::ServiceAccountPattern`], [`policy::Glob`] |
 //! | [`rbac`] | [`rbac::Authorizer`] (SubjectAccessReview per route, cached), [`rbac::Rule`] |
+//! | [`peer`] | [`peer::PeerBinding`]: `require_peer`, the mTLS peer's SPIFFE ID against the token |
 //! | [`decision`] | [`decision::Responder`]: Outcome → CheckResponse / gRPC status |
 //! | [`identity`] | [`identity::Identity`], [`identity::TokenHash`] |
 //! | [`denial`] | [`denial::Denial`], the reason codes |
@@ -87,6 +88,7 @@ pub mod identity;
 pub mod io;
 pub mod keys;
 pub mod metrics;
+pub mod peer;
 pub mod policy;
 pub mod precheck;
 pub mod rbac;

@@ -6,7 +6,7 @@
 //!
 //! | metric | type | labels |
 //! |---|---|---|
-//! | `tokengate_decisions_total` | counter | `route`, `outcome` (`allow`/`deny`/`error`), `reason` |
+//! | `tokengate_decisions_total` | counter | `route`, `outcome` (`allow`/`deny`/`error`, and `would_deny` on `mode: audit` routes), `reason` |
 //! | `tokengate_check_duration_seconds` | histogram | |
 //! | `tokengate_cache_hits_total`, `tokengate_cache_misses_total` | counter | |
 //! | `tokengate_cache_entries` | gauge | |
@@ -93,9 +93,13 @@ struct BuildLabels {
 /// Pre-built counters for one route.
 #[derive(Debug, Clone)]
 struct DecisionRow {
+    route: String,
     allow: Counter,
     deny: Vec<Counter>,
     error: Counter,
+    /// `outcome="would_deny"`, created on the route's first audited denial (only
+    /// `mode: audit` routes ever export it).
+    would_deny: std::sync::OnceLock<Vec<Counter>>,
 }
 
 /// What happened to a Check, as counted (the `outcome` and `reason` labels of
@@ -108,12 +112,15 @@ pub enum Counted {
     Deny(Denial),
     /// Answered with gRPC UNAVAILABLE.
     Error,
+    /// Would have been denied for this reason, and passed (`mode: audit`).
+    WouldDeny(Denial),
 }
 
 /// The decision counters of one set of routes, by route index (the last row: no route).
 #[derive(Debug, Clone)]
 pub struct RouteCounters {
     rows: Vec<DecisionRow>,
+    decisions: Family<DecisionLabels, Counter>,
 }
 
 impl RouteCounters {
@@ -125,6 +132,21 @@ impl RouteCounters {
             Counted::Allow => row.allow.inc(),
             Counted::Deny(d) => row.deny[d.index()].inc(),
             Counted::Error => row.error.inc(),
+            Counted::WouldDeny(d) => row.would_deny.get_or_init(|| {
+                Denial::ALL
+                    .iter()
+                    .map(|d| {
+                        self.decisions
+                            .get_or_create(&DecisionLabels {
+                                route: row.route.clone(),
+                                outcome: "would_deny",
+                                reason: d.code(),
+                            })
+                            .clone()
+                    })
+                    .collect()
+            })[d.index()]
+            .inc(),
         };
     }
 }
@@ -515,6 +537,8 @@ fn route_counters<'a>(
                 .clone()
         };
         DecisionRow {
+            route: route.to_owned(),
+            would_deny: std::sync::OnceLock::new(),
             allow: get("allow", ALLOW_REASON),
             deny: Denial::ALL.iter().map(|d| get("deny", d.code())).collect(),
             error: get("error", ERROR_REASON),
@@ -522,7 +546,10 @@ fn route_counters<'a>(
     };
     let mut rows: Vec<DecisionRow> = routes.into_iter().map(row).collect();
     rows.push(row(NO_ROUTE_LABEL));
-    RouteCounters { rows }
+    RouteCounters {
+        rows,
+        decisions: decisions.clone(),
+    }
 }
 
 fn unix_now() -> f64 {
@@ -543,6 +570,12 @@ mod tests {
         m.decision(None, Counted::Deny(Denial::NoRoute));
         m.decision(Some(0), Counted::Error);
         let text = m.encode();
+        assert!(!text.contains("would_deny"), "{text}");
+        m.decision(Some(0), Counted::WouldDeny(Denial::PeerMismatch));
+        let text = m.encode();
+        assert!(text.contains(
+            r#"tokengate_decisions_total{route="data-store",outcome="would_deny",reason="peer_mismatch"} 1"#
+        ));
         assert!(text.contains(
             r#"tokengate_decisions_total{route="data-store",outcome="allow",reason="ok"} 1"#
         ));

@@ -23,6 +23,9 @@ pub struct RequestView<'a> {
     pub method: &'a str,
     /// Envoy per-route `context_extensions`.
     pub context_extensions: &'a HashMap<String, String>,
+    /// The mTLS peer's identity (`source.principal`: its certificate's URI SAN, else its
+    /// subject); empty without a client certificate.
+    pub source_principal: &'a str,
     headers: Headers<'a>,
 }
 
@@ -72,6 +75,7 @@ impl<'a> RequestView<'a> {
             path: strip_query(&http.path),
             method: &http.method,
             context_extensions: &attrs.context_extensions,
+            source_principal: attrs.source.as_ref().map_or("", |s| s.principal.as_str()),
             headers: Headers::Envoy(http),
         })
     }
@@ -90,7 +94,17 @@ impl<'a> RequestView<'a> {
             path: strip_query(path),
             method,
             context_extensions,
+            source_principal: "",
             headers: Headers::Pairs(headers),
+        }
+    }
+
+    /// The same view with `principal` as the mTLS peer's identity (for a front end that
+    /// learns it from its proxy rather than from `source.principal`).
+    pub fn with_source_principal(self, principal: &'a str) -> RequestView<'a> {
+        RequestView {
+            source_principal: principal,
+            ..self
         }
     }
 

@@ -12,7 +12,8 @@
 
 use std::collections::BTreeMap;
 
-use crate::config::{RouteConfig, Verification};
+use crate::config::{Mode, RouteConfig, Verification};
+use crate::peer::PeerBinding;
 use crate::policy::AllowList;
 use crate::request::RequestView;
 
@@ -34,6 +35,10 @@ pub struct Route {
     pub invalid_token_status: u16,
     /// TokenReview or local verification.
     pub verification: Verification,
+    /// The mTLS peer must be the token's service account.
+    pub require_peer: Option<PeerBinding>,
+    /// Enforce or audit.
+    pub mode: Mode,
 }
 
 /// Route conditions; all given conditions must hold.
@@ -222,6 +227,8 @@ impl Routes {
                     strip_token: r.strip_token,
                     invalid_token_status: r.invalid_token_status,
                     verification: r.verification,
+                    require_peer: r.require_peer.clone(),
+                    mode: r.mode,
                 })
                 .collect(),
         )

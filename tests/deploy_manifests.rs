@@ -54,8 +54,9 @@ fn find<'a>(objs: &'a [Value], kind: &str, name_prefix: &str) -> &'a Value {
 
 /// Kinds kubernetes-validate has no schema for (Istio, Gateway API, Envoy Gateway CRDs);
 /// checked by hand below.
-const CRD_KINDS: [&str; 8] = [
+const CRD_KINDS: [&str; 9] = [
     "Certificate",
+    "PeerAuthentication",
     "AuthorizationPolicy",
     "EnvoyFilter",
     "Gateway",
@@ -132,6 +133,7 @@ fn every_kustomization_renders_and_validates() {
         "istio",
         "istio-http",
         "istio-ambient",
+        "istio-peer",
         "envoy-sidecar",
         "envoy-gateway",
         "local-verification",
@@ -1488,4 +1490,38 @@ fn compose_demo_is_wired_like_the_local_demo() {
         "deploy/compose/envoy.yaml",
         &testkit::yaml::load_path(&envoy_path).unwrap(),
     );
+}
+
+/// deploy/istio-peer: deploy/istio's routes with `require_peer` on each (the tested
+/// envoy/tokengate-sidecar-mtls.yaml binds the same way), the mesh's trust domain, STRICT mTLS
+/// on the workloads the CUSTOM policy protects, and still one ConfigMap.
+#[test]
+fn istio_peer_binds_tokens_to_their_workload() {
+    let objs = validate_rendered("istio-peer");
+    assert_eq!(
+        objs.iter().filter(|o| o["kind"] == "ConfigMap").count(),
+        1,
+        "the overlay replaces the config, it does not add one"
+    );
+    let text = configmap_file(&objs, "tokengate-config", "tokengate.yaml");
+    check_config_text("deploy/istio-peer ConfigMap", text);
+    let config = parse(text).unwrap();
+    assert_eq!(config["kubernetes"]["trust_domain"], "cluster.local");
+    let mut expected = load("deploy/istio/tokengate.yaml").unwrap()["routes"].clone();
+    for route in expected.as_array_mut().unwrap() {
+        route
+            .as_object_mut()
+            .unwrap()
+            .insert("require_peer".into(), "service_account".into());
+    }
+    assert_eq!(config["routes"], expected);
+    let mtls = load("envoy/tokengate-sidecar-mtls.yaml").unwrap();
+    assert_eq!(mtls["kubernetes"]["trust_domain"], "cluster.local");
+
+    let pa = find(&objs, "PeerAuthentication", "data-store");
+    assert_eq!(pa["apiVersion"], "security.istio.io/v1");
+    assert_eq!(pa["spec"]["mtls"]["mode"], "STRICT");
+    let ap = find(&objs, "AuthorizationPolicy", "tokengate");
+    assert_eq!(pa["metadata"]["namespace"], ap["metadata"]["namespace"]);
+    assert_eq!(pa["spec"]["selector"], ap["spec"]["selector"]);
 }

@@ -355,7 +355,11 @@ fn check_config_rejects_a_misspelt_field() {
 #[test]
 fn published_tokengate_configs_pass_check_config() {
     let root = testkit::workspace_root();
-    for file in ["envoy/tokengate-sidecar.yaml", "envoy/tokengate-istio.yaml"] {
+    for file in [
+        "envoy/tokengate-sidecar.yaml",
+        "envoy/tokengate-istio.yaml",
+        "envoy/tokengate-sidecar-mtls.yaml",
+    ] {
         check_config(file, &root.join(file));
     }
 }

@@ -19,8 +19,13 @@ struct Gate {
 }
 
 async fn start() -> Gate {
+    start_with("").await
+}
+
+/// Like [`start`], with `extra` appended to BASE_CONFIG (after its routes).
+async fn start_with(extra: &str) -> Gate {
     let world = world().await;
-    let yaml = config(&world.standin.kubeconfig_path(), "");
+    let yaml = config(&world.standin.kubeconfig_path(), extra);
     let grpc = testkit::ports::listener().await.unwrap();
     let http = testkit::ports::listener().await.unwrap();
     let addr = http.local_addr().unwrap();
@@ -131,6 +136,67 @@ async fn envoy_and_forward_auth_shapes_decide_like_grpc() {
     )
     .await;
     assert_eq!(status, 200, "{text}");
+    g.gate.stop().await;
+    g.world.shutdown().await;
+}
+
+/// `require_peer` over HTTP: the peer comes from `x-tokengate-peer`, which Envoy sets from
+/// the client certificate (`%DOWNSTREAM_PEER_URI_SAN%`); on forward-auth it is never read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_header_binds_envoy_shaped_checks_only() {
+    let mut g = start_with(
+        "  - name: bound\n    match: {hosts: [bound.data-store]}\n    audiences: [data-store]\n    require_peer: service_account\n",
+    )
+    .await;
+    let token = g.world.api_token("data-store");
+    let get_bound = |path: &str, headers: &[(&str, &str)]| {
+        String::from_utf8(get(path, headers))
+            .unwrap()
+            .replace("host: data-store\r\n", "host: bound.data-store\r\n")
+            .into_bytes()
+    };
+    let id = ("x-client-id", token.as_str());
+    let (status, text) = send(g.http, &get_bound("/items", &[id])).await;
+    assert_eq!(
+        (status, reason(&text)),
+        (403, Some("peer_missing")),
+        "{text}"
+    );
+    let other = (
+        "x-tokengate-peer",
+        "spiffe://cluster.local/ns/default/sa/intruder",
+    );
+    let (status, text) = send(g.http, &get_bound("/items", &[id, other])).await;
+    assert_eq!(
+        (status, reason(&text)),
+        (403, Some("peer_mismatch")),
+        "{text}"
+    );
+    let api = ("x-tokengate-peer", "spiffe://cluster.local/ns/api/sa/api");
+    let (status, text) = send(g.http, &get_bound("/items", &[id, api])).await;
+    assert_eq!(status, 200, "{text}");
+    // Sent twice: not a description of one request.
+    let (status, text) = send(g.http, &get_bound("/items", &[id, api, api])).await;
+    assert_eq!(
+        (status, reason(&text)),
+        (403, Some("bad_request")),
+        "{text}"
+    );
+    // Forward-auth never reads it: a client could have sent it.
+    let fa = [
+        ("x-original-uri", "/items"),
+        ("x-original-host", "bound.data-store"),
+    ];
+    let (status, text) = send(
+        g.http,
+        &get_bound("/forward-auth", &[fa[0], fa[1], id, api]),
+    )
+    .await;
+    assert_eq!(
+        (status, reason(&text)),
+        (403, Some("peer_missing")),
+        "{text}"
+    );
     g.gate.stop().await;
     g.world.shutdown().await;
 }

@@ -18,6 +18,23 @@ pub fn check_request(token: &str, host: &str, path: &str, route: &str) -> CheckR
     check_request_with(token, host, path, route, true)
 }
 
+/// The route of [`with_peer`] Checks: `require_peer: service_account` in run.sh's config.
+pub const PEER_ROUTE: &str = "bench-peer";
+
+/// `req` as Envoy sends it over mTLS: `source.principal` is the client certificate's SPIFFE
+/// ID, and the route is [`PEER_ROUTE`].
+pub fn with_peer(mut req: CheckRequest, principal: &str) -> CheckRequest {
+    if let Some(attrs) = req.attributes.as_mut() {
+        if let Some(source) = attrs.source.as_mut() {
+            source.principal = principal.to_owned();
+        }
+        attrs
+            .context_extensions
+            .insert("route".into(), PEER_ROUTE.into());
+    }
+    req
+}
+
 /// Like [`check_request`]; with `all_headers == false` only `authorization` is sent, as Envoy
 /// does when the filter sets `allowed_headers` to the token headers.
 pub fn check_request_with(

@@ -47,6 +47,9 @@ pub struct Spec {
     /// gRPC only: send every default Envoy header in the CheckRequest, not just the token
     /// header (our published Envoy config sends only the token headers).
     pub all_headers: bool,
+    /// gRPC only: the mTLS peer's SPIFFE ID in `source.principal`, on the `require_peer`
+    /// route ([`crate::check::PEER_ROUTE`]).
+    pub peer: Option<String>,
 }
 
 impl Spec {
@@ -62,6 +65,7 @@ impl Spec {
             host: "bench".into(),
             path: "/".into(),
             all_headers: false,
+            peer: None,
         }
     }
 
@@ -194,6 +198,10 @@ pub async fn check_once(
     spec: &Spec,
 ) -> Outcome {
     let req = check_request_with(token, &spec.host, &spec.path, "bench", spec.all_headers);
+    let req = match &spec.peer {
+        Some(p) => crate::check::with_peer(req, p),
+        None => req,
+    };
     match client.check(req).await {
         Ok(resp) => match resp.into_inner().status {
             Some(s) if s.code != 0 => Outcome::Denied,

@@ -87,6 +87,9 @@ enum Cmd {
         /// Only the `authorization` header (what Envoy sends with `allowed_headers`).
         #[arg(long)]
         token_header_only: bool,
+        /// The mTLS peer's SPIFFE ID (`source.principal`), on the `require_peer` route.
+        #[arg(long)]
+        peer: Option<String>,
     },
     /// Fixed-rate load; prints one JSON line with p50/p90/p99/p99.9.
     Load {
@@ -116,6 +119,9 @@ enum Cmd {
         /// gRPC: put all of Envoy's default headers in each CheckRequest, not only the token.
         #[arg(long)]
         all_headers: bool,
+        /// gRPC: the mTLS peer's SPIFFE ID (`source.principal`), on the `require_peer` route.
+        #[arg(long)]
+        peer: Option<String>,
     },
     /// Send one Check per token with bounded concurrency; prints counts and elapsed time.
     Fill {
@@ -240,18 +246,17 @@ fn main() -> Result<()> {
             line,
             out,
             token_header_only,
+            peer,
         } => {
             let token = read_tokens(&tokens)?
                 .into_iter()
                 .nth(line)
                 .context("no such line")?;
-            let body = grpc_frame(&check_request_with(
-                &token,
-                "bench",
-                "/",
-                "bench",
-                !token_header_only,
-            ));
+            let req = check_request_with(&token, "bench", "/", "bench", !token_header_only);
+            let body = match peer {
+                Some(p) => grpc_frame(&tokengate_bench::check::with_peer(req, &p)),
+                None => grpc_frame(&req),
+            };
             std::fs::write(&out, body)?;
             Ok(())
         }
@@ -266,6 +271,7 @@ fn main() -> Result<()> {
             tokens,
             first,
             all_headers,
+            peer,
         } => {
             let mut list = match tokens {
                 Some(p) => read_tokens(&p)?,
@@ -283,6 +289,7 @@ fn main() -> Result<()> {
                 host: "bench".into(),
                 path: "/".into(),
                 all_headers,
+                peer,
             };
             let mut summary = rt.block_on(async {
                 match (http, grpc) {

@@ -45,6 +45,10 @@ const SCENARIOS: &[(&str, &str)] = &[
     ),
     ("check_null", "Check RPC alone → null server"),
     ("check_tokengate", "Check RPC alone → tokengate, cache hit"),
+    (
+        "check_tokengate_peer",
+        "Check RPC alone → tokengate, cache hit, `require_peer` (mTLS peer checked)",
+    ),
 ];
 
 fn median(v: &mut [f64]) -> f64 {
@@ -322,6 +326,15 @@ pub fn print(dir: &Path) -> Result<()> {
             .map(|c| median(&mut c[1].clone()))
             .filter(|v| *v > 0.0)
     };
+    if m("check_tokengate_peer").is_some() {
+        println!(
+            "- cache hit with `require_peer` ÷ plain cache hit (Check RPC alone, same tokengate): {} of the requests/s; tokengate CPU per Check {} ({} vs {} µs; target within 5%)",
+            ratio(m("check_tokengate_peer"), m("check_tokengate")),
+            ratio(authz_cpu("check_tokengate_peer"), authz_cpu("check_tokengate")),
+            authz_cpu("check_tokengate_peer").map_or("–".into(), |v| format!("{v:.1}")),
+            authz_cpu("check_tokengate").map_or("–".into(), |v| format!("{v:.1}")),
+        );
+    }
     if m("tokengate_miss_local").is_some() {
         println!(
             "- local cache miss ÷ cache hit (through Envoy): {} of the requests/s; tokengate CPU per Check {} ({} vs {} µs; target ≤ 2.00×)",

@@ -240,6 +240,11 @@ impl Envoy {
         }))
     }
 
+    /// Everything Envoy wrote to stdout so far (the published configs' access log).
+    pub fn stdout(&self) -> String {
+        self.guard.stdout()
+    }
+
     /// Envoy's captured output, for failure messages.
     pub fn diagnostics(&self) -> String {
         self.guard.diagnostics()
