@@ -23,16 +23,38 @@ fn harness_runs_every_phase_without_a_wrong_verdict() {
         .arg("--tokengate")
         .arg(&bin)
         .args([
-            "--checks", "3000", "--concurrency", "32", "--connections", "2",
-            "--flood", "200", "--resets", "100", "--idle", "20",
-            "--fault-kinds", "429date,down", "--fault-window", "600ms",
-            "--soak", "3s", "--soak-rate", "200", "--reload-every", "1s",
+            "--checks",
+            "3000",
+            "--concurrency",
+            "32",
+            "--connections",
+            "2",
+            "--flood",
+            "200",
+            "--resets",
+            "100",
+            "--idle",
+            "20",
+            "--fault-kinds",
+            "429date,down",
+            "--fault-window",
+            "600ms",
+            "--soak",
+            "3s",
+            "--soak-rate",
+            "200",
+            "--reload-every",
+            "1s",
         ])
         .output()
         .expect("run the harness");
     let report = String::from_utf8_lossy(&out.stdout);
     let log = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "exit {:?}\n{report}\n{log}", out.status);
+    assert!(
+        out.status.success(),
+        "exit {:?}\n{report}\n{log}",
+        out.status
+    );
     for heading in [
         "### 1. Randomized Checks",
         "### 2. Forged flood",

@@ -100,7 +100,10 @@ struct Cli {
     fault_window: Duration,
     /// API faults to cycle through, comma-separated:
     /// latency,429,429date,503,500,close,reset,hang,down.
-    #[arg(long, default_value = "latency,429,429date,503,500,close,reset,hang,down")]
+    #[arg(
+        long,
+        default_value = "latency,429,429date,503,500,close,reset,hang,down"
+    )]
     fault_kinds: String,
     /// Soak duration (e.g. 10m, 60s).
     #[arg(long, default_value = "10m", value_parser = parse_duration)]
@@ -439,12 +442,14 @@ impl Pools {
         let mut wrong_aud = Vec::new();
         for i in 0..20 {
             let (ns, sa) = ACCOUNTS[i % 4];
-            expired.push(standin.mint(
-                &MintRequest::new(ns, sa)
-                    .audience(AUD)
-                    .issued_at(now - 7200 - i as i64)
-                    .expires_in(3600),
-            )?);
+            expired.push(
+                standin.mint(
+                    &MintRequest::new(ns, sa)
+                        .audience(AUD)
+                        .issued_at(now - 7200 - i as i64)
+                        .expires_in(3600),
+                )?,
+            );
             wrong_aud.push(standin.mint(&MintRequest::new(ns, sa).audience("other-service"))?);
         }
         let kid = standin.signing_key_id();
@@ -498,7 +503,10 @@ fn obfuscate(rng: &mut StdRng, path: &str) -> String {
             3 => format!("/..{p}"),
             4 => {
                 // Percent-encode the first letter after a slash.
-                match p.char_indices().find(|(i, c)| *i > 0 && c.is_ascii_alphanumeric()) {
+                match p
+                    .char_indices()
+                    .find(|(i, c)| *i > 0 && c.is_ascii_alphanumeric())
+                {
                     Some((i, c)) if p.as_bytes()[i - 1] == b'/' => {
                         format!("{}%{:02X}{}", &p[..i], c as u32, &p[i + 1..])
                     }
@@ -544,11 +552,18 @@ fn generate(rng: &mut StdRng, pools: &Pools, n: u64) -> (CheckRequest, Expect, &
                 expect = Expect::Allow(user(ns, sa));
             }
             (
-                if allowed { "valid, allowed" } else { "valid, not allowed" },
+                if allowed {
+                    "valid, allowed"
+                } else {
+                    "valid, not allowed"
+                },
                 Some(format!("Bearer {}", pick(rng, &pools.valid[a]))),
             )
         }
-        45..=51 => ("expired", Some(format!("Bearer {}", pick(rng, &pools.expired)))),
+        45..=51 => (
+            "expired",
+            Some(format!("Bearer {}", pick(rng, &pools.expired))),
+        ),
         52..=58 => (
             "wrong audience",
             Some(format!("Bearer {}", pick(rng, &pools.wrong_aud))),
@@ -690,7 +705,8 @@ async fn random_load(
         let client = clients[w % clients.len()].clone();
         let (pools, next, stop) = (pools.clone(), next.clone(), stop.clone());
         set.spawn(async move {
-            let mut rng = StdRng::seed_from_u64(seed.wrapping_mul(1_000_003).wrapping_add(w as u64));
+            let mut rng =
+                StdRng::seed_from_u64(seed.wrapping_mul(1_000_003).wrapping_add(w as u64));
             let mut tally = Tally::default();
             let mut tick = pace.map(|p| {
                 let mut t = tokio::time::interval(p);
@@ -810,16 +826,15 @@ async fn phase_random(w: &mut World) -> Result<()> {
     for ((kind, label), n) in &t.by_kind {
         rep.line(format!("| {kind} | {label} | {n} |"));
     }
-    rep.line(format!(
-        "\ntokengate before → after: {res0} → {res1}.\n"
-    ));
+    rep.line(format!("\ntokengate before → after: {res0} → {res1}.\n"));
     Ok(())
 }
 
 // ------------------------------------------------------------------ phase 2
 
 async fn phase_flood(w: &mut World) -> Result<()> {
-    w.report.line("### 2. Forged flood and delayed-reset attack\n");
+    w.report
+        .line("### 2. Forged flood and delayed-reset attack\n");
     // The forged flood: unique forgeries of the seven shapes, all in flight at once.
     let now = now_unix();
     let r0 = w.reviews();
@@ -831,13 +846,23 @@ async fn phase_flood(w: &mut World) -> Result<()> {
         set.spawn(async move {
             (
                 shape,
-                check(&client, simple_request(&token, "/data"), Duration::from_secs(30)).await,
+                check(
+                    &client,
+                    simple_request(&token, "/data"),
+                    Duration::from_secs(30),
+                )
+                .await,
             )
         });
     }
     let legit = w.fresh_token()?;
     let l0 = Instant::now();
-    let legit_answer = check(&w.clients[0], simple_request(&legit, "/data"), Duration::from_secs(30)).await;
+    let legit_answer = check(
+        &w.clients[0],
+        simple_request(&legit, "/data"),
+        Duration::from_secs(30),
+    )
+    .await;
     let legit_took = l0.elapsed();
     let mut outcomes: BTreeMap<String, u64> = BTreeMap::new();
     let mut allowed = 0;
@@ -852,7 +877,7 @@ async fn phase_flood(w: &mut World) -> Result<()> {
     let reviews = w.reviews() - r0;
     let rep = &mut w.report;
     rep.line(format!(
-        "Forged flood: {} unique forgeries (seven shapes) in flight at once: **{} TokenReviews** (the legitimate caller's included), {} allowed, answered in {:.2} s; a legitimate new caller during it: {} in {:.0} ms. Answers: {}.\n",
+        "Forged flood: {} unique forgeries (seven shapes) in flight at once: **{} TokenReview(s)** (the legitimate caller's included), {} allowed, answered in {:.2} s; a legitimate new caller during it: {} in {:.0} ms. Answers: {}.\n",
         w.cli.flood,
         reviews,
         allowed,
@@ -876,9 +901,22 @@ async fn phase_flood(w: &mut World) -> Result<()> {
     for i in 0..w.cli.resets {
         let permit = in_flight.clone().acquire_owned().await?;
         let client = w.clients[i % w.clients.len()].clone();
-        let token = forge::perfect(1_000_000 + i as u64, &kid, &w.pools.issuer, AUD, now, "ops", "admin");
+        let token = forge::perfect(
+            1_000_000 + i as u64,
+            &kid,
+            &w.pools.issuer,
+            AUD,
+            now,
+            "ops",
+            "admin",
+        );
         set.spawn(async move {
-            let a = check(&client, simple_request(&token, "/admin/x"), Duration::from_millis(10)).await;
+            let a = check(
+                &client,
+                simple_request(&token, "/admin/x"),
+                Duration::from_millis(10),
+            )
+            .await;
             drop(permit);
             a
         });
@@ -909,12 +947,22 @@ async fn phase_flood(w: &mut World) -> Result<()> {
     w.standin.set_fault(Fault::None);
     let reviews = w.reviews() - r0;
     let m = w.gate.metrics().await;
-    let overloaded = metric(&m, "tokengate_tokenreview_errors_total", &[("kind", "overloaded")]).unwrap_or(0.0);
+    let overloaded = metric(
+        &m,
+        "tokengate_tokenreview_errors_total",
+        &[("kind", "overloaded")],
+    )
+    .unwrap_or(0.0);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let res1 = w.gate.res();
     let legit = w.fresh_token()?;
     let l0 = Instant::now();
-    let legit_answer = check(&w.clients[0], simple_request(&legit, "/data"), Duration::from_secs(10)).await;
+    let legit_answer = check(
+        &w.clients[0],
+        simple_request(&legit, "/data"),
+        Duration::from_secs(10),
+    )
+    .await;
     let legit_took = l0.elapsed();
     let rep = &mut w.report;
     rep.line(format!(
@@ -985,9 +1033,30 @@ async fn phase_idle(w: &mut World) -> Result<()> {
     let res0 = w.gate.res();
     let cached = w.pools.valid[0][0].clone();
     let floods: Vec<(&str, SocketAddr, &'static [u8], bool, usize, u64)> = vec![
-        ("gRPC: idle TCP (nothing sent)", w.gate.grpc, b"".as_slice(), false, w.cli.idle, HANDSHAKE_TIMEOUT_S),
-        ("gRPC: half HTTP/2 preface", w.gate.grpc, b"PRI * HTTP/2.0\r\n".as_slice(), false, w.cli.idle / 2, HANDSHAKE_TIMEOUT_S),
-        ("admin: slowloris (a header line every 500 ms)", w.gate.admin, b"GET /metrics HTTP/1.1\r\nHost: x\r\n".as_slice(), true, (w.cli.idle / 4).max(1), ADMIN_HEADER_TIMEOUT_S),
+        (
+            "gRPC: idle TCP (nothing sent)",
+            w.gate.grpc,
+            b"".as_slice(),
+            false,
+            w.cli.idle,
+            HANDSHAKE_TIMEOUT_S,
+        ),
+        (
+            "gRPC: half HTTP/2 preface",
+            w.gate.grpc,
+            b"PRI * HTTP/2.0\r\n".as_slice(),
+            false,
+            w.cli.idle / 2,
+            HANDSHAKE_TIMEOUT_S,
+        ),
+        (
+            "admin: slowloris (a header line every 500 ms)",
+            w.gate.admin,
+            b"GET /metrics HTTP/1.1\r\nHost: x\r\n".as_slice(),
+            true,
+            (w.cli.idle / 4).max(1),
+            ADMIN_HEADER_TIMEOUT_S,
+        ),
     ];
     let mut sets = Vec::new();
     for (_, addr, first, trickle, n, _) in &floods {
@@ -1008,18 +1077,39 @@ async fn phase_idle(w: &mut World) -> Result<()> {
     tokio::time::sleep(Duration::from_millis(300)).await;
     while Instant::now() < probe_until {
         checks += 1;
-        if matches!(check(&w.clients[0], simple_request(&cached, "/data"), Duration::from_secs(2)).await, Answer::Allow(_)) {
+        if matches!(
+            check(
+                &w.clients[0],
+                simple_request(&cached, "/data"),
+                Duration::from_secs(2)
+            )
+            .await,
+            Answer::Allow(_)
+        ) {
             checks_ok += 1;
         }
         if i % 5 == 0 {
             conns += 1;
-            if let Ok(Ok(c)) = tokio::time::timeout(Duration::from_secs(2), channels(w.gate.grpc, 1)).await {
-                if matches!(check(&c[0], simple_request(&cached, "/data"), Duration::from_secs(2)).await, Answer::Allow(_)) {
+            if let Ok(Ok(c)) =
+                tokio::time::timeout(Duration::from_secs(2), channels(w.gate.grpc, 1)).await
+            {
+                if matches!(
+                    check(
+                        &c[0],
+                        simple_request(&cached, "/data"),
+                        Duration::from_secs(2)
+                    )
+                    .await,
+                    Answer::Allow(_)
+                ) {
                     conns_ok += 1;
                 }
             }
             health += 1;
-            if let Ok(Ok((200, _))) = tokio::time::timeout(Duration::from_secs(2), http_get(w.gate.admin, "/healthz")).await {
+            if let Ok(Ok((200, _))) =
+                tokio::time::timeout(Duration::from_secs(2), http_get(w.gate.admin, "/healthz"))
+                    .await
+            {
                 health_ok += 1;
             }
             let r = w.gate.res();
@@ -1101,7 +1191,12 @@ struct FaultRow {
 async fn phase_faults(w: &mut World) -> Result<()> {
     let cached: Vec<String> = (0..4).map(|i| w.pools.valid[i % 2][i].clone()).collect();
     for t in &cached {
-        let a = check(&w.clients[0], simple_request(t, "/data"), Duration::from_secs(5)).await;
+        let a = check(
+            &w.clients[0],
+            simple_request(t, "/data"),
+            Duration::from_secs(5),
+        )
+        .await;
         anyhow::ensure!(matches!(a, Answer::Allow(_)), "warm-up: {a:?}");
     }
     let all: Vec<(&str, &'static str, Fault)> = vec![
@@ -1113,26 +1208,49 @@ async fn phase_faults(w: &mut World) -> Result<()> {
         (
             "429",
             "429, `Retry-After: 1`",
-            Fault::Status { code: 429, retry_after: Some(1) },
+            Fault::Status {
+                code: 429,
+                retry_after: Some(1),
+            },
         ),
         (
             "429date",
             "429, `Retry-After:` HTTP-date 2 s ahead",
-            Fault::StatusRetryDate { code: 429, retry_after: 2 },
+            Fault::StatusRetryDate {
+                code: 429,
+                retry_after: 2,
+            },
         ),
         (
             "503",
             "503 storm, `Retry-After: 1`",
-            Fault::Status { code: 503, retry_after: Some(1) },
+            Fault::Status {
+                code: 503,
+                retry_after: Some(1),
+            },
         ),
-        ("500", "500 storm", Fault::Status { code: 500, retry_after: None }),
-        ("close", "connections closed mid-request", Fault::CloseConnection),
+        (
+            "500",
+            "500 storm",
+            Fault::Status {
+                code: 500,
+                retry_after: None,
+            },
+        ),
+        (
+            "close",
+            "connections closed mid-request",
+            Fault::CloseConnection,
+        ),
         ("reset", "connections reset (TCP RST)", Fault::Reset),
         ("hang", "hang (never answers)", Fault::Hang),
         ("down", "down (not listening), then up", Fault::Down),
     ];
     let wanted: Vec<&str> = w.cli.fault_kinds.split(',').map(str::trim).collect();
-    if let Some(bad) = wanted.iter().find(|k| !all.iter().any(|(key, ..)| key == *k)) {
+    if let Some(bad) = wanted
+        .iter()
+        .find(|k| !all.iter().any(|(key, ..)| key == *k))
+    {
         bail!("unknown fault kind {bad:?}");
     }
     let faults: Vec<(&'static str, Fault)> = all
@@ -1153,7 +1271,12 @@ async fn phase_faults(w: &mut World) -> Result<()> {
         while started.elapsed() < w.cli.fault_window {
             for t in &cached {
                 cached_n += 1;
-                let a = check(&w.clients[1 % w.clients.len()], simple_request(t, "/data"), Duration::from_secs(2)).await;
+                let a = check(
+                    &w.clients[1 % w.clients.len()],
+                    simple_request(t, "/data"),
+                    Duration::from_secs(2),
+                )
+                .await;
                 if matches!(a, Answer::Allow(_)) {
                     cached_ok += 1;
                 }
@@ -1180,7 +1303,12 @@ async fn phase_faults(w: &mut World) -> Result<()> {
         while clear_at.elapsed() < Duration::from_secs(30) {
             let token = w.fresh_token()?;
             if matches!(
-                check(&w.clients[3 % w.clients.len()], simple_request(&token, "/data"), Duration::from_secs(10)).await,
+                check(
+                    &w.clients[3 % w.clients.len()],
+                    simple_request(&token, "/data"),
+                    Duration::from_secs(10)
+                )
+                .await,
                 Answer::Allow(_)
             ) {
                 recovery = Some(clear_at.elapsed());
@@ -1239,7 +1367,10 @@ async fn phase_faults(w: &mut World) -> Result<()> {
             r.new_other,
             r.new_latency_max.as_secs_f64(),
             r.reviews as f64 / r.new.max(1) as f64,
-            r.recovery.map_or("not within 30 s".into(), |d| format!("{:.0} ms", d.as_secs_f64() * 1000.0)),
+            r.recovery.map_or("not within 30 s".into(), |d| format!(
+                "{:.0} ms",
+                d.as_secs_f64() * 1000.0
+            )),
         ));
     }
     let denies: u64 = rows.iter().map(|r| r.new_deny).sum();
@@ -1256,8 +1387,18 @@ async fn reload_counts(gate: &Gate) -> Option<(f64, f64)> {
     let m = gate.metrics().await;
     metric(&m, "tokengate_config_last_reload_success", &[])?;
     Some((
-        metric(&m, "tokengate_config_reloads_total", &[("result", "success")]).unwrap_or(0.0),
-        metric(&m, "tokengate_config_reloads_total", &[("result", "failure")]).unwrap_or(0.0),
+        metric(
+            &m,
+            "tokengate_config_reloads_total",
+            &[("result", "success")],
+        )
+        .unwrap_or(0.0),
+        metric(
+            &m,
+            "tokengate_config_reloads_total",
+            &[("result", "failure")],
+        )
+        .unwrap_or(0.0),
     ))
 }
 
@@ -1292,7 +1433,15 @@ async fn phase_soak(w: &mut World) -> Result<()> {
         // A never-seen token every 250 ms keeps TokenReviews going.
         fresh_n += 1;
         let token = w.fresh_token()?;
-        if matches!(check(&w.clients[0], simple_request(&token, "/data"), Duration::from_secs(10)).await, Answer::Allow(_)) {
+        if matches!(
+            check(
+                &w.clients[0],
+                simple_request(&token, "/data"),
+                Duration::from_secs(10)
+            )
+            .await,
+            Answer::Allow(_)
+        ) {
             fresh_ok += 1;
         }
         let t = started.elapsed();
@@ -1370,7 +1519,12 @@ async fn phase_soak(w: &mut World) -> Result<()> {
     ));
     rep.line("| | RSS | FDs | threads |");
     rep.line("|---|---|---|---|");
-    for (label, r) in [("start", res0), ("after warm-up", warm), ("end", res1), ("max", max)] {
+    for (label, r) in [
+        ("start", res0),
+        ("after warm-up", warm),
+        ("end", res1),
+        ("max", max),
+    ] {
         rep.line(format!(
             "| {label} | {:.1} MiB | {} | {} |",
             r.rss_kib as f64 / 1024.0,
@@ -1436,10 +1590,10 @@ async fn run(cli: Cli) -> Result<()> {
         w.violations,
     );
     let md = format!("{head}\n{}", w.report.md);
-    if let Some(path) = &w.cli.markdown {
-        std::fs::write(path, &md)?;
+    match &w.cli.markdown {
+        Some(path) => std::fs::write(path, &md)?,
+        None => println!("{md}"),
     }
-    println!("{md}");
     let violations = w.violations;
     drop(w);
     let _ = std::fs::remove_dir_all(&dir);
