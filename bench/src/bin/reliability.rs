@@ -1018,6 +1018,9 @@ async fn held_connection(
     }
 }
 
+/// A connection flood: label, address, first bytes, trickle header lines, count, deadline (s).
+type Flood = (&'static str, SocketAddr, &'static [u8], bool, usize, u64);
+
 #[derive(Default)]
 struct Closed {
     opened: u64,
@@ -1032,7 +1035,7 @@ async fn phase_idle(w: &mut World) -> Result<()> {
     let limit = Duration::from_secs(HANDSHAKE_TIMEOUT_S.max(ADMIN_HEADER_TIMEOUT_S) + 3);
     let res0 = w.gate.res();
     let cached = w.pools.valid[0][0].clone();
-    let floods: Vec<(&str, SocketAddr, &'static [u8], bool, usize, u64)> = vec![
+    let floods: Vec<Flood> = vec![
         (
             "gRPC: idle TCP (nothing sent)",
             w.gate.grpc,
@@ -1062,7 +1065,7 @@ async fn phase_idle(w: &mut World) -> Result<()> {
     for (_, addr, first, trickle, n, _) in &floods {
         let mut set = tokio::task::JoinSet::new();
         for _ in 0..*n {
-            set.spawn(held_connection(*addr, *first, *trickle, limit));
+            set.spawn(held_connection(*addr, first, *trickle, limit));
         }
         sets.push(set);
     }
@@ -1088,7 +1091,7 @@ async fn phase_idle(w: &mut World) -> Result<()> {
         ) {
             checks_ok += 1;
         }
-        if i % 5 == 0 {
+        if i.is_multiple_of(5) {
             conns += 1;
             if let Ok(Ok(c)) =
                 tokio::time::timeout(Duration::from_secs(2), channels(w.gate.grpc, 1)).await
