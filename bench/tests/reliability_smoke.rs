@@ -24,7 +24,7 @@ fn harness_runs_every_phase_without_a_wrong_verdict() {
         .arg(&bin)
         .args([
             "--checks",
-            "3000",
+            "1500",
             "--concurrency",
             "32",
             "--connections",
@@ -40,7 +40,7 @@ fn harness_runs_every_phase_without_a_wrong_verdict() {
             "--fault-window",
             "600ms",
             "--soak",
-            "3s",
+            "2s",
             "--soak-rate",
             "200",
             "--reload-every",
