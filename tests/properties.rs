@@ -2,7 +2,9 @@
 //! headers from Envoy's `headers` map or `header_map` with raw bytes) and finding the token,
 //! then precheck on whatever was found. Bounded (256 cases each) so they run in the suite.
 //! Properties: never a panic; never a token that is empty, holds whitespace or a comma, or
-//! came from a header other than a configured source; precheck never passes junk.
+//! came from a header other than a configured source; precheck never passes junk. Route
+//! selection: the canonical path is idempotent and clean, and a path disguised with `//`,
+//! dot segments, percent-encoding or `%2F` selects the same route as the plain path.
 
 use std::collections::HashMap;
 
@@ -13,6 +15,7 @@ use envoy_types::pb::envoy::service::auth::v3::{
 use proptest::prelude::*;
 use tokengate::config::TokenSource;
 use tokengate::request::{RequestView, TokenLookup};
+use tokengate::route::{canonical_path, Routes};
 
 fn sources() -> Vec<TokenSource> {
     vec![
@@ -151,5 +154,89 @@ proptest! {
             }
             other => prop_assert!(false, "{other:?}"),
         }
+    }
+}
+
+/// A canonical path: `/`, or `/seg` repeated (segments of safe characters), maybe with a
+/// trailing slash.
+fn clean_path() -> impl Strategy<Value = String> {
+    (
+        proptest::collection::vec("[a-zA-Z0-9_~-][a-zA-Z0-9._~-]{0,7}", 0..5),
+        any::<bool>(),
+    )
+        .prop_filter("no dot segments", |(segs, _)| {
+            segs.iter().all(|s| s != "." && s != "..")
+        })
+        .prop_map(|(segs, trailing)| {
+            let mut p: String = segs.iter().map(|s| format!("/{s}")).collect();
+            if p.is_empty() || trailing {
+                p.push('/');
+            }
+            p
+        })
+}
+
+/// `path` disguised by one of the tricks a proxy may pass through unnormalized.
+fn disguise(path: &str, trick: u8, at: usize) -> String {
+    let slashes: Vec<usize> = path.match_indices('/').map(|(i, _)| i).collect();
+    let i = slashes[at % slashes.len()];
+    match trick % 6 {
+        0 => format!("{}/{}", &path[..i], &path[i..]),
+        1 => format!("{}/.{}", &path[..i], &path[i..]),
+        2 => format!("{}/zz/..{}", &path[..i], &path[i..]),
+        3 if i > 0 => format!("{}%2F{}", &path[..i], &path[i + 1..]),
+        4 => match path[i + 1..].chars().next() {
+            Some(c) if c.is_ascii_alphanumeric() => {
+                format!("{}/%{:02x}{}", &path[..i], c as u32, &path[i + 2..])
+            }
+            _ => format!("/..{path}"),
+        },
+        _ => format!("/..{path}"),
+    }
+}
+
+fn routes() -> Routes {
+    let cfg = tokengate::Config::from_yaml_str(
+        "routes:\n  - name: admin\n    match:\n      path_prefix: /admin/\n    audiences: [a]\n  - name: rest\n    audiences: [a]\n",
+    )
+    .expect("config");
+    Routes::new(&cfg.routes)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// Any path: never a panic; the canonical form starts with `/`, has no empty, `.` or `..`
+    /// segment, and is its own canonical form.
+    #[test]
+    fn canonical_paths_are_clean(path in "/[a-z/.%2fF5cC\\\\]{0,30}") {
+        let c = canonical_path(&path).into_owned();
+        prop_assert!(c.starts_with('/'), "{path:?} -> {c:?}");
+        prop_assert!(!c.contains("//"), "{path:?} -> {c:?}");
+        prop_assert!(!c.split('/').any(|s| s == "." || s == ".."), "{path:?} -> {c:?}");
+        prop_assert_eq!(canonical_path(&c).into_owned(), c);
+    }
+
+    /// A disguised path canonicalizes to the plain one and selects the same route.
+    #[test]
+    fn disguised_paths_select_the_same_route(
+        admin in any::<bool>(),
+        path in clean_path(),
+        tricks in proptest::collection::vec((any::<u8>(), any::<usize>()), 1..4),
+    ) {
+        let path = if admin { format!("/admin{path}") } else { path };
+        let mut disguised = path.clone();
+        for (t, at) in tricks {
+            disguised = disguise(&disguised, t, at);
+        }
+        prop_assert_eq!(canonical_path(&disguised).into_owned(), path.clone(), "{}", disguised);
+        let routes = routes();
+        let ext = HashMap::new();
+        let plain = RequestView::from_parts("h", &path, "GET", &ext, &[]);
+        let tricky = RequestView::from_parts("h", &disguised, "GET", &ext, &[]);
+        let name = |v: &RequestView<'_>| routes.select(v).map(|r| r.name.clone());
+        prop_assert_eq!(name(&plain), name(&tricky), "{} vs {}", path, disguised);
+        let expected = if path.starts_with("/admin/") { "admin" } else { "rest" };
+        prop_assert_eq!(name(&plain), Some(expected.to_owned()));
     }
 }

@@ -10,13 +10,17 @@
 //! - [`load`]: an open-loop (fixed-rate) HTTP/1.1 and gRPC client that reports p50/p99
 //!   measured from the *intended* send time when a connection falls behind, so a slow server
 //!   cannot hide its queueing (the coordinated-omission trap of closed-loop tools like `wrk`);
+//! - [`forge`]: forged tokens (cheap shapes and perfectly shaped ones) for the forged-token
+//!   flood and the reliability harness;
 //! - [`gate`], [`issue9`]: tokengate as a process, and issue 9's measurements (revocation
 //!   latency, TokenReviews after a restart, RSS of the watch caches).
 //!
 //! The binaries are `null-authz` (a Check server that allows everything: the ceiling for any
-//! tonic ext_authz server on this stack) and `tokengate-bench` (helpers as subcommands).
+//! tonic ext_authz server on this stack), `tokengate-bench` (helpers as subcommands),
+//! `forged-flood` and `reliability` (RELIABILITY.md, driven by `reliability/run.sh`).
 
 pub mod check;
+pub mod forge;
 pub mod gate;
 pub mod issue9;
 pub mod jwt;

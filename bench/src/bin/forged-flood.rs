@@ -18,13 +18,12 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine as _;
 use clap::Parser;
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use envoy_types::pb::envoy::service::auth::v3::CheckResponse;
 use kube_standin::{MintRequest, Options, Standin};
 use tokengate_bench::check::check_request;
+use tokengate_bench::forge::forged;
 use tonic::transport::Channel;
 
 const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
@@ -45,59 +44,6 @@ struct Cli {
     /// gRPC connections the flood is spread over.
     #[arg(long, default_value_t = 4)]
     connections: usize,
-}
-
-fn b64(s: impl AsRef<[u8]>) -> String {
-    URL_SAFE_NO_PAD.encode(s)
-}
-
-/// Forged token number `i`: shape `i % 7`, unique per `i`.
-fn forged(i: usize, now: i64) -> (&'static str, String) {
-    const KID: &str = "Yq2mQ3rD0-1x_ZsQe9sYv7u0pKqL6m7hR1cX2wY3z4A";
-    let payload = |iss: &str| {
-        b64(format!(
-            r#"{{"aud":["{AUD}"],"exp":{},"iss":"{iss}","jti":"{i}","sub":"system:serviceaccount:api:api"}}"#,
-            now + 600
-        ))
-    };
-    let rs256 = b64(format!(r#"{{"alg":"RS256","kid":"{KID}"}}"#));
-    let sig = b64([(i % 251) as u8; 256]);
-    match i % 7 {
-        0 => ("e30.e30", format!("e30.e30.{}", b64(i.to_le_bytes()))),
-        1 => (
-            "alg none",
-            format!("{}.{}.{sig}", b64(r#"{"alg":"none"}"#), payload(ISSUER)),
-        ),
-        2 => (
-            "HS256",
-            format!(
-                "{}.{}.{}",
-                b64(format!(r#"{{"alg":"HS256","kid":"{KID}"}}"#)),
-                payload(ISSUER),
-                b64([1u8; 32])
-            ),
-        ),
-        3 => (
-            "payload array",
-            format!("{rs256}.{}.{sig}", b64(format!(r#"["{i}"]"#))),
-        ),
-        4 => (
-            "1-byte signature",
-            format!("{rs256}.{}.{}", payload(ISSUER), b64([1u8])),
-        ),
-        5 => (
-            "wrong issuer",
-            format!("{rs256}.{}.{sig}", payload("https://evil.example")),
-        ),
-        _ => (
-            "bad kid",
-            format!(
-                "{}.{}.{sig}",
-                b64(r#"{"alg":"RS256","kid":"k"}"#),
-                payload(ISSUER)
-            ),
-        ),
-    }
 }
 
 fn reason(r: &CheckResponse) -> String {
@@ -190,7 +136,7 @@ async fn run(cli: Cli) -> Result<()> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs() as i64;
-    let tokens: Vec<(&str, String)> = (0..cli.n).map(|i| forged(i, now)).collect();
+    let tokens: Vec<(&str, String)> = (0..cli.n).map(|i| forged(i, now, ISSUER, AUD)).collect();
     let reviews_before = standin.token_reviews_served();
     let started = Instant::now();
     let mut flood = tokio::task::JoinSet::new();

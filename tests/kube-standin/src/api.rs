@@ -67,7 +67,8 @@ impl Shared {
         self.down.send_replace(down);
     }
 
-    fn fault(&self) -> Fault {
+    /// The current fault.
+    pub fn fault(&self) -> Fault {
         self.fault.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
@@ -895,6 +896,9 @@ struct FaultIn {
     code: Option<u16>,
     #[serde(default)]
     retry_after: Option<u32>,
+    /// `Retry-After` as an HTTP-date instead of seconds.
+    #[serde(default)]
+    retry_after_date: bool,
 }
 
 impl FaultIn {
@@ -907,16 +911,22 @@ impl FaultIn {
                     .code
                     .filter(|c| (100..=599).contains(c))
                     .ok_or_else(|| ApiError::bad_request("fault: code must be 100..=599".into()))?;
-                Fault::Status {
-                    code,
-                    retry_after: self.retry_after,
+                match (self.retry_after, self.retry_after_date) {
+                    (Some(retry_after), true) => Fault::StatusRetryDate { code, retry_after },
+                    (None, true) => {
+                        return Err(ApiError::bad_request(
+                            "fault: retry_after_date needs retry_after".into(),
+                        ))
+                    }
+                    (retry_after, false) => Fault::Status { code, retry_after },
                 }
             }
             "hang" => Fault::Hang,
             "close" => Fault::CloseConnection,
+            "reset" => Fault::Reset,
             other => {
                 return Err(ApiError::bad_request(format!(
-                    "fault: unknown kind {other:?} (none|latency|status|hang|close|down)"
+                    "fault: unknown kind {other:?} (none|latency|status|hang|close|reset|down)"
                 )))
             }
         })
@@ -934,11 +944,20 @@ pub(crate) async fn apply_fault(shared: &Shared) -> Result<Option<Resp>, CloseCo
         Fault::Status { code, retry_after } => {
             Ok(Some(error_resp(&ApiError::injected(code, retry_after))))
         }
+        Fault::StatusRetryDate { code, retry_after } => {
+            let mut r = error_resp(&ApiError::injected(code, Some(retry_after)));
+            let at = std::time::SystemTime::now()
+                + std::time::Duration::from_secs(u64::from(retry_after));
+            if let Ok(v) = HeaderValue::from_str(&httpdate::fmt_http_date(at)) {
+                r.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+            Ok(Some(r))
+        }
         Fault::Hang => {
             std::future::pending::<()>().await;
             Ok(None)
         }
-        Fault::CloseConnection | Fault::Down => Err(CloseConnection),
+        Fault::CloseConnection | Fault::Reset | Fault::Down => Err(CloseConnection),
     }
 }
 

@@ -203,10 +203,22 @@ pub enum Fault {
         /// `Retry-After` seconds.
         retry_after: Option<u32>,
     },
+    /// Like `Status`, with `Retry-After` as an HTTP-date (RFC 9110 §10.2.3) this many seconds
+    /// from now, as a proxy or load balancer in front of the API server may send it
+    /// (kube-apiserver itself sends seconds).
+    StatusRetryDate {
+        /// HTTP status code.
+        code: u16,
+        /// Seconds from now the date names.
+        retry_after: u32,
+    },
     /// Never answer.
     Hang,
     /// Close the connection without answering.
     CloseConnection,
+    /// Reset connections: new ones are accepted and reset at once (TCP RST, no TLS
+    /// handshake); requests on open ones close their connection without an answer.
+    Reset,
     /// Stop listening entirely until the fault is set back to `None`.
     Down,
 }

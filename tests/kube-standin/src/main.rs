@@ -4,8 +4,9 @@
 //! `ready <url>` on stdout once it serves, and runs until SIGINT or SIGTERM.
 //!
 //! Test controls (admin token only): `POST /standin/v1/fault` with
-//! `{"kind":"latency","ms":50}`, `{"kind":"status","code":503,"retry_after":1}`,
-//! `{"kind":"hang"}`, `{"kind":"close"}`, `{"kind":"down","ms":2000}` (stop listening for
+//! `{"kind":"latency","ms":50}`, `{"kind":"status","code":503,"retry_after":1}` (add
+//! `"retry_after_date":true` for an HTTP-date `Retry-After`), `{"kind":"hang"}`,
+//! `{"kind":"close"}`, `{"kind":"reset"}`, `{"kind":"down","ms":2000}` (stop listening for
 //! that long, then listen again on the same port) or `{"kind":"none"}`; and
 //! `GET /standin/v1/counters` → `{"token_reviews":N}`; key rotation, bulk objects, the
 //! clock, pod reaping and the watch history (see the README).

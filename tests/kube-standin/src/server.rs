@@ -1,7 +1,8 @@
 //! The HTTPS accept loop: TLS via tokio-rustls, HTTP/1.1 and HTTP/2 via hyper-util's
 //! auto builder, one task per connection. `Fault::Down` closes the listening socket and
 //! aborts every open connection (so pooled client connections see the outage too); when
-//! the fault is cleared the loop binds the same address again.
+//! the fault is cleared the loop binds the same address again. `Fault::Reset` resets each new
+//! connection (TCP RST) as soon as it is accepted.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -88,6 +89,11 @@ pub async fn run(
 }
 
 async fn serve_connection(shared: Arc<Shared>, tcp: tokio::net::TcpStream, acceptor: TlsAcceptor) {
+    if shared.fault() == crate::Fault::Reset {
+        // Zero linger: closing sends RST instead of FIN.
+        let _ = tcp.set_zero_linger();
+        return;
+    }
     let _ = tcp.set_nodelay(true);
     let tls = match acceptor.accept(tcp).await {
         Ok(t) => t,

@@ -510,9 +510,26 @@ async fn injected_status_faults_look_like_real_statuses() {
     assert_eq!(a.status, 500);
     assert_eq!(a.json()["reason"], "InternalError");
     assert!(a.header("retry-after").is_none());
+    // Retry-After as an HTTP-date, about 30 s from now.
+    s.set_fault(Fault::StatusRetryDate {
+        code: 429,
+        retry_after: 30,
+    });
+    let a = review(&admin, "x", &[]).await;
+    assert_eq!(a.status, 429);
+    let date = a.header("retry-after").expect("Retry-After");
+    let at = httpdate::parse_http_date(&date).expect(&date);
+    let ahead = at
+        .duration_since(std::time::SystemTime::now())
+        .expect("in the future");
+    assert!(
+        ahead > Duration::from_secs(20) && ahead <= Duration::from_secs(30),
+        "{date}"
+    );
+    assert_eq!(a.json()["details"]["retryAfterSeconds"], 30);
     // Faults apply to TokenReview only.
     assert_eq!(status_of(&admin, "GET", "/version").await, 200);
-    assert_eq!(s.token_reviews_served(), 3);
+    assert_eq!(s.token_reviews_served(), 4);
 
     s.set_fault(Fault::Latency(Duration::from_millis(300)));
     let t = Instant::now();
@@ -569,6 +586,25 @@ async fn hang_close_and_down_up() {
         .await
         .expect("closing must be quick");
     assert!(r.is_err(), "a closed connection must be an error: {r:?}");
+
+    // Reset: a new TCP connection is reset before any TLS byte.
+    s.set_fault(Fault::Reset);
+    let mut tcp = tokio::net::TcpStream::connect(s.addr()).await.unwrap();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read(&mut tcp, &mut buf),
+    )
+    .await
+    .expect("reset must be quick");
+    assert_eq!(
+        read.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset)
+    );
+    let r = tokio::time::timeout(Duration::from_secs(5), try_review(&fresh))
+        .await
+        .expect("quick");
+    assert!(r.is_err(), "{r:?}");
 
     s.set_fault(Fault::Down);
     // Let the accept loop close the socket.
