@@ -21,7 +21,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::time::Instant;
 
-use crate::cache::{Cache, Freshness};
+use crate::cache::{Cache, Freshness, Interest};
 use crate::config::{Config, TokenSource, Verification};
 use crate::denial::Denial;
 use crate::error::{Error, Report};
@@ -242,35 +242,42 @@ impl Checker {
                     .clone()
                     .filter(|_| route.verification == Verification::Local);
                 // The load runs in its own task (see `cache`), so it owns its inputs.
-                let loaded = self
-                    .cache
-                    .get_or_load(key, || {
-                        let reviewer = Arc::clone(&self.reviewer);
-                        let metrics = Arc::clone(&self.metrics);
-                        let token = token.to_owned();
-                        let audiences = route.audiences.clone();
-                        async move {
-                            if let Some(local) = local {
-                                if let Some(known) =
-                                    verify_locally(&local, &token, &audiences, &metrics).await?
-                                {
-                                    return Ok(remember(known, cap));
-                                }
+                let load = |interest: Interest| {
+                    let reviewer = Arc::clone(&self.reviewer);
+                    let metrics = Arc::clone(&self.metrics);
+                    let token = token.to_owned();
+                    let audiences = route.audiences.clone();
+                    let flow = view.source.to_owned();
+                    let local = local.clone();
+                    async move {
+                        if let Some(local) = local {
+                            if let Some(known) =
+                                verify_locally(&local, &token, &audiences, &metrics).await?
+                            {
+                                return Ok(remember(known, cap));
                             }
-                            let verdict = reviewer.review(&token, &audiences).await?;
-                            Ok(remember(
-                                match verdict {
-                                    Verdict::Authenticated(id) => Ok(Arc::new(Admitted {
-                                        identity: Arc::new(id),
-                                        kid: verify::header_kid(&token).map(Into::into),
-                                    })),
-                                    Verdict::Rejected(denial) => Err(denial),
-                                },
-                                cap,
-                            ))
                         }
-                    })
-                    .await;
+                        let verdict = reviewer
+                            .review(&token, &audiences, &flow, &interest)
+                            .await?;
+                        Ok(remember(
+                            match verdict {
+                                Verdict::Authenticated(id) => Ok(Arc::new(Admitted {
+                                    identity: Arc::new(id),
+                                    kid: verify::header_kid(&token).map(Into::into),
+                                })),
+                                Verdict::Rejected(denial) => Err(denial),
+                            },
+                            cap,
+                        ))
+                    }
+                };
+                let mut loaded = self.cache.get_or_load(key, load).await;
+                // This Check joined a load in the instant its other waiters were cancelled and
+                // it gave up: ours is still wanted, so load again (once).
+                if matches!(loaded, Err(ReviewError::Abandoned)) {
+                    loaded = self.cache.get_or_load(key, load).await;
+                }
                 match loaded {
                     Ok(r) => r,
                     Err(error) => return Outcome::Unavailable { route, error },
@@ -457,7 +464,7 @@ mod tests {
         let key = c.cache.key(token, &["api".to_owned()]);
         let _ = c
             .cache
-            .get_or_load(key, || async move {
+            .get_or_load(key, |_| async move {
                 Ok((answer, Freshness::Positive { cap: None }))
             })
             .await

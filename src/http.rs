@@ -115,7 +115,7 @@ pub async fn run(
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok((stream, peer)) => (stream, peer),
                 Err(e) => {
                     tracing::warn!(error = %e, "http accept failed");
                     // Out of file descriptors and the like: do not spin.
@@ -125,11 +125,14 @@ pub async fn run(
             },
             () = draining.reached(Phase::Draining) => break,
         };
+        let (stream, peer) = stream;
         let _ = stream.set_nodelay(true);
         let state = state.clone();
+        // The proxy's address: TokenReview slots are shared fairly between peers.
+        let peer: Arc<str> = Arc::from(peer.ip().to_string());
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-            let state = state.clone();
-            async move { Ok::<_, Infallible>(handle(&state, req).await) }
+            let (state, peer) = (state.clone(), peer.clone());
+            async move { Ok::<_, Infallible>(handle(&state, &peer, req).await) }
         });
         let conn = builder
             .serve_connection(TokioIo::new(stream), service)
@@ -150,7 +153,7 @@ pub async fn run(
 }
 
 /// One check: read the original request, run the pipeline, answer.
-async fn handle(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn handle(state: &State, peer: &str, req: Request<Incoming>) -> Response<Full<Bytes>> {
     // The body is never read: nothing in a check depends on it.
     let (parts, _body) = req.into_parts();
     let headers: Vec<(&str, &str)> = parts
@@ -166,7 +169,8 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> 
                 original.method,
                 &context_extensions,
                 &headers,
-            );
+            )
+            .or_source(peer);
             state.checker.check(&view).await
         }
         None => state.checker.unreadable(),

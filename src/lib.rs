@@ -19,7 +19,7 @@
 //! route and so the audiences; [`request`] finds the token; the [`cache`] is probed with a
 //! keyed hash of token and audiences; on a miss [`precheck`] refuses junk on unverified claims
 //! (no TokenReview spent), then [`review`] asks the API server (single-flight per key, bounded
-//! retries, capped concurrency) and the result is cached (positive up to the token's `exp`,
+//! retries within a budget, capped concurrency shared fairly by downstream peer, see [`slots`]) and the result is cached (positive up to the token's `exp`,
 //! negative briefly, errors never); [`policy`] applies the route's allow-list. On a route with
 //! `verification: local`, [`verify`] judges the token first, as the API server would (the
 //! issuer's keys from [`keys`], bound objects from [`watch`]), and only what it cannot judge
@@ -43,6 +43,8 @@
 //! | [`cache`] | [`cache::Cache`] (keyed hash, TTL, single-flight) |
 //! | [`precheck`] | [`precheck::precheck`] on unverified claims |
 //! | [`review`] | [`review::Reviewer`], [`review::Verdict`], [`review::ReviewError`], [`review::SetupError`] |
+//! | [`slots`] | [`slots::Slots`]: TokenReview slots, fair per downstream peer, bounded queue, shed at once |
+//! | [`retry`] | [`retry::RetryBudget`], jittered backoff, `Retry-After` (both forms) |
 //! | [`verify`] | [`verify::verify`] (local verification in the API server's order), [`verify::LocalVerdict`], [`verify::ObjectLookup`] |
 //! | [`keys`] | [`keys::KeySet`] (OIDC discovery + JWKS, refreshed; removed kids), [`keys::KeySnapshot`] |
 //! | [`watch`] | [`watch::Objects`]: metadata-only watch caches of pods and service accounts |
@@ -82,11 +84,13 @@ pub mod metrics;
 pub mod policy;
 pub mod precheck;
 pub mod request;
+pub mod retry;
 pub mod review;
 pub mod revocation;
 pub mod route;
 pub mod server;
 pub mod shutdown;
+pub mod slots;
 pub mod tls;
 pub mod verify;
 pub mod watch;

@@ -13,6 +13,9 @@
 //! | `tokengate_tokenreview_duration_seconds` | histogram (per attempt) | |
 //! | `tokengate_tokenreview_errors_total` | counter (per failed attempt) | `kind` |
 //! | `tokengate_tokenreview_in_flight` | gauge | |
+//! | `tokengate_tokenreview_queued` | gauge (waiting for a slot) | |
+//! | `tokengate_tokenreview_shed_total` | counter (reviews not made or dropped) | `reason` (`queue_full`/`queue_timeout`/`abandoned`/`orphan_dropped`) |
+//! | `tokengate_tokenreview_retries_total` | counter | `outcome` (`sent`/`budget_exhausted`/`retry_after_too_long`) |
 //! | `tokengate_revocations_total` | counter (cached verdicts dropped) | `cause` (`service_account`/`pod`/`key`) |
 //! | `tokengate_local_fallbacks_total` | counter (local verification asked TokenReview) | `reason` |
 //! | `tokengate_watch_staleness_seconds` | gauge (time since the watches were last confirmed; -1 before the first list) | |
@@ -63,6 +66,16 @@ struct ReasonLabels {
     reason: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+/// `reason` labels of `tokengate_tokenreview_shed_total`, exported at 0 from the start.
+pub const SHED_REASONS: [&str; 4] = ["queue_full", "queue_timeout", "abandoned", "orphan_dropped"];
+/// `outcome` labels of `tokengate_tokenreview_retries_total`, exported at 0 from the start.
+pub const RETRY_OUTCOMES: [&str; 3] = ["sent", "budget_exhausted", "retry_after_too_long"];
+
 /// A gauge of seconds.
 pub type Seconds = Gauge<f64, std::sync::atomic::AtomicU64>;
 
@@ -109,6 +122,10 @@ pub struct Metrics {
     review_errors: Family<ErrorLabels, Counter>,
     /// TokenReviews in flight.
     pub review_in_flight: Gauge,
+    /// Reviews waiting for a slot.
+    pub review_queued: Gauge,
+    review_shed: Family<ReasonLabels, Counter>,
+    review_retries: Family<OutcomeLabels, Counter>,
     revocations: Family<CauseLabels, Counter>,
     local_fallbacks: Family<ReasonLabels, Counter>,
     /// Time since the watches were last confirmed current (-1: never listed).
@@ -190,6 +207,30 @@ impl Metrics {
             "TokenReviews in flight",
             review_in_flight.clone(),
         );
+        let review_queued = Gauge::default();
+        registry.register(
+            "tokengate_tokenreview_queued",
+            "TokenReviews waiting for a slot (kubernetes.max_in_flight)",
+            review_queued.clone(),
+        );
+        let review_shed = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "tokengate_tokenreview_shed",
+            "TokenReviews not made or dropped: queue full, no slot within kubernetes.timeout, every waiting Check cancelled, orphan giving its slot up",
+            review_shed.clone(),
+        );
+        for reason in SHED_REASONS {
+            drop(review_shed.get_or_create(&ReasonLabels { reason }));
+        }
+        let review_retries = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "tokengate_tokenreview_retries",
+            "TokenReview retries: sent, or not sent because the retry budget was spent or Retry-After was longer than kubernetes.timeout",
+            review_retries.clone(),
+        );
+        for outcome in RETRY_OUTCOMES {
+            drop(review_retries.get_or_create(&OutcomeLabels { outcome }));
+        }
         let revocations = Family::<CauseLabels, Counter>::default();
         registry.register(
             "tokengate_revocations",
@@ -272,6 +313,9 @@ impl Metrics {
             review_duration,
             review_errors,
             review_in_flight,
+            review_queued,
+            review_shed,
+            review_retries,
         }
     }
 
@@ -290,6 +334,20 @@ impl Metrics {
     pub fn review_error(&self, kind: &'static str) {
         self.review_errors
             .get_or_create(&ErrorLabels { kind })
+            .inc();
+    }
+
+    /// Counts a TokenReview not made or dropped (a [`SHED_REASONS`] label).
+    pub fn shed(&self, reason: &'static str) {
+        self.review_shed
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    /// Counts a retry decision (a [`RETRY_OUTCOMES`] label).
+    pub fn retry(&self, outcome: &'static str) {
+        self.review_retries
+            .get_or_create(&OutcomeLabels { outcome })
             .inc();
     }
 

@@ -6,11 +6,23 @@
 //! pipeline sees only the view; [`RequestView::from_parts`] builds one without a protobuf
 //! (unit tests, or another front end).
 
-use envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest;
+use envoy_types::pb::envoy::config::core::v3::address;
+use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Peer};
 use envoy_types::pb::envoy::service::auth::v3::CheckRequest;
 use std::collections::HashMap;
 
 use crate::config::TokenSource;
+
+/// The IP address of an Envoy `Peer` with a socket address (a pipe or none: empty).
+fn source_ip(peer: Option<&Peer>) -> &str {
+    match peer
+        .and_then(|p| p.address.as_ref())
+        .and_then(|a| a.address.as_ref())
+    {
+        Some(address::Address::SocketAddress(s)) => &s.address,
+        _ => "",
+    }
+}
 
 /// What routing and token extraction need from a CheckRequest.
 #[derive(Debug, Clone, Copy)]
@@ -23,6 +35,10 @@ pub struct RequestView<'a> {
     pub method: &'a str,
     /// Envoy per-route `context_extensions`.
     pub context_extensions: &'a HashMap<String, String>,
+    /// The downstream peer's IP address (Envoy's `attributes.source.address`), or, when Envoy
+    /// sends none, what the front end sets (the connection's peer); empty if unknown. Only
+    /// used to share TokenReview slots fairly between peers (see `slots`).
+    pub source: &'a str,
     headers: Headers<'a>,
 }
 
@@ -72,6 +88,7 @@ impl<'a> RequestView<'a> {
             path: strip_query(&http.path),
             method: &http.method,
             context_extensions: &attrs.context_extensions,
+            source: source_ip(attrs.source.as_ref()),
             headers: Headers::Envoy(http),
         })
     }
@@ -90,8 +107,17 @@ impl<'a> RequestView<'a> {
             path: strip_query(path),
             method,
             context_extensions,
+            source: "",
             headers: Headers::Pairs(headers),
         }
+    }
+
+    /// The same view with `source` as the peer when the request named none.
+    pub fn or_source(mut self, source: &'a str) -> RequestView<'a> {
+        if self.source.is_empty() {
+            self.source = source;
+        }
+        self
     }
 
     /// Looks a header up (name lower-case): for Envoy, in the `headers` map, then in

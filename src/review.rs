@@ -17,8 +17,11 @@
 //! takes it over: it sends the header itself, re-reads the file whenever its mtime/size/inode
 //! changes, and on an HTTP 401 re-reads it and retries once.
 //!
-//! Transient failures are retried a bounded number of times (backoff, or `Retry-After` capped
-//! at the attempt timeout); a semaphore caps TokenReviews in flight.
+//! Transient failures are retried a bounded number of times, within a retry budget, after a
+//! jittered backoff or the server's `Retry-After` (see [`crate::retry`]). TokenReviews in
+//! flight are capped by [`Slots`], handed out fairly per downstream peer from a bounded
+//! queue (see [`crate::slots`]). A review whose Checks were all cancelled is not started, not
+//! retried, and, if already sent, keeps its slot only while nobody else waits.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -29,14 +32,16 @@ use http::HeaderValue;
 use http_body_util::BodyExt;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus};
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
+use crate::cache::Interest;
 use crate::config::Kubernetes;
 use crate::denial::Denial;
 use crate::error::Report;
 use crate::identity::{Identity, TokenHash};
 use crate::metrics::Metrics;
+use crate::retry::{self, RetryBudget};
+use crate::slots::{Shed, Slot, Slots};
 
 const TOKENREVIEWS_PATH: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
 const SA_PREFIX: &str = "system:serviceaccount:";
@@ -89,6 +94,13 @@ pub enum ReviewError {
     /// Waited longer than `kubernetes.timeout` for a free TokenReview slot.
     #[error("too many TokenReviews in flight")]
     Overloaded,
+    /// Refused at once: the queue for TokenReview slots was full, and this Check's peer had
+    /// the most waiters in it (see [`crate::slots`]).
+    #[error("TokenReview queue full (kubernetes.max_queued); shed")]
+    Shed,
+    /// Every Check waiting for this TokenReview was cancelled, so it was dropped.
+    #[error("every Check waiting for this TokenReview was cancelled")]
+    Abandoned,
     /// The task running the TokenReview ended without an answer (a bug; logged).
     #[error("the TokenReview task ended without an answer")]
     Aborted,
@@ -118,6 +130,8 @@ impl ReviewError {
             ReviewError::BuildRequest(_) => "build_request",
             ReviewError::Decode(_) => "decode",
             ReviewError::Overloaded => "overloaded",
+            ReviewError::Shed => "shed",
+            ReviewError::Abandoned => "abandoned",
             ReviewError::Aborted => "aborted",
             ReviewError::Stale(_) => "stale",
         }
@@ -251,7 +265,8 @@ pub struct Reviewer {
     token: Option<ReviewerToken>,
     timeout: Duration,
     retries: u32,
-    permits: Arc<Semaphore>,
+    slots: Arc<Slots>,
+    budget: RetryBudget,
     metrics: Arc<Metrics>,
 }
 
@@ -273,6 +288,8 @@ enum AttemptError {
     Unauthorized,
     /// Not worth retrying.
     Fatal(ReviewError),
+    /// Nobody waits for the answer and the slot is wanted (or too many orphans run).
+    Abandoned,
 }
 
 impl Reviewer {
@@ -309,7 +326,8 @@ impl Reviewer {
             token,
             timeout: cfg.timeout,
             retries: cfg.retries,
-            permits: Arc::new(Semaphore::new(cfg.max_in_flight)),
+            slots: Slots::new(cfg.max_in_flight, cfg.max_queued),
+            budget: RetryBudget::new(cfg.retry_budget_percent, cfg.retry_budget_min_per_second),
             metrics,
         })
     }
@@ -320,8 +338,15 @@ impl Reviewer {
         self.api_client.clone()
     }
 
-    /// Reviews `token` for `audiences`.
-    pub async fn review(&self, token: &str, audiences: &[String]) -> Result<Verdict, ReviewError> {
+    /// Reviews `token` for `audiences`, queued for a slot as `flow` (the downstream peer),
+    /// for as long as `interest` says a Check waits.
+    pub async fn review(
+        &self,
+        token: &str,
+        audiences: &[String],
+        flow: &str,
+        interest: &Interest,
+    ) -> Result<Verdict, ReviewError> {
         let review = TokenReview {
             spec: TokenReviewSpec {
                 token: token.to_owned(),
@@ -331,43 +356,30 @@ impl Reviewer {
         };
         let body =
             serde_json::to_vec(&review).map_err(|e| ReviewError::BuildRequest(json_error(&e)))?;
+        self.budget.first_attempt();
         let mut attempt = 0u32;
         let mut reauthenticated = false;
         loop {
-            let permit = match tokio::time::timeout(
-                self.timeout,
-                self.permits.clone().acquire_owned(),
-            )
-            .await
-            {
-                Ok(Ok(p)) => p,
-                // Closed never happens (we never close it); treat like a full queue.
-                Ok(Err(_)) | Err(_) => {
-                    self.metrics.review_error(ReviewError::Overloaded.kind());
-                    return Err(ReviewError::Overloaded);
-                }
-            };
+            let slot = self.slot(flow, interest).await?;
             self.metrics.review_in_flight.inc();
             let started = Instant::now();
-            let result = match tokio::time::timeout(self.timeout, self.attempt(body.clone())).await
-            {
-                Ok(r) => r,
-                Err(_) => Err(AttemptError::Transient(ReviewError::Timeout, None)),
-            };
+            let result = self.attempt_while_wanted(body.clone(), interest).await;
             self.metrics
                 .review_duration
                 .observe(started.elapsed().as_secs_f64());
             self.metrics.review_in_flight.dec();
-            drop(permit);
+            drop(slot);
 
             let status = match result {
                 Ok(status) => return Ok(verdict(status, audiences, token)),
                 Err(e) => e,
             };
             match status {
+                AttemptError::Abandoned => return Err(ReviewError::Abandoned),
                 AttemptError::Unauthorized => {
                     self.metrics.review_error(ReviewError::Unauthorized.kind());
                     match &self.token {
+                        // A credential refresh, not a retry: outside the budget.
                         Some(t) if !reauthenticated => {
                             reauthenticated = true;
                             t.force_reload();
@@ -377,19 +389,105 @@ impl Reviewer {
                 }
                 AttemptError::Transient(e, retry_after) => {
                     self.metrics.review_error(e.kind());
-                    if attempt >= self.retries {
+                    if attempt >= self.retries || interest.gone() {
                         return Err(e);
                     }
-                    let backoff = Duration::from_millis(50u64 << attempt.min(5));
-                    let wait = retry_after.unwrap_or(backoff).min(self.timeout);
+                    let wait = match retry_after {
+                        // Honoured, not shortened: asked to wait longer than an attempt may
+                        // take, give up now.
+                        Some(d) if d > self.timeout => {
+                            self.metrics.retry("retry_after_too_long");
+                            return Err(e);
+                        }
+                        Some(d) => d,
+                        None => retry::backoff(attempt),
+                    };
+                    if !self.budget.try_retry() {
+                        self.metrics.retry("budget_exhausted");
+                        return Err(e);
+                    }
+                    self.metrics.retry("sent");
                     tracing::debug!(error = %Report(&e), attempt, ?wait, "TokenReview failed; retrying");
                     attempt += 1;
-                    tokio::time::sleep(wait).await;
+                    tokio::select! {
+                        biased;
+                        () = interest.abandoned() => {
+                            self.metrics.shed("abandoned");
+                            return Err(ReviewError::Abandoned);
+                        }
+                        () = tokio::time::sleep(wait) => {}
+                    }
                 }
                 AttemptError::Fatal(e) => {
                     self.metrics.review_error(e.kind());
                     return Err(e);
                 }
+            }
+        }
+    }
+
+    /// A slot for `flow`: shed at once when the queue is full, `Overloaded` after
+    /// `kubernetes.timeout` in the queue, `Abandoned` as soon as no Check waits.
+    async fn slot(&self, flow: &str, interest: &Interest) -> Result<Slot, ReviewError> {
+        let acquire = tokio::time::timeout(self.timeout, self.slots.acquire(flow));
+        tokio::pin!(acquire);
+        let outcome = tokio::select! {
+            biased;
+            () = interest.abandoned() => Err(ReviewError::Abandoned),
+            r = &mut acquire => match r {
+                Ok(Ok(slot)) => Ok(slot),
+                Ok(Err(Shed::QueueFull)) => Err(ReviewError::Shed),
+                Err(_) => Err(ReviewError::Overloaded),
+            },
+        };
+        // Dropping the acquire future (abandoned) leaves the queue before the gauge is read.
+        drop(acquire);
+        self.metrics.review_queued.set(self.slots.queued() as i64);
+        match &outcome {
+            Ok(_) => {}
+            Err(ReviewError::Abandoned) => self.metrics.shed("abandoned"),
+            Err(ReviewError::Shed) => self.metrics.shed("queue_full"),
+            Err(e) => {
+                self.metrics.shed("queue_timeout");
+                self.metrics.review_error(e.kind());
+            }
+        }
+        outcome
+    }
+
+    /// One attempt, within `kubernetes.timeout`. If every Check waiting for it goes away
+    /// meanwhile, it goes on (its answer is cached for Envoy's retry) only as an orphan the
+    /// slots allow, and only until a waiter queues for a slot.
+    async fn attempt_while_wanted(
+        &self,
+        body: Vec<u8>,
+        interest: &Interest,
+    ) -> Result<Option<TokenReviewStatus>, AttemptError> {
+        let attempt = async {
+            match tokio::time::timeout(self.timeout, self.attempt(body)).await {
+                Ok(r) => r,
+                Err(_) => Err(AttemptError::Transient(ReviewError::Timeout, None)),
+            }
+        };
+        tokio::pin!(attempt);
+        tokio::select! {
+            biased;
+            r = &mut attempt => return r,
+            () = interest.abandoned() => {}
+        }
+        let pressure = self.slots.pressure().notified();
+        tokio::pin!(pressure);
+        pressure.as_mut().enable();
+        let Some(_orphan) = self.slots.adopt_orphan() else {
+            self.metrics.shed("orphan_dropped");
+            return Err(AttemptError::Abandoned);
+        };
+        tokio::select! {
+            biased;
+            r = &mut attempt => r,
+            () = pressure => {
+                self.metrics.shed("orphan_dropped");
+                Err(AttemptError::Abandoned)
             }
         }
     }
@@ -413,8 +511,7 @@ impl Reviewer {
             .headers()
             .get(RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
+            .and_then(|v| retry::retry_after(v, SystemTime::now()));
         match code {
             200 | 201 => {}
             401 => return Err(AttemptError::Unauthorized),

@@ -107,8 +107,13 @@ impl Authorization for AuthzService {
         &self,
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
+        // The connection's peer, for fairness when Envoy did not name the downstream one.
+        let peer = request.remote_addr().map(|a| a.ip().to_string());
         let outcome = match RequestView::new(request.get_ref()) {
-            Some(view) => self.checker.check(&view).await,
+            Some(view) => {
+                let view = view.or_source(peer.as_deref().unwrap_or(""));
+                self.checker.check(&view).await
+            }
             None => self.checker.unreadable(),
         };
         if let Outcome::Unavailable { route, error } = &outcome {
