@@ -145,7 +145,7 @@ struct Flight<V, E> {
 
 /// How many Checks wait for a load. The load watches it: when it falls to zero (every Check
 /// waiting was cancelled), work not yet started need not be.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Interest(Arc<InterestState>);
 
 #[derive(Debug, Default)]
@@ -155,6 +155,18 @@ struct InterestState {
 }
 
 impl Interest {
+    fn new() -> Interest {
+        Interest(Arc::default())
+    }
+
+    /// An interest that never goes away: for a caller that awaits the load itself, outside
+    /// the cache.
+    pub fn unconditional() -> Interest {
+        let interest = Interest::new();
+        interest.0.waiters.store(1, Ordering::SeqCst);
+        interest
+    }
+
     /// Counts one more waiter until the guard is dropped.
     fn join(&self) -> Waiter {
         self.0.waiters.fetch_add(1, Ordering::SeqCst);
@@ -353,7 +365,7 @@ where
                         return Ok(v);
                     }
                     let (tx, rx) = watch::channel(None);
-                    let interest = Interest::default();
+                    let interest = Interest::new();
                     let waiter = interest.join();
                     flights.insert(
                         key,

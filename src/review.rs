@@ -326,7 +326,11 @@ impl Reviewer {
             token,
             timeout: cfg.timeout,
             retries: cfg.retries,
-            slots: Slots::new(cfg.max_in_flight, cfg.max_queued),
+            slots: Slots::new(
+                cfg.max_in_flight,
+                cfg.max_queued,
+                metrics.review_queued.clone(),
+            ),
             budget: RetryBudget::new(cfg.retry_budget_percent, cfg.retry_budget_min_per_second),
             metrics,
         })
@@ -440,9 +444,6 @@ impl Reviewer {
                 Err(_) => Err(ReviewError::Overloaded),
             },
         };
-        // Dropping the acquire future (abandoned) leaves the queue before the gauge is read.
-        drop(acquire);
-        self.metrics.review_queued.set(self.slots.queued() as i64);
         match &outcome {
             Ok(_) => {}
             Err(ReviewError::Abandoned) => self.metrics.shed("abandoned"),

@@ -34,6 +34,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{oneshot, Notify};
 
 /// Why no slot was given.
@@ -95,6 +96,7 @@ struct State {
 /// The slots and their queue. Shared (`Arc`): each [`Slot`] returns itself on drop.
 pub struct Slots {
     state: Mutex<State>,
+    queued_gauge: Gauge,
     max_queued: usize,
     max_orphans: usize,
     pressure: Notify,
@@ -109,14 +111,15 @@ impl std::fmt::Debug for Slots {
 }
 
 impl Slots {
-    /// `max_in_flight` slots, at most `max_queued` waiters; orphans may keep up to half the
-    /// slots (at least one).
-    pub fn new(max_in_flight: usize, max_queued: usize) -> Arc<Slots> {
+    /// `max_in_flight` slots, at most `max_queued` waiters (counted in `queued_gauge`);
+    /// orphans may keep up to half the slots (at least one).
+    pub fn new(max_in_flight: usize, max_queued: usize, queued_gauge: Gauge) -> Arc<Slots> {
         Arc::new(Slots {
             state: Mutex::new(State {
                 free: max_in_flight,
                 ..State::default()
             }),
+            queued_gauge,
             max_queued,
             max_orphans: (max_in_flight / 2).max(1),
             pressure: Notify::new(),
@@ -165,6 +168,7 @@ impl Slots {
                             st.rotation.retain(|f| *f != victim);
                         }
                         if let Some(w) = shed {
+                            // Its place goes to the newcomer below (the gauge is set there).
                             st.queued -= 1;
                             let _ = w.tx.send(Err(Shed::QueueFull));
                         }
@@ -185,6 +189,7 @@ impl Slots {
                 }
             }
             st.queued += 1;
+            self.queued_gauge.set(st.queued as i64);
             (id, rx)
         };
         // Orphaned reviews give their slots up to waiters.
@@ -219,6 +224,7 @@ impl Slots {
             }
             let Some(waiter) = waiter else { continue };
             st.queued -= 1;
+            self.queued_gauge.set(st.queued as i64);
             let slot = Slot {
                 slots: Some(Arc::clone(self)),
             };
@@ -276,6 +282,7 @@ impl Drop for Waiting<'_> {
         }
         if removed {
             st.queued -= 1;
+            self.slots.queued_gauge.set(st.queued as i64);
         }
     }
 }
@@ -314,7 +321,7 @@ mod tests {
     /// A new flow is served before the backlog of an old one; flows then alternate.
     #[tokio::test(start_paused = true)]
     async fn new_flows_first_then_round_robin() {
-        let slots = Slots::new(1, 100);
+        let slots = Slots::new(1, 100, Gauge::default());
         let order = Arc::new(Mutex::new(Vec::new()));
         let held = slots.acquire("flood").await.unwrap();
         let mut tasks = Vec::new();
@@ -339,7 +346,7 @@ mod tests {
     /// longest flow is refused at once.
     #[tokio::test(start_paused = true)]
     async fn full_queue_sheds_the_longest_flow() {
-        let slots = Slots::new(1, 3);
+        let slots = Slots::new(1, 3, Gauge::default());
         let order = Arc::new(Mutex::new(Vec::new()));
         let held = slots.acquire("flood").await.unwrap();
         let f1 = spawn_acquire(&slots, "flood", &order, "f1");
@@ -364,7 +371,7 @@ mod tests {
     /// A waiter that goes away leaves the queue, and the slot goes to the next one.
     #[tokio::test(start_paused = true)]
     async fn cancelled_waiters_leave_the_queue() {
-        let slots = Slots::new(1, 10);
+        let slots = Slots::new(1, 10, Gauge::default());
         let order = Arc::new(Mutex::new(Vec::new()));
         let held = slots.acquire("a").await.unwrap();
         let gone = spawn_acquire(&slots, "a", &order, "gone");
@@ -382,7 +389,7 @@ mod tests {
 
     #[tokio::test]
     async fn orphans_are_bounded_and_yield_to_waiters() {
-        let slots = Slots::new(4, 10);
+        let slots = Slots::new(4, 10, Gauge::default());
         assert_eq!(slots.max_orphans(), 2);
         let a = slots.adopt_orphan().unwrap();
         let _b = slots.adopt_orphan().unwrap();
@@ -408,7 +415,7 @@ mod tests {
 
     #[tokio::test]
     async fn zero_queue_sheds_whenever_all_slots_are_busy() {
-        let slots = Slots::new(1, 0);
+        let slots = Slots::new(1, 0, Gauge::default());
         let held = slots.acquire("a").await.unwrap();
         assert_eq!(slots.acquire("b").await.unwrap_err(), Shed::QueueFull);
         drop(held);
