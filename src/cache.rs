@@ -655,6 +655,38 @@ mod tests {
         assert_eq!(c.get(&k), Some("first"));
     }
 
+    /// The load is told when every waiting caller has gone, and not before.
+    #[tokio::test(start_paused = true)]
+    async fn the_load_learns_when_nobody_waits() {
+        let c = cache(60, 5);
+        let k = c.key("t", &[]);
+        let (told_tx, mut told_rx) = tokio::sync::oneshot::channel();
+        let first = {
+            let c = c.clone();
+            tokio::spawn(async move {
+                c.get_or_load(k, |interest| async move {
+                    interest.abandoned().await;
+                    let _ = told_tx.send(());
+                    Err(TestError::Down)
+                })
+                .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let second = {
+            let c = c.clone();
+            tokio::spawn(async move { c.get_or_load(k, |_| async { unreachable!() }).await })
+        };
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        first.abort();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        // One waiter remains: the load goes on.
+        assert!(told_rx.try_recv().is_err(), "told too early");
+        assert!(!second.is_finished());
+        second.abort();
+        told_rx.await.expect("the load was told nobody waits");
+    }
+
     #[tokio::test]
     async fn a_panicking_load_is_an_error_and_is_forgotten() {
         let c = cache(60, 5);
