@@ -20,8 +20,8 @@
 //! Transient failures are retried a bounded number of times, within a retry budget, after a
 //! jittered backoff or the server's `Retry-After` (see [`crate::retry`]). TokenReviews in
 //! flight are capped by [`Slots`], handed out fairly per downstream peer from a bounded
-//! queue (see [`crate::slots`]). A review whose Checks were all cancelled is not started, not
-//! retried, and, if already sent, keeps its slot only while nobody else waits.
+//! queue (see [`crate::slots`]). A review whose Checks were all cancelled leaves the queue;
+//! one already sent (or retried) keeps a slot only while nobody else waits for one.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -393,7 +393,7 @@ impl Reviewer {
                 }
                 AttemptError::Transient(e, retry_after) => {
                     self.metrics.review_error(e.kind());
-                    if attempt >= self.retries || interest.gone() {
+                    if attempt >= self.retries {
                         return Err(e);
                     }
                     let wait = match retry_after {
@@ -413,14 +413,10 @@ impl Reviewer {
                     self.metrics.retry("sent");
                     tracing::debug!(error = %Report(&e), attempt, ?wait, "TokenReview failed; retrying");
                     attempt += 1;
-                    tokio::select! {
-                        biased;
-                        () = interest.abandoned() => {
-                            self.metrics.shed("abandoned");
-                            return Err(ReviewError::Abandoned);
-                        }
-                        () = tokio::time::sleep(wait) => {}
-                    }
+                    // A review whose Checks went away may still retry (its answer is what
+                    // Envoy's retry will find in the cache), but only into a free slot:
+                    // see `slot`.
+                    tokio::time::sleep(wait).await;
                 }
                 AttemptError::Fatal(e) => {
                     self.metrics.review_error(e.kind());
@@ -433,6 +429,13 @@ impl Reviewer {
     /// A slot for `flow`: shed at once when the queue is full, `Overloaded` after
     /// `kubernetes.timeout` in the queue, `Abandoned` as soon as no Check waits.
     async fn slot(&self, flow: &str, interest: &Interest) -> Result<Slot, ReviewError> {
+        if interest.gone() {
+            // An orphan (a retry nobody waits for) never queues: a free slot or nothing.
+            return self.slots.try_acquire().ok_or_else(|| {
+                self.metrics.shed("abandoned");
+                ReviewError::Abandoned
+            });
+        }
         let acquire = tokio::time::timeout(self.timeout, self.slots.acquire(flow));
         tokio::pin!(acquire);
         let outcome = tokio::select! {

@@ -208,6 +208,18 @@ impl Slots {
         result
     }
 
+    /// A slot if one is free and nobody waits; never queues.
+    pub fn try_acquire(self: &Arc<Self>) -> Option<Slot> {
+        let mut st = self.state();
+        if st.free == 0 || st.queued > 0 {
+            return None;
+        }
+        st.free -= 1;
+        Some(Slot {
+            slots: Some(Arc::clone(self)),
+        })
+    }
+
     /// Gives a freed slot to the next waiter in the rotation, or frees it.
     fn release(self: &Arc<Self>) {
         let mut st = self.state();

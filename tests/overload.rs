@@ -221,7 +221,6 @@ async fn the_retry_budget_bounds_api_requests_when_the_api_server_is_slow() {
         requests <= N + N / 10 + 10,
         "{requests} TokenReviews for {N} tokens"
     );
-    assert!(requests >= N, "every token was tried once: {requests}");
     assert!(
         metric(
             &h,
