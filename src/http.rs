@@ -141,9 +141,11 @@ pub async fn run(
         };
         let _ = stream.set_nodelay(true);
         let state = state.clone();
+        // The proxy's address: review slots are shared fairly between peers.
+        let peer_ip: Arc<str> = Arc::from(peer.ip().to_string());
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-            let state = state.clone();
-            async move { Ok::<_, Infallible>(handle(&state, req, peer).await) }
+            let (state, peer_ip) = (state.clone(), peer_ip.clone());
+            async move { Ok::<_, Infallible>(handle(&state, req, peer, &peer_ip).await) }
         });
         let conn = builder
             .serve_connection(TokioIo::new(stream), service)
@@ -164,7 +166,12 @@ pub async fn run(
 }
 
 /// One check: read the original request, run the pipeline, answer.
-async fn handle(state: &State, req: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
+async fn handle(
+    state: &State,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    peer_ip: &str,
+) -> Response<Full<Bytes>> {
     let started = tokio::time::Instant::now();
     // The body is never read: nothing in a check depends on it.
     let (parts, _body) = req.into_parts();
@@ -184,6 +191,7 @@ async fn handle(state: &State, req: Request<Incoming>, peer: SocketAddr) -> Resp
             &headers,
         )
         .with_source_principal(peer)
+        .or_source(peer_ip)
     });
     let outcome = match &view {
         Some(view) => {

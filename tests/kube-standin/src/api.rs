@@ -934,6 +934,14 @@ pub(crate) async fn apply_fault(shared: &Shared) -> Result<Option<Resp>, CloseCo
         Fault::Status { code, retry_after } => {
             Ok(Some(error_resp(&ApiError::injected(code, retry_after))))
         }
+        Fault::StatusRetryAt { code, after } => {
+            let mut r = error_resp(&ApiError::injected(code, None));
+            let at = httpdate::fmt_http_date(std::time::SystemTime::now() + after);
+            if let Ok(v) = HeaderValue::from_str(&at) {
+                r.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+            Ok(Some(r))
+        }
         Fault::Hang => {
             std::future::pending::<()>().await;
             Ok(None)

@@ -203,6 +203,14 @@ pub enum Fault {
         /// `Retry-After` seconds.
         retry_after: Option<u32>,
     },
+    /// Answer with this HTTP status and `Retry-After` as an HTTP-date `after` from now (the
+    /// API server itself sends delta-seconds; a proxy in front of it may send a date).
+    StatusRetryAt {
+        /// HTTP status code.
+        code: u16,
+        /// How far ahead the date is.
+        after: Duration,
+    },
     /// Never answer.
     Hang,
     /// Close the connection without answering.
