@@ -20,7 +20,10 @@
 //! - Concurrent misses for one key share a single load. The load runs in its own task, so a
 //!   Check that gives up (Envoy's ext_authz timeout defaults to 200 ms) does not abort the
 //!   TokenReview: its answer is still cached for the next request, instead of every retry
-//!   starting, and abandoning, a new one while the API server is slow.
+//!   starting, and abandoning, a new one while the API server is slow. The load is told,
+//!   through its [`Interest`], when no Check waits for it any more: a TokenReview not yet
+//!   started is then dropped, and one in flight keeps its slot only while nobody else needs
+//!   it (see `slots`), so cancelled Checks cannot queue reviews for free.
 //! - Time is `tokio::time::Instant`, so tests use `tokio::time::pause()` instead of sleeping.
 //!
 //! A `std::sync::Mutex` guards the LRU: even a lookup updates recency, critical sections are a
@@ -30,6 +33,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::future::Future;
 use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Once, Weak};
 use std::time::Duration;
 
@@ -38,7 +42,7 @@ use aws_lc_rs::hmac;
 use aws_lc_rs::rand::SystemRandom;
 use lru::LruCache;
 use prometheus_client::metrics::gauge::Gauge;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
 /// A cache key: HMAC-SHA256 of token and audiences.
@@ -133,8 +137,71 @@ impl<V> Entries<V> {
     }
 }
 
-/// A load in flight: waiters watch for its result.
-type Flight<V, E> = watch::Receiver<Option<Result<V, E>>>;
+/// A load in flight: waiters watch for its result, and count themselves in its interest.
+struct Flight<V, E> {
+    result: watch::Receiver<Option<Result<V, E>>>,
+    interest: Interest,
+}
+
+/// How many Checks wait for a load. The load watches it: when it falls to zero (every Check
+/// waiting was cancelled), work not yet started need not be.
+#[derive(Clone, Debug)]
+pub struct Interest(Arc<InterestState>);
+
+#[derive(Debug, Default)]
+struct InterestState {
+    waiters: AtomicUsize,
+    changed: Notify,
+}
+
+impl Interest {
+    fn new() -> Interest {
+        Interest(Arc::default())
+    }
+
+    /// An interest that never goes away: for a caller that awaits the load itself, outside
+    /// the cache.
+    pub fn unconditional() -> Interest {
+        let interest = Interest::new();
+        interest.0.waiters.store(1, Ordering::SeqCst);
+        interest
+    }
+
+    /// Counts one more waiter until the guard is dropped.
+    fn join(&self) -> Waiter {
+        self.0.waiters.fetch_add(1, Ordering::SeqCst);
+        Waiter(self.clone())
+    }
+
+    /// Whether no Check waits any more.
+    pub fn gone(&self) -> bool {
+        self.0.waiters.load(Ordering::SeqCst) == 0
+    }
+
+    /// Resolves once no Check waits (at once if none does).
+    pub async fn abandoned(&self) {
+        loop {
+            let changed = self.0.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.gone() {
+                return;
+            }
+            changed.await;
+        }
+    }
+}
+
+/// One waiting Check, counted in an [`Interest`] until dropped.
+struct Waiter(Interest);
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        if self.0 .0.waiters.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0 .0.changed.notify_waiters();
+        }
+    }
+}
 
 /// The task running a load ended without a result (it panicked). Load error types convert
 /// from it so waiters get an error, never a hang.
@@ -275,19 +342,22 @@ where
     /// The live entry, or the result of `load`, shared by every concurrent caller with the same
     /// key: only the first caller's `load` is called, and its future runs in a task of its own,
     /// so it completes (and is cached per its [`Freshness`]) even if every caller goes away.
+    /// `load` receives the flight's [`Interest`], to give up work nobody waits for.
     pub async fn get_or_load<F, Fut>(self: &Arc<Self>, key: Key, load: F) -> Result<V, E>
     where
-        F: FnOnce() -> Fut,
+        F: FnOnce(Interest) -> Fut,
         Fut: Future<Output = Result<(V, Freshness), E>> + Send + 'static,
     {
         if let Some(v) = self.get(&key) {
             return Ok(v);
         }
         self.start_sweeper();
-        let mut flight = {
+        let (mut flight, _waiter) = {
             let mut flights = lock(&self.flights);
             match flights.get(&key) {
-                Some(f) => f.clone(),
+                // Joined under the lock, so a load that sees its interest gone and leaves
+                // `flights` cannot miss a waiter that arrived meanwhile for long.
+                Some(f) => (f.result.clone(), f.interest.join()),
                 None => {
                     // A flight that finished between our miss and taking the lock has filled
                     // the cache (it inserts before it leaves `flights`): don't load twice.
@@ -295,9 +365,17 @@ where
                         return Ok(v);
                     }
                     let (tx, rx) = watch::channel(None);
-                    flights.insert(key, rx.clone());
+                    let interest = Interest::new();
+                    let waiter = interest.join();
+                    flights.insert(
+                        key,
+                        Flight {
+                            result: rx.clone(),
+                            interest: interest.clone(),
+                        },
+                    );
                     let cache = Arc::clone(self);
-                    let loading = load();
+                    let loading = load(interest);
                     tokio::spawn(async move {
                         let result = loading.await.map(|(v, freshness)| {
                             cache.insert(key, v.clone(), freshness);
@@ -306,7 +384,7 @@ where
                         lock(&cache.flights).remove(&key);
                         let _ = tx.send(Some(result));
                     });
-                    rx
+                    (rx, waiter)
                 }
             }
         };
@@ -319,7 +397,10 @@ where
             None => {
                 // The task died without answering; forget it so the next caller retries.
                 let mut flights = lock(&self.flights);
-                if flights.get(&key).is_some_and(|f| f.same_channel(&flight)) {
+                if flights
+                    .get(&key)
+                    .is_some_and(|f| f.result.same_channel(&flight))
+                {
                     flights.remove(&key);
                 }
                 Err(E::from(FlightLost))
@@ -426,7 +507,7 @@ mod tests {
         let c = cache(60, 5);
         let k = c.key("t", &[]);
         let v = c
-            .get_or_load(k, || async { Ok(("ok", positive(Some(10)))) })
+            .get_or_load(k, |_| async { Ok(("ok", positive(Some(10)))) })
             .await;
         assert_eq!(v, Ok("ok"));
         tokio::time::advance(Duration::from_secs(9)).await;
@@ -440,7 +521,7 @@ mod tests {
     async fn positive_ttl_without_cap() {
         let c = cache(60, 5);
         let k = c.key("t", &[]);
-        c.get_or_load(k, || async { Ok(("ok", positive(None))) })
+        c.get_or_load(k, |_| async { Ok(("ok", positive(None))) })
             .await
             .unwrap();
         tokio::time::advance(Duration::from_secs(59)).await;
@@ -453,7 +534,7 @@ mod tests {
     async fn negative_ttl() {
         let c = cache(60, 5);
         let k = c.key("t", &[]);
-        c.get_or_load(k, || async { Ok(("no", Freshness::Negative)) })
+        c.get_or_load(k, |_| async { Ok(("no", Freshness::Negative)) })
             .await
             .unwrap();
         tokio::time::advance(Duration::from_secs(4)).await;
@@ -466,7 +547,7 @@ mod tests {
     async fn zero_ttl_disables() {
         let c = cache(0, 0);
         let k = c.key("t", &[]);
-        c.get_or_load(k, || async { Ok(("ok", positive(None))) })
+        c.get_or_load(k, |_| async { Ok(("ok", positive(None))) })
             .await
             .unwrap();
         assert_eq!(c.get(&k), None);
@@ -480,7 +561,7 @@ mod tests {
         for _ in 0..3 {
             let calls = calls.clone();
             let r = c
-                .get_or_load(k, || async move {
+                .get_or_load(k, |_| async move {
                     calls.fetch_add(1, Ordering::SeqCst);
                     Err(TestError::Down)
                 })
@@ -513,7 +594,7 @@ mod tests {
         for _ in 0..50 {
             let (c, calls) = (c.clone(), calls.clone());
             tasks.push(tokio::spawn(async move {
-                c.get_or_load(k, || counted(&calls, Ok("ok"), Duration::from_millis(100)))
+                c.get_or_load(k, |_| counted(&calls, Ok("ok"), Duration::from_millis(100)))
                     .await
             }));
         }
@@ -533,7 +614,7 @@ mod tests {
         for _ in 0..10 {
             let (c, calls) = (c.clone(), calls.clone());
             tasks.push(tokio::spawn(async move {
-                c.get_or_load(k, || {
+                c.get_or_load(k, |_| {
                     counted(&calls, Err(TestError::Down), Duration::from_millis(100))
                 })
                 .await
@@ -544,7 +625,7 @@ mod tests {
         }
         assert_eq!(calls.load(Ordering::SeqCst), 1);
         let r = c
-            .get_or_load(k, || async { Ok(("ok", positive(None))) })
+            .get_or_load(k, |_| async { Ok(("ok", positive(None))) })
             .await;
         assert_eq!(r, Ok("ok"));
     }
@@ -557,7 +638,7 @@ mod tests {
         let first = {
             let (c, calls) = (c.clone(), calls.clone());
             tokio::spawn(async move {
-                c.get_or_load(k, || counted(&calls, Ok("first"), Duration::from_secs(1)))
+                c.get_or_load(k, |_| counted(&calls, Ok("first"), Duration::from_secs(1)))
                     .await
             })
         };
@@ -567,11 +648,43 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(10)).await;
         // A retry joins the same flight instead of starting another.
         let second = c
-            .get_or_load(k, || counted(&calls, Ok("second"), Duration::ZERO))
+            .get_or_load(k, |_| counted(&calls, Ok("second"), Duration::ZERO))
             .await;
         assert_eq!(second, Ok("first"));
         assert_eq!(calls.load(Ordering::SeqCst), 1);
         assert_eq!(c.get(&k), Some("first"));
+    }
+
+    /// The load is told when every waiting caller has gone, and not before.
+    #[tokio::test(start_paused = true)]
+    async fn the_load_learns_when_nobody_waits() {
+        let c = cache(60, 5);
+        let k = c.key("t", &[]);
+        let (told_tx, mut told_rx) = tokio::sync::oneshot::channel();
+        let first = {
+            let c = c.clone();
+            tokio::spawn(async move {
+                c.get_or_load(k, |interest| async move {
+                    interest.abandoned().await;
+                    let _ = told_tx.send(());
+                    Err(TestError::Down)
+                })
+                .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let second = {
+            let c = c.clone();
+            tokio::spawn(async move { c.get_or_load(k, |_| async { unreachable!() }).await })
+        };
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        first.abort();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        // One waiter remains: the load goes on.
+        assert!(told_rx.try_recv().is_err(), "told too early");
+        assert!(!second.is_finished());
+        second.abort();
+        told_rx.await.expect("the load was told nobody waits");
     }
 
     #[tokio::test]
@@ -579,7 +692,7 @@ mod tests {
         let c = cache(60, 5);
         let k = c.key("t", &[]);
         let r = c
-            .get_or_load(k, || async move {
+            .get_or_load(k, |_| async move {
                 if k.len() == 32 {
                     panic!("load panicked (expected by this test)");
                 }
@@ -589,7 +702,7 @@ mod tests {
         assert_eq!(r, Err(TestError::Lost));
         assert!(c.flights.lock().unwrap().is_empty());
         let r = c
-            .get_or_load(k, || async { Ok(("ok", positive(None))) })
+            .get_or_load(k, |_| async { Ok(("ok", positive(None))) })
             .await;
         assert_eq!(r, Ok("ok"));
     }
@@ -609,7 +722,7 @@ mod tests {
         );
         for i in 0..3u32 {
             let k = c.key(&i.to_string(), &[]);
-            c.get_or_load(k, || async move { Ok((i, positive(None))) })
+            c.get_or_load(k, |_| async move { Ok((i, positive(None))) })
                 .await
                 .unwrap();
         }
@@ -634,12 +747,12 @@ mod tests {
             .unwrap(),
         );
         let good = c.key("verified", &[]);
-        c.get_or_load(good, || async { Ok((1, positive(None))) })
+        c.get_or_load(good, |_| async { Ok((1, positive(None))) })
             .await
             .unwrap();
         for i in 0..10_000u32 {
             let k = c.key(&format!("forged-{i}"), &[]);
-            c.get_or_load(k, || async move { Ok((0, Freshness::Negative)) })
+            c.get_or_load(k, |_| async move { Ok((0, Freshness::Negative)) })
                 .await
                 .unwrap();
         }
@@ -685,13 +798,13 @@ mod tests {
         );
         for i in 0..500u32 {
             let k = c.key(&format!("no-{i}"), &[]);
-            c.get_or_load(k, || async move { Ok((i, Freshness::Negative)) })
+            c.get_or_load(k, |_| async move { Ok((i, Freshness::Negative)) })
                 .await
                 .unwrap();
         }
         for i in 0..5u32 {
             let k = c.key(&format!("ok-{i}"), &[]);
-            c.get_or_load(k, || async move { Ok((i, positive(Some(30)))) })
+            c.get_or_load(k, |_| async move { Ok((i, positive(Some(30)))) })
                 .await
                 .unwrap();
         }

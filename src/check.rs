@@ -41,7 +41,7 @@ use tracing::Instrument as _;
 
 use arc_swap::ArcSwap;
 
-use crate::cache::{Cache, Freshness};
+use crate::cache::{Cache, Freshness, Interest};
 use crate::config::{Config, Mode, TokenSource, Verification};
 use crate::decision::Responder;
 use crate::denial::Denial;
@@ -413,44 +413,48 @@ impl Checker {
                     .clone()
                     .filter(|_| route.verification == Verification::Local);
                 // The load runs in its own task (see `cache`), so it owns its inputs.
-                let loaded = cache
-                    .get_or_load(key, || {
-                        let reviewer = Arc::clone(&self.reviewer);
-                        let metrics = Arc::clone(&self.metrics);
-                        let token = token.to_owned();
-                        let audiences = route.audiences.clone();
-                        // The load runs in another task: its spans hang under this Check's.
-                        let check_span = tracing::Span::current();
-                        async move {
-                            if let Some(local) = local {
-                                if let Some(known) =
-                                    verify_locally(&local, &token, &audiences, &metrics)
-                                        .instrument(
-                                            tracing::debug_span!(target: SPAN_TARGET, "verify"),
-                                        )
-                                        .await?
-                                {
-                                    return Ok(remember(known, cap));
-                                }
+                let load = |interest: Interest| {
+                    let reviewer = Arc::clone(&self.reviewer);
+                    let metrics = Arc::clone(&self.metrics);
+                    let token = token.to_owned();
+                    let audiences = route.audiences.clone();
+                    let flow = view.source.to_owned();
+                    let local = local.clone();
+                    // The load runs in another task: its spans hang under this Check's.
+                    let check_span = tracing::Span::current();
+                    async move {
+                        if let Some(local) = local {
+                            if let Some(known) =
+                                verify_locally(&local, &token, &audiences, &metrics)
+                                    .instrument(tracing::debug_span!(target: SPAN_TARGET, "verify"))
+                                    .await?
+                            {
+                                return Ok(remember(known, cap));
                             }
-                            let verdict = reviewer
-                                .review(&token, &audiences)
-                                .instrument(tracing::debug_span!(target: SPAN_TARGET, "review"))
-                                .await?;
-                            Ok(remember(
-                                match verdict {
-                                    Verdict::Authenticated(id) => Ok(Arc::new(Admitted {
-                                        identity: Arc::new(id),
-                                        kid: verify::header_kid(&token).map(Into::into),
-                                    })),
-                                    Verdict::Rejected(denial) => Err(denial),
-                                },
-                                cap,
-                            ))
                         }
-                        .instrument(check_span)
-                    })
-                    .await;
+                        let verdict = reviewer
+                            .review(&token, &audiences, &flow, &interest)
+                            .instrument(tracing::debug_span!(target: SPAN_TARGET, "review"))
+                            .await?;
+                        Ok(remember(
+                            match verdict {
+                                Verdict::Authenticated(id) => Ok(Arc::new(Admitted {
+                                    identity: Arc::new(id),
+                                    kid: verify::header_kid(&token).map(Into::into),
+                                })),
+                                Verdict::Rejected(denial) => Err(denial),
+                            },
+                            cap,
+                        ))
+                    }
+                    .instrument(check_span)
+                };
+                let mut loaded = cache.get_or_load(key, load).await;
+                // This Check joined a load in the instant its other waiters were cancelled and
+                // it gave up: ours is still wanted, so load again (once).
+                if matches!(loaded, Err(ReviewError::Abandoned)) {
+                    loaded = cache.get_or_load(key, load).await;
+                }
                 match loaded {
                     Ok(r) => r,
                     Err(error) => return Outcome::Unavailable { route, error },
@@ -479,7 +483,7 @@ impl Checker {
         if let Some(rule) = route.allow.as_ref().and_then(|a| a.rbac.as_ref()) {
             match snapshot
                 .authorizer
-                .allows(rule, &identity, view.method, view.path)
+                .allows(rule, &identity, view.method, view.path, view.source)
                 .await
             {
                 Ok(true) => {}
@@ -707,7 +711,7 @@ mod tests {
         let cache = Arc::clone(&c.snapshot().cache);
         let key = cache.key(token, &["api".to_owned()]);
         let _ = cache
-            .get_or_load(key, || async move {
+            .get_or_load(key, |_| async move {
                 Ok((answer, Freshness::Positive { cap: None }))
             })
             .await

@@ -42,6 +42,13 @@ pub mod defaults {
     pub const KUBE_RETRIES: u32 = 2;
     /// Cap on concurrent TokenReviews.
     pub const KUBE_MAX_IN_FLIGHT: usize = 64;
+    /// Reviews that may wait for a slot; beyond it the peer with the most waiters is shed at
+    /// once (see `slots`).
+    pub const KUBE_MAX_QUEUED: usize = 1024;
+    /// Retries may add this percentage of first attempts (the retry budget).
+    pub const KUBE_RETRY_BUDGET_PERCENT: u32 = 10;
+    /// ... plus this many retries per second.
+    pub const KUBE_RETRY_BUDGET_MIN_PER_SECOND: u32 = 1;
     /// Token source used when `token_sources` is absent: `Authorization: Bearer`.
     pub const TOKEN_HEADER: &str = "authorization";
     /// Scheme of the default token source.
@@ -322,6 +329,12 @@ pub struct Kubernetes {
     pub retries: u32,
     /// Cap on TokenReviews in flight.
     pub max_in_flight: usize,
+    /// Cap on reviews waiting for a slot (0: none wait).
+    pub max_queued: usize,
+    /// Retries may add this percentage of first attempts ...
+    pub retry_budget_percent: u32,
+    /// ... plus this many per second.
+    pub retry_budget_min_per_second: u32,
     /// Default verification of routes that do not set their own.
     pub verification: Verification,
     /// Watch pods and service accounts (metadata only) and the JWKS, and revoke cached
@@ -645,6 +658,9 @@ struct RawKubernetes {
     timeout: Option<Spanned<String>>,
     retries: Option<Spanned<u32>>,
     max_in_flight: Option<Spanned<usize>>,
+    max_queued: Option<Spanned<usize>>,
+    retry_budget_percent: Option<Spanned<u32>>,
+    retry_budget_min_per_second: Option<Spanned<u32>>,
     verification: Option<Spanned<String>>,
     watch: Option<Spanned<bool>>,
     #[serde(default)]
@@ -1272,6 +1288,42 @@ fn kubernetes(raw: &RawKubernetes, p: &mut Problems) -> Option<Kubernetes> {
             }
         },
     );
+    let max_queued = p.field(
+        "kubernetes.max_queued",
+        &raw.max_queued,
+        defaults::KUBE_MAX_QUEUED,
+        |&m| {
+            if m > 1_000_000 {
+                Err("must be at most 1000000".to_owned())
+            } else {
+                Ok(m)
+            }
+        },
+    );
+    let retry_budget_percent = p.field(
+        "kubernetes.retry_budget_percent",
+        &raw.retry_budget_percent,
+        defaults::KUBE_RETRY_BUDGET_PERCENT,
+        |&m| {
+            if m > 100 {
+                Err("must be at most 100".to_owned())
+            } else {
+                Ok(m)
+            }
+        },
+    );
+    let retry_budget_min_per_second = p.field(
+        "kubernetes.retry_budget_min_per_second",
+        &raw.retry_budget_min_per_second,
+        defaults::KUBE_RETRY_BUDGET_MIN_PER_SECOND,
+        |&m| {
+            if m > 10_000 {
+                Err("must be at most 10000".to_owned())
+            } else {
+                Ok(m)
+            }
+        },
+    );
     let verification = p.field(
         "kubernetes.verification",
         &raw.verification,
@@ -1328,6 +1380,9 @@ fn kubernetes(raw: &RawKubernetes, p: &mut Problems) -> Option<Kubernetes> {
         timeout: timeout?,
         retries: retries?,
         max_in_flight: max_in_flight?,
+        max_queued: max_queued?,
+        retry_budget_percent: retry_budget_percent?,
+        retry_budget_min_per_second: retry_budget_min_per_second?,
         verification: verification?,
         watch: raw.watch.as_ref().is_some_and(|w| w.value),
         watch_namespaces: watch_namespaces?,

@@ -100,7 +100,8 @@ struct Original<'a> {
 
 /// Serves the HTTP front door on `listener` until `shutdown` reaches [`Phase::Draining`]; then
 /// stops accepting, closes connections gracefully and returns once they are closed or the
-/// phase reaches [`Phase::Stopped`]. `path_prefix` is `listen.http_path_prefix`.
+/// phase reaches [`Phase::Stopped`] (connections still open then are aborted: none answers
+/// after `run` returns). `path_prefix` is `listen.http_path_prefix`.
 pub async fn run(
     checker: Arc<Checker>,
     audit: Arc<Audit>,
@@ -125,6 +126,9 @@ pub async fn run(
         .timer(TokioTimer::new())
         .max_header_list_size(MAX_HEAD_BYTES as u32);
     let graceful = GracefulShutdown::new();
+    // Connection tasks live in a set owned by this function, so none outlives it: a
+    // connection still open when the grace period ends is aborted, not left answering.
+    let mut connections = tokio::task::JoinSet::new();
     let mut draining = shutdown.clone();
     loop {
         let (stream, peer) = tokio::select! {
@@ -141,15 +145,18 @@ pub async fn run(
         };
         let _ = stream.set_nodelay(true);
         let state = state.clone();
+        // The proxy's address: review slots are shared fairly between peers.
+        let peer_ip: Arc<str> = Arc::from(peer.ip().to_string());
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-            let state = state.clone();
-            async move { Ok::<_, Infallible>(handle(&state, req, peer).await) }
+            let (state, peer_ip) = (state.clone(), peer_ip.clone());
+            async move { Ok::<_, Infallible>(handle(&state, req, peer, &peer_ip).await) }
         });
         let conn = builder
             .serve_connection(TokioIo::new(stream), service)
             .into_owned();
         let conn = graceful.watch(conn);
-        tokio::spawn(async move {
+        while connections.try_join_next().is_some() {}
+        connections.spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "http connection ended with an error");
             }
@@ -161,10 +168,16 @@ pub async fn run(
         () = graceful.shutdown() => {}
         () = stopped.reached(Phase::Stopped) => {}
     }
+    connections.shutdown().await;
 }
 
 /// One check: read the original request, run the pipeline, answer.
-async fn handle(state: &State, req: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
+async fn handle(
+    state: &State,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    peer_ip: &str,
+) -> Response<Full<Bytes>> {
     let started = tokio::time::Instant::now();
     // The body is never read: nothing in a check depends on it.
     let (parts, _body) = req.into_parts();
@@ -184,6 +197,7 @@ async fn handle(state: &State, req: Request<Incoming>, peer: SocketAddr) -> Resp
             &headers,
         )
         .with_source_principal(peer)
+        .or_source(peer_ip)
     });
     let outcome = match &view {
         Some(view) => {

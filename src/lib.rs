@@ -19,14 +19,15 @@
 //! route and so the audiences; [`request`] finds the token; the [`cache`] is probed with a
 //! keyed hash of token and audiences; on a miss [`precheck`] refuses junk on unverified claims
 //! (no TokenReview spent), then [`review`] asks the API server (single-flight per key, bounded
-//! retries, capped concurrency) and the result is cached (positive up to the token's `exp`,
-//! negative briefly, errors never); [`policy`] applies the route's allow-list, then, on routes
-//! with `allow.rbac`, [`rbac`] asks a (cached) SubjectAccessReview. On a route with
-//! `verification: local`, [`verify`] judges the token first, as the API server would (the
-//! issuer's keys from [`keys`], bound objects from [`watch`]), and only what it cannot judge
-//! goes to TokenReview. With watches on, every cache hit is first put to [`revocation`]: a
-//! verdict whose pod, service account or key is gone is dropped. The sequencer
-//! returns a [`check::Outcome`] (allow with identity and token source, deny with a
+//! retries within a budget, capped concurrency shared fairly by downstream peer, see
+//! [`slots`]) and the result is cached (positive up to the token's `exp`, negative briefly,
+//! errors never); [`policy`] applies the route's allow-list, then, on routes with
+//! `allow.rbac`, [`rbac`] asks a (cached) SubjectAccessReview through the same slots. On a
+//! route with `verification: local`, [`verify`] judges the token first, as the API server
+//! would (the issuer's keys from [`keys`], bound objects from [`watch`]), and only what it
+//! cannot judge goes to TokenReview. With watches on, every cache hit is first put to
+//! [`revocation`]: a verdict whose pod, service account or key is gone is dropped. The
+//! sequencer returns a [`check::Outcome`] (allow with identity and token source, deny with a
 //! [`denial::Denial`], or unavailable with the [`review::ReviewError`]), and [`decision`]
 //! turns it into Envoy's answer: a CheckResponse, or gRPC UNAVAILABLE when the API server
 //! cannot answer, so Envoy's `status_on_error` / `failure_mode_allow` decide.
@@ -44,6 +45,8 @@
 //! | [`cache`] | [`cache::Cache`] (keyed hash, TTL, single-flight) |
 //! | [`precheck`] | [`precheck::precheck`] on unverified claims |
 //! | [`review`] | [`review::Reviewer`], [`review::Verdict`], [`review::ReviewError`], [`review::SetupError`] |
+//! | [`slots`] | [`slots::Slots`]: review slots (TokenReview, SubjectAccessReview), fair per downstream peer, bounded queue, shed at once |
+//! | [`retry`] | [`retry::RetryBudget`], jittered backoff, `Retry-After` (both forms) |
 //! | [`verify`] | [`verify::verify`] (local verification in the API server's order), [`verify::LocalVerdict`], [`verify::ObjectLookup`] |
 //! | [`keys`] | [`keys::KeySet`] (OIDC discovery + JWKS, refreshed; removed kids), [`keys::KeySnapshot`] |
 //! | [`watch`] | [`watch::Objects`]: metadata-only watch caches of pods and service accounts |
@@ -94,11 +97,13 @@ pub mod precheck;
 pub mod rbac;
 pub mod reload;
 pub mod request;
+pub mod retry;
 pub mod review;
 pub mod revocation;
 pub mod route;
 pub mod server;
 pub mod shutdown;
+pub mod slots;
 pub mod telemetry;
 pub mod tls;
 pub mod verify;

@@ -13,6 +13,9 @@
 //! | `tokengate_tokenreview_duration_seconds` | histogram (per attempt) | |
 //! | `tokengate_tokenreview_errors_total` | counter (per failed attempt) | `kind` |
 //! | `tokengate_tokenreview_in_flight` | gauge | |
+//! | `tokengate_tokenreview_queued` | gauge (reviews waiting for a slot: TokenReviews and SubjectAccessReviews share `kubernetes.max_in_flight`) | |
+//! | `tokengate_tokenreview_shed_total` | counter (reviews not made or dropped) | `reason` (`queue_full`/`queue_timeout`/`abandoned`/`orphan_dropped`) |
+//! | `tokengate_tokenreview_retries_total` | counter | `outcome` (`sent`/`budget_exhausted`/`retry_after_too_long`) |
 //! | `tokengate_revocations_total` | counter (cached verdicts dropped) | `cause` (`service_account`/`pod`/`key`) |
 //! | `tokengate_local_fallbacks_total` | counter (local verification asked TokenReview) | `reason` |
 //! | `tokengate_watch_staleness_seconds` | gauge (time since the watches were last confirmed; -1 before the first list) | |
@@ -22,6 +25,8 @@
 //! | `tokengate_subjectaccessreview_duration_seconds` | histogram (per attempt) | |
 //! | `tokengate_subjectaccessreview_errors_total` | counter (per failed attempt) | `kind` |
 //! | `tokengate_subjectaccessreview_in_flight` | gauge | |
+//! | `tokengate_subjectaccessreview_shed_total` | counter | `reason` (as `tokengate_tokenreview_shed_total`) |
+//! | `tokengate_subjectaccessreview_retries_total` | counter | `outcome` (as `tokengate_tokenreview_retries_total`) |
 //! | `tokengate_subjectaccessreviews_total` | counter (answers from the API server) | `allowed` (`true`/`false`) |
 //! | `tokengate_rbac_cache_hits_total`, `tokengate_rbac_cache_misses_total` | counter | |
 //! | `tokengate_rbac_cache_entries` | gauge | |
@@ -76,6 +81,16 @@ struct CauseLabels {
 struct ReasonLabels {
     reason: &'static str,
 }
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+/// `reason` labels of `tokengate_tokenreview_shed_total`, exported at 0 from the start.
+pub const SHED_REASONS: [&str; 4] = ["queue_full", "queue_timeout", "abandoned", "orphan_dropped"];
+/// `outcome` labels of `tokengate_tokenreview_retries_total`, exported at 0 from the start.
+pub const RETRY_OUTCOMES: [&str; 3] = ["sent", "budget_exhausted", "retry_after_too_long"];
 
 /// A gauge of seconds.
 pub type Seconds = Gauge<f64, std::sync::atomic::AtomicU64>;
@@ -170,6 +185,10 @@ pub struct Metrics {
     review_errors: Family<ErrorLabels, Counter>,
     /// TokenReviews in flight.
     pub review_in_flight: Gauge,
+    /// Reviews waiting for a slot.
+    pub review_queued: Gauge,
+    review_shed: Family<ReasonLabels, Counter>,
+    review_retries: Family<OutcomeLabels, Counter>,
     revocations: Family<CauseLabels, Counter>,
     local_fallbacks: Family<ReasonLabels, Counter>,
     /// Time since the watches were last confirmed current (-1: never listed).
@@ -204,6 +223,8 @@ pub struct RbacMetrics {
     errors: Family<ErrorLabels, Counter>,
     /// SubjectAccessReviews in flight.
     pub in_flight: Gauge,
+    shed: Family<ReasonLabels, Counter>,
+    retries: Family<OutcomeLabels, Counter>,
     answers: Family<AllowedLabels, Counter>,
     /// Cache hits.
     pub cache_hits: Counter,
@@ -219,6 +240,8 @@ impl RbacMetrics {
             duration: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
             errors: Family::default(),
             in_flight: Gauge::default(),
+            shed: Family::default(),
+            retries: Family::default(),
             answers: Family::default(),
             cache_hits: Counter::default(),
             cache_misses: Counter::default(),
@@ -238,6 +261,22 @@ impl RbacMetrics {
             "tokengate_subjectaccessreview_in_flight",
             "SubjectAccessReviews in flight",
             m.in_flight.clone(),
+        );
+        for reason in SHED_REASONS {
+            drop(m.shed.get_or_create(&ReasonLabels { reason }));
+        }
+        registry.register(
+            "tokengate_subjectaccessreview_shed",
+            "SubjectAccessReviews not made or dropped (the reasons of tokengate_tokenreview_shed)",
+            m.shed.clone(),
+        );
+        for outcome in RETRY_OUTCOMES {
+            drop(m.retries.get_or_create(&OutcomeLabels { outcome }));
+        }
+        registry.register(
+            "tokengate_subjectaccessreview_retries",
+            "SubjectAccessReview retries (the outcomes of tokengate_tokenreview_retries)",
+            m.retries.clone(),
         );
         for allowed in ["true", "false"] {
             drop(m.answers.get_or_create(&AllowedLabels { allowed }));
@@ -322,6 +361,30 @@ impl Metrics {
             "TokenReviews in flight",
             review_in_flight.clone(),
         );
+        let review_queued = Gauge::default();
+        registry.register(
+            "tokengate_tokenreview_queued",
+            "Reviews (TokenReview and SubjectAccessReview) waiting for a slot (kubernetes.max_in_flight)",
+            review_queued.clone(),
+        );
+        let review_shed = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "tokengate_tokenreview_shed",
+            "TokenReviews not made or dropped: queue full, no slot within kubernetes.timeout, every waiting Check cancelled, orphan giving its slot up",
+            review_shed.clone(),
+        );
+        for reason in SHED_REASONS {
+            drop(review_shed.get_or_create(&ReasonLabels { reason }));
+        }
+        let review_retries = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "tokengate_tokenreview_retries",
+            "TokenReview retries: sent, or not sent because the retry budget was spent or Retry-After was longer than kubernetes.timeout",
+            review_retries.clone(),
+        );
+        for outcome in RETRY_OUTCOMES {
+            drop(review_retries.get_or_create(&OutcomeLabels { outcome }));
+        }
         let revocations = Family::<CauseLabels, Counter>::default();
         registry.register(
             "tokengate_revocations",
@@ -435,6 +498,9 @@ impl Metrics {
             review_duration,
             review_errors,
             review_in_flight,
+            review_queued,
+            review_shed,
+            review_retries,
         }
     }
 
@@ -495,6 +561,24 @@ impl Metrics {
             crate::review::Api::TokenReview => &self.review_duration,
             crate::review::Api::SubjectAccessReview => &self.rbac.duration,
         }
+    }
+
+    /// Counts a review not made or dropped (a [`SHED_REASONS`] label).
+    pub fn shed(&self, api: crate::review::Api, reason: &'static str) {
+        let family = match api {
+            crate::review::Api::TokenReview => &self.review_shed,
+            crate::review::Api::SubjectAccessReview => &self.rbac.shed,
+        };
+        family.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    /// Counts a retry decision (a [`RETRY_OUTCOMES`] label).
+    pub fn retry(&self, api: crate::review::Api, outcome: &'static str) {
+        let family = match api {
+            crate::review::Api::TokenReview => &self.review_retries,
+            crate::review::Api::SubjectAccessReview => &self.rbac.retries,
+        };
+        family.get_or_create(&OutcomeLabels { outcome }).inc();
     }
 
     /// Counts a cached verdict dropped by revocation.

@@ -21,7 +21,7 @@ use k8s_openapi::api::authorization::v1::{
     NonResourceAttributes, ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
 };
 
-use crate::cache::{Cache, Freshness};
+use crate::cache::{Cache, Freshness, Interest};
 use crate::identity::Identity;
 use crate::metrics::Metrics;
 use crate::review::{json_error, Api, ReviewError, Reviewer};
@@ -134,12 +134,15 @@ impl Authorizer {
 
     /// Whether `rule` allows the caller `id` for a request with this method and canonical
     /// path. `Ok(false)` for a method with no verb; an error when the API server cannot answer.
+    /// A review not cached waits for a slot as `flow` (the downstream peer, see
+    /// [`crate::slots`]), and is dropped if every Check waiting for it is cancelled.
     pub async fn allows(
         &self,
         rule: &Rule,
         id: &Identity,
         method: &str,
         path: &str,
+        flow: &str,
     ) -> Result<bool, ReviewError> {
         let Some(review) = build(rule, id, method, path) else {
             tracing::debug!(method, "allow.rbac: no verb for this method");
@@ -154,12 +157,16 @@ impl Authorizer {
             return Ok(allowed);
         }
         self.metrics.rbac.cache_misses.inc();
-        let reviewer = Arc::clone(&self.reviewer);
-        let metrics = Arc::clone(&self.metrics);
-        let user = id.username.clone();
-        self.cache
-            .get_or_load(key, move || async move {
-                let bytes = reviewer.post(Api::SubjectAccessReview, body).await?;
+        let load = |interest: Interest| {
+            let reviewer = Arc::clone(&self.reviewer);
+            let metrics = Arc::clone(&self.metrics);
+            let user = id.username.clone();
+            let body = body.clone();
+            let flow = flow.to_owned();
+            async move {
+                let bytes = reviewer
+                    .post(Api::SubjectAccessReview, body, &flow, &interest)
+                    .await?;
                 let answer: SubjectAccessReview = serde_json::from_slice(&bytes).map_err(|e| {
                     let e = ReviewError::Decode(json_error(&e));
                     metrics.api_error(Api::SubjectAccessReview, e.kind());
@@ -181,8 +188,15 @@ impl Authorizer {
                     Freshness::Negative
                 };
                 Ok((allowed, freshness))
-            })
-            .await
+            }
+        };
+        let loaded = self.cache.get_or_load(key, load).await;
+        // This Check joined a load in the instant its other waiters were cancelled and it
+        // gave up: ours is still wanted, so load again (once).
+        if matches!(loaded, Err(ReviewError::Abandoned)) {
+            return self.cache.get_or_load(key, load).await;
+        }
+        loaded
     }
 }
 

@@ -6,11 +6,23 @@
 //! pipeline sees only the view; [`RequestView::from_parts`] builds one without a protobuf
 //! (unit tests, or another front end).
 
-use envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest;
+use envoy_types::pb::envoy::config::core::v3::address;
+use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Peer};
 use envoy_types::pb::envoy::service::auth::v3::CheckRequest;
 use std::collections::HashMap;
 
 use crate::config::TokenSource;
+
+/// The IP address of an Envoy `Peer` with a socket address (a pipe or none: empty).
+fn source_ip(peer: Option<&Peer>) -> &str {
+    match peer
+        .and_then(|p| p.address.as_ref())
+        .and_then(|a| a.address.as_ref())
+    {
+        Some(address::Address::SocketAddress(s)) => &s.address,
+        _ => "",
+    }
+}
 
 /// What routing and token extraction need from a CheckRequest.
 #[derive(Debug, Clone, Copy)]
@@ -26,6 +38,10 @@ pub struct RequestView<'a> {
     /// The mTLS peer's identity (`source.principal`: its certificate's URI SAN, else its
     /// subject); empty without a client certificate.
     pub source_principal: &'a str,
+    /// The downstream peer's IP address (Envoy's `attributes.source.address`), or, when Envoy
+    /// sends none, what the front end sets (the connection's peer); empty if unknown. Only
+    /// used to share review slots fairly between peers (see `slots`).
+    pub source: &'a str,
     headers: Headers<'a>,
 }
 
@@ -76,6 +92,7 @@ impl<'a> RequestView<'a> {
             method: &http.method,
             context_extensions: &attrs.context_extensions,
             source_principal: attrs.source.as_ref().map_or("", |s| s.principal.as_str()),
+            source: source_ip(attrs.source.as_ref()),
             headers: Headers::Envoy(http),
         })
     }
@@ -95,6 +112,7 @@ impl<'a> RequestView<'a> {
             method,
             context_extensions,
             source_principal: "",
+            source: "",
             headers: Headers::Pairs(headers),
         }
     }
@@ -106,6 +124,14 @@ impl<'a> RequestView<'a> {
             source_principal: principal,
             ..self
         }
+    }
+
+    /// The same view with `source` as the peer when the request named none.
+    pub fn or_source(mut self, source: &'a str) -> RequestView<'a> {
+        if self.source.is_empty() {
+            self.source = source;
+        }
+        self
     }
 
     /// Looks a header up (name lower-case): for Envoy, in the `headers` map, then in

@@ -19,8 +19,11 @@
 //! takes it over: it sends the header itself, re-reads the file whenever its mtime/size/inode
 //! changes, and on an HTTP 401 re-reads it and retries once.
 //!
-//! Transient failures are retried a bounded number of times (backoff, or `Retry-After` capped
-//! at the attempt timeout); a semaphore caps TokenReviews in flight.
+//! Transient failures are retried a bounded number of times, within a retry budget, after a
+//! jittered backoff or the server's `Retry-After` (see [`crate::retry`]). Reviews in flight
+//! (TokenReviews and SubjectAccessReviews alike) are capped by [`Slots`], handed out fairly per
+//! downstream peer from a bounded queue (see [`crate::slots`]). A review whose Checks were all cancelled leaves the queue;
+//! one already sent (or retried) keeps a slot only while nobody else waits for one.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -31,14 +34,16 @@ use http::HeaderValue;
 use http_body_util::BodyExt;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus};
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
+use crate::cache::Interest;
 use crate::config::Kubernetes;
 use crate::denial::Denial;
 use crate::error::Report;
 use crate::identity::{Identity, TokenHash};
 use crate::metrics::Metrics;
+use crate::retry::{self, RetryBudget};
+use crate::slots::{Shed, Slot, Slots};
 
 const TOKENREVIEWS_PATH: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
 const SA_PREFIX: &str = "system:serviceaccount:";
@@ -92,6 +97,13 @@ pub enum ReviewError {
     /// Waited longer than `kubernetes.timeout` for a free review slot.
     #[error("too many reviews in flight")]
     Overloaded,
+    /// Refused at once: the queue for review slots was full, and this Check's peer had the
+    /// most waiters in it (see [`crate::slots`]).
+    #[error("review queue full (kubernetes.max_queued); shed")]
+    Shed,
+    /// Every Check waiting for this review was cancelled, so it was dropped.
+    #[error("every Check waiting for this review was cancelled")]
+    Abandoned,
     /// The task running the review ended without an answer (a bug; logged).
     #[error("the review task ended without an answer")]
     Aborted,
@@ -121,6 +133,8 @@ impl ReviewError {
             ReviewError::BuildRequest(_) => "build_request",
             ReviewError::Decode(_) => "decode",
             ReviewError::Overloaded => "overloaded",
+            ReviewError::Shed => "shed",
+            ReviewError::Abandoned => "abandoned",
             ReviewError::Aborted => "aborted",
             ReviewError::Stale(_) => "stale",
         }
@@ -244,7 +258,7 @@ impl ReviewerToken {
     }
 }
 
-/// Calls TokenReview.
+/// Calls TokenReview (and, for [`crate::rbac`], posts SubjectAccessReviews).
 pub struct Reviewer {
     client: kube::Client,
     /// The same connection settings with kube's own credential handling (it re-reads a
@@ -254,7 +268,8 @@ pub struct Reviewer {
     token: Option<ReviewerToken>,
     timeout: Duration,
     retries: u32,
-    permits: Arc<Semaphore>,
+    slots: Arc<Slots>,
+    budget: RetryBudget,
     metrics: Arc<Metrics>,
 }
 
@@ -276,6 +291,8 @@ enum AttemptError {
     Unauthorized,
     /// Not worth retrying.
     Fatal(ReviewError),
+    /// Nobody waits for the answer and the slot is wanted (or too many orphans run).
+    Abandoned,
 }
 
 impl Reviewer {
@@ -312,7 +329,12 @@ impl Reviewer {
             token,
             timeout: cfg.timeout,
             retries: cfg.retries,
-            permits: Arc::new(Semaphore::new(cfg.max_in_flight)),
+            slots: Slots::new(
+                cfg.max_in_flight,
+                cfg.max_queued,
+                metrics.review_queued.clone(),
+            ),
+            budget: RetryBudget::new(cfg.retry_budget_percent, cfg.retry_budget_min_per_second),
             metrics,
         })
     }
@@ -323,8 +345,15 @@ impl Reviewer {
         self.api_client.clone()
     }
 
-    /// Reviews `token` for `audiences`.
-    pub async fn review(&self, token: &str, audiences: &[String]) -> Result<Verdict, ReviewError> {
+    /// Reviews `token` for `audiences`, queued for a slot as `flow` (the downstream peer),
+    /// for as long as `interest` says a Check waits.
+    pub async fn review(
+        &self,
+        token: &str,
+        audiences: &[String],
+        flow: &str,
+        interest: &Interest,
+    ) -> Result<Verdict, ReviewError> {
         let review = TokenReview {
             spec: TokenReviewSpec {
                 token: token.to_owned(),
@@ -334,7 +363,7 @@ impl Reviewer {
         };
         let body =
             serde_json::to_vec(&review).map_err(|e| ReviewError::BuildRequest(json_error(&e)))?;
-        let bytes = self.post(Api::TokenReview, body).await?;
+        let bytes = self.post(Api::TokenReview, body, flow, interest).await?;
         let review: TokenReview = serde_json::from_slice(&bytes).map_err(|e| {
             let e = ReviewError::Decode(json_error(&e));
             self.metrics.review_error(e.kind());
@@ -343,48 +372,42 @@ impl Reviewer {
         Ok(verdict(review.status, audiences, token))
     }
 
-    /// POSTs a review (`body`, JSON) with bounded retries, the attempt timeout and the
-    /// in-flight cap shared by every review; returns the answer's bytes (HTTP 200/201).
-    pub(crate) async fn post(&self, api: Api, body: Vec<u8>) -> Result<bytes::Bytes, ReviewError> {
+    /// POSTs a review (`body`, JSON) and returns the answer's bytes (HTTP 200/201): a slot
+    /// from the ones every review shares, queued as `flow` (the downstream peer) for as long
+    /// as `interest` says a Check waits; the attempt timeout; retries within the budget.
+    pub(crate) async fn post(
+        &self,
+        api: Api,
+        body: Vec<u8>,
+        flow: &str,
+        interest: &Interest,
+    ) -> Result<bytes::Bytes, ReviewError> {
+        self.budget.first_attempt();
         let mut attempt = 0u32;
         let mut reauthenticated = false;
         loop {
-            let permit = match tokio::time::timeout(
-                self.timeout,
-                self.permits.clone().acquire_owned(),
-            )
-            .await
-            {
-                Ok(Ok(p)) => p,
-                // Closed never happens (we never close it); treat like a full queue.
-                Ok(Err(_)) | Err(_) => {
-                    self.metrics.api_error(api, ReviewError::Overloaded.kind());
-                    return Err(ReviewError::Overloaded);
-                }
-            };
+            let slot = self.slot(api, flow, interest).await?;
             let in_flight = self.metrics.in_flight(api);
             in_flight.inc();
             let started = Instant::now();
-            let result =
-                match tokio::time::timeout(self.timeout, self.attempt(api, body.clone())).await {
-                    Ok(r) => r,
-                    Err(_) => Err(AttemptError::Transient(ReviewError::Timeout, None)),
-                };
+            let result = self.attempt_while_wanted(api, body.clone(), interest).await;
             self.metrics
                 .duration(api)
                 .observe(started.elapsed().as_secs_f64());
             in_flight.dec();
-            drop(permit);
+            drop(slot);
 
             let status = match result {
                 Ok(bytes) => return Ok(bytes),
                 Err(e) => e,
             };
             match status {
+                AttemptError::Abandoned => return Err(ReviewError::Abandoned),
                 AttemptError::Unauthorized => {
                     self.metrics
                         .api_error(api, ReviewError::Unauthorized.kind());
                     match &self.token {
+                        // A credential refresh, not a retry: outside the budget.
                         Some(t) if !reauthenticated => {
                             reauthenticated = true;
                             t.force_reload();
@@ -397,16 +420,103 @@ impl Reviewer {
                     if attempt >= self.retries {
                         return Err(e);
                     }
-                    let backoff = Duration::from_millis(50u64 << attempt.min(5));
-                    let wait = retry_after.unwrap_or(backoff).min(self.timeout);
+                    let wait = match retry_after {
+                        // Honoured, not shortened: asked to wait longer than an attempt may
+                        // take, give up now.
+                        Some(d) if d > self.timeout => {
+                            self.metrics.retry(api, "retry_after_too_long");
+                            return Err(e);
+                        }
+                        Some(d) => d,
+                        None => retry::backoff(attempt),
+                    };
+                    if !self.budget.try_retry() {
+                        self.metrics.retry(api, "budget_exhausted");
+                        return Err(e);
+                    }
+                    self.metrics.retry(api, "sent");
                     tracing::debug!(api = api.path(), error = %Report(&e), attempt, ?wait, "review failed; retrying");
                     attempt += 1;
+                    // A review whose Checks went away may still retry (its answer is what
+                    // Envoy's retry will find in the cache), but only into a free slot:
+                    // see `slot`.
                     tokio::time::sleep(wait).await;
                 }
                 AttemptError::Fatal(e) => {
                     self.metrics.api_error(api, e.kind());
                     return Err(e);
                 }
+            }
+        }
+    }
+
+    /// A slot for `flow`: shed at once when the queue is full, `Overloaded` after
+    /// `kubernetes.timeout` in the queue, `Abandoned` as soon as no Check waits.
+    async fn slot(&self, api: Api, flow: &str, interest: &Interest) -> Result<Slot, ReviewError> {
+        if interest.gone() {
+            // An orphan (a retry nobody waits for) never queues: a free slot or nothing.
+            return self.slots.try_acquire().ok_or_else(|| {
+                self.metrics.shed(api, "abandoned");
+                ReviewError::Abandoned
+            });
+        }
+        let acquire = tokio::time::timeout(self.timeout, self.slots.acquire(flow));
+        tokio::pin!(acquire);
+        let outcome = tokio::select! {
+            biased;
+            () = interest.abandoned() => Err(ReviewError::Abandoned),
+            r = &mut acquire => match r {
+                Ok(Ok(slot)) => Ok(slot),
+                Ok(Err(Shed::QueueFull)) => Err(ReviewError::Shed),
+                Err(_) => Err(ReviewError::Overloaded),
+            },
+        };
+        match &outcome {
+            Ok(_) => {}
+            Err(ReviewError::Abandoned) => self.metrics.shed(api, "abandoned"),
+            Err(ReviewError::Shed) => self.metrics.shed(api, "queue_full"),
+            Err(e) => {
+                self.metrics.shed(api, "queue_timeout");
+                self.metrics.api_error(api, e.kind());
+            }
+        }
+        outcome
+    }
+
+    /// One attempt, within `kubernetes.timeout`. If every Check waiting for it goes away
+    /// meanwhile, it goes on (its answer is cached for Envoy's retry) only as an orphan the
+    /// slots allow, and only until a waiter queues for a slot.
+    async fn attempt_while_wanted(
+        &self,
+        api: Api,
+        body: Vec<u8>,
+        interest: &Interest,
+    ) -> Result<bytes::Bytes, AttemptError> {
+        let attempt = async {
+            match tokio::time::timeout(self.timeout, self.attempt(api, body)).await {
+                Ok(r) => r,
+                Err(_) => Err(AttemptError::Transient(ReviewError::Timeout, None)),
+            }
+        };
+        tokio::pin!(attempt);
+        tokio::select! {
+            biased;
+            r = &mut attempt => return r,
+            () = interest.abandoned() => {}
+        }
+        let pressure = self.slots.pressure().notified();
+        tokio::pin!(pressure);
+        pressure.as_mut().enable();
+        let Some(_orphan) = self.slots.adopt_orphan() else {
+            self.metrics.shed(api, "orphan_dropped");
+            return Err(AttemptError::Abandoned);
+        };
+        tokio::select! {
+            biased;
+            r = &mut attempt => r,
+            () = pressure => {
+                self.metrics.shed(api, "orphan_dropped");
+                Err(AttemptError::Abandoned)
             }
         }
     }
@@ -430,8 +540,7 @@ impl Reviewer {
             .headers()
             .get(RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
+            .and_then(|v| retry::retry_after(v, SystemTime::now()));
         match code {
             200 | 201 => {}
             401 => return Err(AttemptError::Unauthorized),

@@ -57,6 +57,14 @@ impl Authorization for AuthzService {
         let snapshot = self.checker.snapshot();
         let metadata = Metadata(request.metadata());
         let view = RequestView::new(request.get_ref());
+        // The connection's peer, for fair review slots when Envoy did not name the downstream
+        // one (formatted only then).
+        let connection_peer = view
+            .as_ref()
+            .filter(|v| v.source.is_empty())
+            .and(request.remote_addr())
+            .map(|a| a.ip().to_string());
+        let view = view.map(|v| v.or_source(connection_peer.as_deref().unwrap_or("")));
         let outcome = match &view {
             Some(view) => {
                 let span = telemetry::check_span(&[&metadata, view]);

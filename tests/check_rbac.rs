@@ -2,7 +2,8 @@
 //! from Roles and bindings that kubectl creates and deletes through the API, as on a real
 //! cluster. Grants take effect, removed bindings are refused once the cached answer expires,
 //! denials are cached, the verb follows the HTTP method, the static lists narrow first, and
-//! an API server that cannot answer is UNAVAILABLE, never an allow.
+//! an API server that cannot answer is UNAVAILABLE, never an allow (after the retry rules
+//! TokenReviews follow too).
 
 mod common;
 
@@ -417,5 +418,59 @@ async fn local_verification_routes_ask_rbac_too() {
         reviews,
         "verified locally, no TokenReview"
     );
+    h.stop().await;
+}
+
+/// SubjectAccessReviews go through the same retry rules as TokenReviews (`retries`, the retry
+/// budget, `Retry-After` honoured or no retry at all), counted under their own metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subject_access_reviews_follow_the_shared_retry_rules() {
+    let h = start().await;
+    let api = h.world.api_token(AUD);
+    // The token's verdict first, so that only SubjectAccessReviews meet the faults.
+    assert_eq!(
+        answer(&h, req("paths", "GET", "/warm", &api))
+            .await
+            .as_deref(),
+        Some("rbac_denied")
+    );
+    let unavailable = |r: Result<_, tonic::Status>, what: &str| match r {
+        Err(s) => assert_eq!(s.code(), tonic::Code::Unavailable, "{what}: {s:?}"),
+        Ok(r) => panic!("{what}: expected UNAVAILABLE, got {r:?}"),
+    };
+
+    // Asked to come back in 30 s, longer than an attempt may take (1 s): no retry.
+    h.world.standin.set_fault(Fault::Status {
+        code: 503,
+        retry_after: Some(30),
+    });
+    let before = h.world.standin.subject_access_reviews_served();
+    unavailable(
+        h.check(req("paths", "GET", "/a", &api)).await,
+        "retry-after",
+    );
+    assert_eq!(h.world.standin.subject_access_reviews_served(), before + 1);
+
+    // No Retry-After: one retry (retries: 1), after a jittered backoff.
+    h.world.standin.set_fault(Fault::Status {
+        code: 503,
+        retry_after: None,
+    });
+    let before = h.world.standin.subject_access_reviews_served();
+    unavailable(h.check(req("paths", "GET", "/b", &api)).await, "503");
+    assert_eq!(h.world.standin.subject_access_reviews_served(), before + 2);
+    h.world.standin.set_fault(Fault::None);
+
+    let (_, metrics) = h.admin_get("/metrics").await;
+    for line in [
+        r#"tokengate_subjectaccessreview_retries_total{outcome="retry_after_too_long"} 1"#,
+        r#"tokengate_subjectaccessreview_retries_total{outcome="sent"} 1"#,
+        r#"tokengate_subjectaccessreview_shed_total{reason="queue_full"} 0"#,
+        // TokenReview's own counters are untouched.
+        r#"tokengate_tokenreview_retries_total{outcome="retry_after_too_long"} 0"#,
+        r#"tokengate_tokenreview_retries_total{outcome="sent"} 0"#,
+    ] {
+        assert!(metrics.contains(line), "{line} missing:\n{metrics}");
+    }
     h.stop().await;
 }

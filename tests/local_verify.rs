@@ -238,7 +238,12 @@ async fn compare(env: &Env, label: &str, token: &str, audiences: &[String]) -> V
     let raw = env.token_review(token, audiences).await;
     let tokenreview_mode = env
         .reviewer
-        .review(token, audiences)
+        .review(
+            token,
+            audiences,
+            "",
+            &tokengate::cache::Interest::unconditional(),
+        )
         .await
         .expect("TokenReview mode");
     let mut out = Vec::new();
@@ -1184,7 +1189,12 @@ async fn verify_corpus_of_forgeries_and_object_states_agrees_with_tokenreview() 
         let local = verify(token, &route, &snapshot, &objects, MAX_STALENESS, now);
         let review = env
             .reviewer
-            .review(token, &route)
+            .review(
+                token,
+                &route,
+                "",
+                &tokengate::cache::Interest::unconditional(),
+            )
             .await
             .expect("TokenReview");
         match (&local, &review) {

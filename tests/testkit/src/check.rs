@@ -43,6 +43,26 @@ pub fn request(
     }
 }
 
+/// `req` as Envoy sends it for a downstream peer at `ip` (`attributes.source.address`).
+pub fn from_source(mut req: CheckRequest, ip: &str) -> CheckRequest {
+    use envoy_types::pb::envoy::config::core::v3::{
+        address, socket_address, Address, SocketAddress,
+    };
+    if let Some(attrs) = req.attributes.as_mut() {
+        attrs.source = Some(attribute_context::Peer {
+            address: Some(Address {
+                address: Some(address::Address::SocketAddress(SocketAddress {
+                    address: ip.into(),
+                    port_specifier: Some(socket_address::PortSpecifier::PortValue(40000)),
+                    ..Default::default()
+                })),
+            }),
+            ..Default::default()
+        });
+    }
+    req
+}
+
 /// The denied HTTP status, or `None` for OK.
 pub fn denied_status(r: &CheckResponse) -> Option<u16> {
     match &r.http_response {
