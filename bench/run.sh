@@ -170,11 +170,15 @@ routes:
     match:
       context_extensions: {route: bench}
     audiences: [tokengate-bench]
-  - name: bench-peer            # check_tokengate_peer: the same token, bound to its mTLS peer
-    match:
+  - name: bench-peer            # check_tokengate_peer: the same token, bound to its mTLS peer,
+    match:                      # and admitted by RBAC (a SubjectAccessReview, cached)
       context_extensions: {route: bench-peer}
     audiences: [tokengate-bench]
     require_peer: service_account
+    allow:
+      rbac:
+        verb: get
+        non_resource_path: /bench
 cache:
   max_entries: 100000
   ttl: 60s

@@ -426,6 +426,15 @@ async fn standin(
         standin.grant_reviewer_watch();
     }
     standin.create_service_account("bench", "client");
+    // The `bench-peer` route's `allow.rbac` (check_tokengate_peer): `get` on /bench.
+    standin.create_cluster_role(
+        "bench-client",
+        vec![kube_standin::cluster::PolicyRule::urls(
+            &["/bench"],
+            &["get"],
+        )],
+    );
+    standin.bind_cluster_role("bench-client", "bench-client", ("bench", "client"));
     let started = Instant::now();
     for (name, n) in [("single", single), ("pool", pool), ("fill", fill)] {
         let mut out =
