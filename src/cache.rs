@@ -257,12 +257,15 @@ where
 
     /// The key for a token presented for these audiences.
     pub fn key(&self, token: &str, audiences: &[String]) -> Key {
+        self.key_of(std::iter::once(token).chain(audiences.iter().map(String::as_str)))
+    }
+
+    /// The key of a sequence of parts, each length-prefixed (no two sequences share a key).
+    pub fn key_of<'a>(&self, parts: impl IntoIterator<Item = &'a str>) -> Key {
         let mut ctx = hmac::Context::with_key(&self.hmac_key);
-        ctx.update(&(token.len() as u64).to_le_bytes());
-        ctx.update(token.as_bytes());
-        for a in audiences {
-            ctx.update(&(a.len() as u64).to_le_bytes());
-            ctx.update(a.as_bytes());
+        for part in parts {
+            ctx.update(&(part.len() as u64).to_le_bytes());
+            ctx.update(part.as_bytes());
         }
         let tag = ctx.sign();
         let mut key = [0u8; 32];

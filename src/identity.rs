@@ -43,6 +43,11 @@ impl Extra {
         Extra(serde_json::to_string(map).ok().map(String::into_boxed_str))
     }
 
+    /// The stored JSON (sorted keys; `""` when empty): one string that identifies the map.
+    pub fn as_json(&self) -> &str {
+        self.0.as_deref().unwrap_or("")
+    }
+
     /// The map again.
     pub fn to_map(&self) -> BTreeMap<String, Vec<String>> {
         self.0

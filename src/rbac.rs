@@ -144,19 +144,55 @@ impl Authorizer {
         path: &str,
         flow: &str,
     ) -> Result<bool, ReviewError> {
-        let Some(review) = build(rule, id, method, path) else {
+        let Some(verb) = verb(rule, method) else {
             tracing::debug!(method, "allow.rbac: no verb for this method");
             return Ok(false);
         };
-        let body =
-            serde_json::to_vec(&review).map_err(|e| ReviewError::BuildRequest(json_error(&e)))?;
-        // The body is the key: exactly what would be asked (user, extra, verb, attributes).
-        let key = self.cache.key(&String::from_utf8_lossy(&body), &[]);
+        // The key is every field the review would send, without building it: a hit costs
+        // one HMAC, not a request object and its JSON.
+        let request_path = match &rule.target {
+            Target::Path(PathSource::Request) => Some(crate::route::canonical_path(path)),
+            _ => None,
+        };
+        let target: [&str; 6] = match &rule.target {
+            Target::Resource {
+                group,
+                resource,
+                subresource,
+                name,
+                namespace,
+            } => ["resource", group, resource, subresource, name, namespace],
+            Target::Path(PathSource::Fixed(p)) => ["path", p, "", "", "", ""],
+            Target::Path(PathSource::Request) => [
+                "path",
+                request_path.as_deref().unwrap_or(""),
+                "",
+                "",
+                "",
+                "",
+            ],
+        };
+        let fixed = [
+            id.username.as_str(),
+            id.uid.as_deref().unwrap_or(""),
+            id.extra.as_json(),
+            verb,
+        ];
+        // Groups last: the parts before them are a fixed number, so the key is unambiguous.
+        let key = self.cache.key_of(
+            fixed
+                .into_iter()
+                .chain(target)
+                .chain(id.groups.iter().map(String::as_str)),
+        );
         if let Some(allowed) = self.cache.get(&key) {
             self.metrics.rbac.cache_hits.inc();
             return Ok(allowed);
         }
         self.metrics.rbac.cache_misses.inc();
+        let review = build(rule, id, verb, path);
+        let body =
+            serde_json::to_vec(&review).map_err(|e| ReviewError::BuildRequest(json_error(&e)))?;
         let load = |interest: Interest| {
             let reviewer = Arc::clone(&self.reviewer);
             let metrics = Arc::clone(&self.metrics);
@@ -200,12 +236,17 @@ impl Authorizer {
     }
 }
 
-/// The review for one request, or `None` when the verb comes from a method with no verb.
-fn build(rule: &Rule, id: &Identity, method: &str, path: &str) -> Option<SubjectAccessReview> {
-    let verb = match &rule.verb {
-        Verb::Fixed(v) => v.clone(),
-        Verb::FromMethod => verb_for_method(method)?.to_owned(),
-    };
+/// The rule's verb for a request, or `None` when it comes from a method with no verb.
+fn verb<'r>(rule: &'r Rule, method: &str) -> Option<&'r str> {
+    match &rule.verb {
+        Verb::Fixed(v) => Some(v),
+        Verb::FromMethod => verb_for_method(method),
+    }
+}
+
+/// The review for one request, asking about `verb`.
+fn build(rule: &Rule, id: &Identity, verb: &str, path: &str) -> SubjectAccessReview {
+    let verb = verb.to_owned();
     let some = |s: &str| Some(s.to_owned()).filter(|s| !s.is_empty());
     let (resource_attributes, non_resource_attributes) = match &rule.target {
         Target::Resource {
@@ -237,7 +278,7 @@ fn build(rule: &Rule, id: &Identity, method: &str, path: &str) -> Option<Subject
             }),
         ),
     };
-    Some(SubjectAccessReview {
+    SubjectAccessReview {
         spec: SubjectAccessReviewSpec {
             user: Some(id.username.clone()),
             uid: id.uid.clone(),
@@ -247,11 +288,16 @@ fn build(rule: &Rule, id: &Identity, method: &str, path: &str) -> Option<Subject
             non_resource_attributes,
         },
         ..Default::default()
-    })
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    /// The review a request would send, as `Authorizer::allows` builds it on a miss.
+    fn review(rule: &Rule, id: &Identity, method: &str, path: &str) -> Option<SubjectAccessReview> {
+        verb(rule, method).map(|v| build(rule, id, v, path))
+    }
+
     use super::*;
 
     fn id() -> Identity {
@@ -305,7 +351,7 @@ mod tests {
                 namespace: "data".into(),
             },
         };
-        let r = build(&rule, &id(), "PATCH", "/x").unwrap();
+        let r = review(&rule, &id(), "PATCH", "/x").unwrap();
         let v = serde_json::to_value(&r).unwrap();
         assert_eq!(v["apiVersion"], "authorization.k8s.io/v1");
         assert_eq!(v["kind"], "SubjectAccessReview");
@@ -323,13 +369,13 @@ mod tests {
         assert_eq!(ra["name"], "data-store");
         assert_eq!(ra["namespace"], "data");
         assert!(ra.get("group").is_none(), "core group is sent empty");
-        assert!(build(&rule, &id(), "OPTIONS", "/x").is_none());
+        assert!(review(&rule, &id(), "OPTIONS", "/x").is_none());
 
         let rule = Rule {
             verb: Verb::Fixed("get".into()),
             target: Target::Path(PathSource::Request),
         };
-        let v = serde_json::to_value(build(&rule, &id(), "POST", "/a//b/../c").unwrap()).unwrap();
+        let v = serde_json::to_value(review(&rule, &id(), "POST", "/a//b/../c").unwrap()).unwrap();
         assert_eq!(v["spec"]["nonResourceAttributes"]["path"], "/a/c");
         assert_eq!(v["spec"]["nonResourceAttributes"]["verb"], "get");
         assert!(v["spec"].get("resourceAttributes").is_none());
