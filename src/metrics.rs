@@ -171,7 +171,6 @@ impl RouteCounters {
 pub struct Metrics {
     registry: Registry,
     decisions: Family<DecisionLabels, Counter>,
-    rows: RouteCounters,
     /// Check latency (seconds).
     pub check_duration: Histogram,
     /// Cache hits.
@@ -321,7 +320,9 @@ impl Metrics {
             "Check decisions by route, outcome and reason",
             decisions.clone(),
         );
-        let rows = route_counters(&decisions, routes);
+        // The start-up routes' series exist from the start, at 0 (each configuration snapshot
+        // counts with its own `route_counters`).
+        drop(route_counters(&decisions, routes));
 
         let check_duration = Histogram::new(exponential_buckets(0.000_05, 2.0, 16));
         registry.register(
@@ -490,7 +491,6 @@ impl Metrics {
             watch_service_accounts,
             jwks_age,
             jwks_keys,
-            rows,
             check_duration,
             cache_hits,
             cache_misses,
@@ -502,13 +502,6 @@ impl Metrics {
             review_shed,
             review_retries,
         }
-    }
-
-    /// Counts a decision under the routes of the start-up configuration; `route` is the
-    /// route's index, `None` when no route matched. (Checks count with their snapshot's
-    /// [`RouteCounters`].)
-    pub fn decision(&self, route: Option<usize>, outcome: Counted) {
-        self.rows.count(route, outcome);
     }
 
     /// The decision counters of these routes (names in configuration order), for a new
@@ -649,13 +642,14 @@ mod tests {
     #[test]
     fn decisions_are_labelled() {
         let m = Metrics::new(["data-store"]);
-        m.decision(Some(0), Counted::Allow);
-        m.decision(Some(0), Counted::Deny(Denial::NotAllowed));
-        m.decision(None, Counted::Deny(Denial::NoRoute));
-        m.decision(Some(0), Counted::Error);
+        let c = m.route_counters(["data-store"]);
+        c.count(Some(0), Counted::Allow);
+        c.count(Some(0), Counted::Deny(Denial::NotAllowed));
+        c.count(None, Counted::Deny(Denial::NoRoute));
+        c.count(Some(0), Counted::Error);
         let text = m.encode();
         assert!(!text.contains("would_deny"), "{text}");
-        m.decision(Some(0), Counted::WouldDeny(Denial::PeerMismatch));
+        c.count(Some(0), Counted::WouldDeny(Denial::PeerMismatch));
         let text = m.encode();
         assert!(text.contains(
             r#"tokengate_decisions_total{route="data-store",outcome="would_deny",reason="peer_mismatch"} 1"#
@@ -677,9 +671,10 @@ mod tests {
     #[test]
     fn route_counters_follow_names_not_positions() {
         let m = Metrics::new(["a", "b"]);
+        let before = m.route_counters(["a", "b"]);
         // After a reload that removed `a`, `b` is at index 0 and keeps its series.
         let after = m.route_counters(["b"]);
-        m.decision(Some(1), Counted::Allow);
+        before.count(Some(1), Counted::Allow);
         after.count(Some(0), Counted::Allow);
         let text = m.encode();
         assert!(
