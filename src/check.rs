@@ -1,7 +1,8 @@
 //! One Check, start to finish: the only place that sequences the steps.
 //!
 //! route → token → cache (hit: done) → precheck → single-flight TokenReview → policy → rbac
-//! (a cached SubjectAccessReview, for routes with `allow.rbac`). Each
+//! (a cached SubjectAccessReview, for routes with `allow.rbac`; on a hit, usually the answer
+//! remembered in the verdict's own entry). Each
 //! step only returns a value; none calls another. The answer to "why was this request
 //! denied?" is the [`Denial`] returned by exactly one of them. The sequencer reads a
 //! [`RequestView`] and returns an [`Outcome`]; it never sees Envoy's protobufs (`server` reads
@@ -438,10 +439,10 @@ impl Checker {
                             .await?;
                         Ok(remember(
                             match verdict {
-                                Verdict::Authenticated(id) => Ok(Arc::new(Admitted {
-                                    identity: Arc::new(id),
-                                    kid: verify::header_kid(&token).map(Into::into),
-                                })),
+                                Verdict::Authenticated(id) => Ok(Arc::new(Admitted::new(
+                                    Arc::new(id),
+                                    verify::header_kid(&token).map(Into::into),
+                                ))),
                                 Verdict::Rejected(denial) => Err(denial),
                             },
                             cap,
@@ -461,13 +462,14 @@ impl Checker {
                 }
             }
         };
-        let identity = match remembered {
-            Ok(admitted) => Arc::clone(&admitted.identity),
+        let admitted = match remembered {
+            Ok(admitted) => admitted,
             Err(denial) => {
                 tracing::debug!(route = %route.name, token = %TokenHash(token), reason = denial.code(), "TokenReview refused");
                 return deny(Some(route), denial);
             }
         };
+        let identity = Arc::clone(&admitted.identity);
         if route.mode == Mode::Audit {
             *caller = Some(Arc::clone(&identity));
         }
@@ -483,7 +485,14 @@ impl Checker {
         if let Some(rule) = route.allow.as_ref().and_then(|a| a.rbac.as_ref()) {
             match snapshot
                 .authorizer
-                .allows(rule, &identity, view.method, view.path, view.source)
+                .allows(
+                    rule,
+                    route.index,
+                    &admitted,
+                    view.method,
+                    view.path,
+                    view.source,
+                )
                 .await
             {
                 Ok(true) => {}
@@ -594,10 +603,10 @@ async fn verify_locally(
     )
     .await;
     Ok(Some(match verdict {
-        LocalVerdict::Valid(v) => Ok(Arc::new(Admitted {
-            identity: Arc::new(v.identity),
-            kid: Some(v.kid.into()),
-        })),
+        LocalVerdict::Valid(v) => Ok(Arc::new(Admitted::new(
+            Arc::new(v.identity),
+            Some(v.kid.into()),
+        ))),
         LocalVerdict::Invalid(invalid) => Err(match invalid.kind {
             InvalidKind::Malformed => Denial::MalformedToken,
             InvalidKind::TooLarge => Denial::TokenTooLarge,
@@ -700,10 +709,7 @@ mod tests {
     }
 
     fn admitted(identity: Identity) -> Arc<Admitted> {
-        Arc::new(Admitted {
-            identity: Arc::new(identity),
-            kid: None,
-        })
+        Arc::new(Admitted::new(Arc::new(identity), None))
     }
 
     /// Puts a TokenReview answer in the cache, as a completed review would.

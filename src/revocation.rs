@@ -20,14 +20,27 @@ use std::time::Duration;
 use crate::identity::Identity;
 use crate::watch::{Kind, Objects, Presence};
 
-/// A verified caller as the cache remembers it: who, and the signing key the token's validity
-/// hangs on.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A verified caller as the cache remembers it: who, the signing key the token's validity
+/// hangs on, and the RBAC answers already given for it.
+#[derive(Debug)]
 pub struct Admitted {
     /// The caller.
     pub identity: Arc<Identity>,
     /// The token's `kid`, if its header named one.
     pub kid: Option<Box<str>>,
+    /// `allow.rbac` answers for this caller (filled by [`crate::rbac::Authorizer::allows`]).
+    pub rbac: crate::rbac::Memo,
+}
+
+impl Admitted {
+    /// A caller with no RBAC answers yet.
+    pub fn new(identity: Arc<Identity>, kid: Option<Box<str>>) -> Admitted {
+        Admitted {
+            identity,
+            kid,
+            rbac: Default::default(),
+        }
+    }
 }
 
 /// Why a cached verdict no longer holds (metric label: [`Cause::code`]).
