@@ -16,6 +16,8 @@
 # BENCH_ISSUE9 (issue 9's revocation / restart / watch-RSS measurements: 1 by default when
 # tokengate_miss_local runs), BENCH_REVOCATIONS (50), BENCH_RESTART_CALLERS (10000),
 # BENCH_WATCH_PODS (100000), BENCH_WATCH_SAS (10000),
+# BENCH_INSTRUCTIONS (instructions per Check under callgrind, plain vs. peer + RBAC hit: 1 by
+# default when check_tokengate_peer runs), BENCH_INSTR_CHECKS (Checks per callgrind window, 20000),
 # BENCH_OUT (results directory), ENVOY_BIN, TOKENGATE_BIN (another tokengate build to measure), BENCH_PROFILE=1 (perf-record the ext_authz server,
 # and Envoy, in an extra unrecorded round after the measured ones: profile-*.txt in the results).
 #
@@ -54,6 +56,10 @@ ALG=${BENCH_ALG:-es256}
 # Issue 9's measurements (tokengate-bench revocation / restart-reviews / watch-rss) after the
 # saturation and latency runs; on by default when the local scenario runs.
 ISSUE9=${BENCH_ISSUE9:-$LOCAL}
+# Instructions per Check under callgrind, plain hit vs. peer + RBAC hit (counts, immune to the
+# machine's load); on by default when check_tokengate_peer runs.
+INSTR=0; [[ $SCENARIOS == *check_tokengate_peer* ]] && INSTR=1
+INSTR=${BENCH_INSTRUCTIONS:-$INSTR}; INSTR_N=${BENCH_INSTR_CHECKS:-20000}
 REV_N=${BENCH_REVOCATIONS:-50}; RR_N=${BENCH_RESTART_CALLERS:-10000}
 RSS_PODS=${BENCH_WATCH_PODS:-100000}; RSS_SAS=${BENCH_WATCH_SAS:-10000}
 mkdir -p "$OUT/logs" "$OUT/conf"
@@ -65,6 +71,9 @@ die() { log "FATAL: $*"; exit 1; }
 for tool in wrk h2load curl; do
   command -v $tool >/dev/null || die "$tool not found (apt-get install -y wrk nghttp2-client curl)"
 done
+if ((INSTR)); then
+  command -v callgrind_control >/dev/null || die "valgrind not found (apt-get install -y valgrind)"
+fi
 [[ -x $ENVOY ]] || die "Envoy not found at $ENVOY (set ENVOY_BIN)"
 
 # ---- build ------------------------------------------------------------------------------
@@ -452,6 +461,43 @@ for line in 1 2 3; do
   echo "single-flight: 100 concurrent Checks with one new token → $((after - before)) TokenReview call(s) ($res)" >> "$OUT/extra.txt"
 done
 set_latency 0
+
+# ---- instructions per Check: plain hit vs. peer + RBAC hit, under callgrind ---------------------
+# Wall-clock CPU per Check swings with whatever else the machine runs; instruction counts do
+# not. A tokengate of the same build runs under callgrind; each window zeroes the counters,
+# answers INSTR_N Checks of one kind (after a warm-up that caches the verdict and the RBAC
+# answer) and dumps. Windows alternate, twice each.
+if ((INSTR)); then
+  log "instructions per Check under callgrind ($INSTR_N Checks per window)"
+  take_port "TG_GRPC[cg]"; take_port "TG_ADMIN[cg]"
+  tg_config cg "${TG_GRPC[cg]}" "${TG_ADMIN[cg]}" >/dev/null
+  mkdir -p "$OUT/callgrind"
+  spawn tokengate-cg valgrind --tool=callgrind --callgrind-out-file="$OUT/callgrind/out.%p" \
+    "$TG_BIN" serve --config "$OUT/conf/tokengate-cg.yaml"
+  wait_for "tokengate under callgrind ready" 300 curl -sf "http://127.0.0.1:${TG_ADMIN[cg]}/readyz"
+  cg_checks() { # N BODY: N Checks, 8 concurrent streams on one connection; prints h2load's tally
+    h2load -n "$1" -c1 -m8 -t1 -d "$2" -H 'content-type: application/grpc' -H 'te: trailers' \
+      "http://127.0.0.1:${TG_GRPC[cg]}/envoy.service.auth.v3.Authorization/Check" | grep -E '^requests:'
+  }
+  declare -A IR=()
+  for kind in check check-peer check check-peer; do
+    cg_checks 500 "$OUT/conf/$kind.bin" >/dev/null
+    callgrind_control -z "${PIDS[tokengate-cg]}" >/dev/null 2>&1
+    tally=$(cg_checks "$INSTR_N" "$OUT/conf/$kind.bin")
+    callgrind_control -d "$kind" "${PIDS[tokengate-cg]}" >/dev/null 2>&1
+    dump=$(ls -t "$OUT"/callgrind/out.* | head -n 1)
+    ir=$(awk '/^(summary|totals):/ {print $2; exit}' "$dump")
+    IR[$kind]="${IR[$kind]:-} $((ir / INSTR_N))"
+    echo "instructions: $kind $((ir / INSTR_N)) per Check ($ir in $INSTR_N Checks; $tally)" >> "$OUT/extra.txt"
+  done
+  cg_decisions=$(curl -sf "http://127.0.0.1:${TG_ADMIN[cg]}/metrics" | grep '^tokengate_decisions_total' | grep -v ' 0$' || true)
+  grep -q 'outcome="deny"' <<<"$cg_decisions" && die "a Check under callgrind was denied: $cg_decisions"
+  stop tokengate-cg
+  awk -v a="${IR[check]}" -v b="${IR[check-peer]}" 'BEGIN {
+    split(a, x, " "); split(b, y, " "); pa = (x[1] + x[2]) / 2; pb = (y[1] + y[2]) / 2
+    printf "instructions per Check, peer + RBAC hit ÷ plain hit: %.3f× (%.0f vs %.0f, mean of two windows each)\n", pb / pa, pb, pa
+  }' >> "$OUT/extra.txt"
+fi
 
 # ---- RSS with FILL cached identities ------------------------------------------------------------
 take_port "TG_GRPC[rss]"; take_port "TG_ADMIN[rss]"
