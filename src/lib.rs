@@ -22,8 +22,8 @@
 //! retries within a budget, capped concurrency shared fairly by downstream peer, see
 //! [`slots`]) and the result is cached (positive up to the token's `exp`, negative briefly,
 //! errors never); [`policy`] applies the route's allow-list, then, on routes with
-//! `allow.rbac`, [`rbac`] asks a (cached) SubjectAccessReview through the same slots. On a
-//! route with `verification: local`, [`verify`] judges the token first, as the API server
+//! `allow.rbac`, [`rbac`] asks a (cached) SubjectAccessReview through the same slots (on a hit,
+//! usually the answer kept with the cached verdict). On a route with `verification: local`, [`verify`] judges the token first, as the API server
 //! would (the issuer's keys from [`keys`], bound objects from [`watch`]), and only what it
 //! cannot judge goes to TokenReview. With watches on, every cache hit is first put to
 //! [`revocation`]: a verdict whose pod, service account or key is gone is dropped. The
@@ -52,7 +52,7 @@
 //! | [`watch`] | [`watch::Objects`]: metadata-only watch caches of pods and service accounts |
 //! | [`revocation`] | [`revocation::Revocation`] (does a cached verdict still hold?), [`revocation::Admitted`] |
 //! | [`policy`] | [`policy::AllowList`], [`policy::ServiceAccountPattern`], [`policy::Glob`] |
-//! | [`rbac`] | [`rbac::Authorizer`] (SubjectAccessReview per route, cached), [`rbac::Rule`] |
+//! | [`rbac`] | [`rbac::Authorizer`] (SubjectAccessReview per route, cached), [`rbac::Rule`], [`rbac::Memo`] (answers kept with a cached verdict) |
 //! | [`peer`] | [`peer::PeerBinding`]: `require_peer`, the mTLS peer's SPIFFE ID against the token |
 //! | [`decision`] | [`decision::Responder`]: Outcome → CheckResponse / gRPC status |
 //! | [`identity`] | [`identity::Identity`], [`identity::TokenHash`] |
