@@ -22,10 +22,10 @@
 //! retries within a budget, capped concurrency shared fairly by downstream peer, see
 //! [`slots`]) and the result is cached (positive up to the token's `exp`, negative briefly,
 //! errors never); [`policy`] applies the route's allow-list, then, on routes with
-//! `allow.rbac`, [`rbac`] asks a (cached) SubjectAccessReview through the same slots (on a hit,
-//! usually the answer kept with the cached verdict). On a route with `verification: local`, [`verify`] judges the token first, as the API server
-//! would (the issuer's keys from [`keys`], bound objects from [`watch`]), and only what it
-//! cannot judge goes to TokenReview. With watches on, every cache hit is first put to
+//! `allow.rbac`, [`rbac`] asks a (cached) SubjectAccessReview through the same slots (on a
+//! hit, usually the answer kept with the cached verdict). On a route with `verification:
+//! local`, [`verify`] judges the token first, as the API server would (the issuer's keys from
+//! [`keys`], bound objects from [`watch`]), and only what it cannot judge goes to TokenReview. With watches on, every cache hit is first put to
 //! [`revocation`]: a verdict whose pod, service account or key is gone is dropped. The
 //! sequencer returns a [`check::Outcome`] (allow with identity and token source, deny with a
 //! [`denial::Denial`], or unavailable with the [`review::ReviewError`]), and [`decision`]

@@ -15,7 +15,7 @@
 //! cache hit then finds its RBAC answer in the entry it already holds, one cache lookup per
 //! Check instead of two (rules that review the request's path are too many to remember there
 //! and use the answer cache). The HTTP side (retries, timeouts, the
-//! in-flight cap, our credentials) is [`Reviewer::post`]'s, so an API server that cannot
+//! in-flight cap, our credentials) is `Reviewer::post`'s, so an API server that cannot
 //! answer is a [`ReviewError`]: gRPC UNAVAILABLE, never a silent allow.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -116,7 +116,7 @@ const MEMO_SLOTS: usize = 4;
 /// a shared cache line): bits 0-31 the expiry in milliseconds since the memo was made
 /// (rounded down, so never later than the answer cache's entry), bit 32 the answer, bits
 /// 33-63 the tag + 1 (0: empty). The tag is the route's index and the verb (see
-/// [`Memo::tag`]); route indices are stable for a verdict cache's life, since a reload that
+/// `Memo::tag`); route indices are stable for a verdict cache's life, since a reload that
 /// changes the routes starts a new cache. Writers race benignly: the loser's answer is
 /// simply not remembered here.
 pub struct Memo {

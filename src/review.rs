@@ -1,4 +1,4 @@
-//! TokenReview through `kube`, and the HTTP plumbing every review shares ([`Reviewer::post`]:
+//! TokenReview through `kube`, and the HTTP plumbing every review shares (`Reviewer::post`:
 //! retries, timeouts, the in-flight cap, our own credentials), which [`crate::rbac`] uses
 //! for SubjectAccessReview.
 //!

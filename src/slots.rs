@@ -21,7 +21,7 @@
 //!   `kubernetes.timeout`.
 //! - **Waiting is still bounded by time** (the caller wraps [`Slots::acquire`] in
 //!   `kubernetes.timeout`), and a waiter whose Checks were all cancelled leaves the queue
-//!   (the future is dropped; [`Waiting`]'s `Drop` removes it).
+//!   (the future is dropped; `Waiting`'s `Drop` removes it).
 //! - **Orphans yield.** A review already sent whose Checks were all cancelled may finish (its
 //!   answer is cached for Envoy's retry) only while nobody waits for a slot and at most
 //!   [`Slots::max_orphans`] are running; [`Slots::adopt_orphan`] says whether it may, and
