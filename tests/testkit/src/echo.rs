@@ -31,7 +31,7 @@ pub const USER_HEADER: &str = "x-k8s-sa-user";
 /// What the echo answers (and what tests parse back).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Echo {
-    /// "authenticated as <x-k8s-sa-user>", or "no identity (x-k8s-sa-user absent)".
+    /// "authenticated as `<x-k8s-sa-user>`", or "no identity (x-k8s-sa-user absent)".
     pub message: String,
     /// Request method.
     pub method: String,
