@@ -945,6 +945,17 @@ fn istio_ambient_checks_every_request_at_the_waypoint() {
         load("deploy/istio/tokengate.yaml").unwrap()["routes"]
     );
     check_config_text("deploy/istio-ambient/tokengate.yaml", config);
+    // No peer binding at a waypoint: its Checks carry no source.principal, so require_peer
+    // would refuse every request (tests/envoy_waypoint.rs).
+    let routes = parse(config).unwrap()["routes"].clone();
+    assert!(
+        routes
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r.get("require_peer").is_none()),
+        "require_peer at the waypoint: {routes}"
+    );
 
     // The waypoint: Istio's waypoint class, the HBONE listener.
     let waypoint = find(&objs, "Gateway", "waypoint");

@@ -16,25 +16,17 @@
 
 mod common;
 
-use std::net::SocketAddr;
-
 use common::envoy::{assert_api_identity, echo_of, with_spoofed, Stack};
+use common::mtls::{Client, ClientSidecar, Pki, San};
 use common::{published_config, world};
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
-};
-use testkit::envoy::{Envoy, Ports};
-use testkit::http::{self, Response};
+use testkit::http::Response;
 
 const ENVOY: &str = "envoy/sidecar-mtls.yaml";
 const TOKENGATE: &str = "envoy/tokengate-sidecar-mtls.yaml";
 const HOST: (&str, &str) = ("host", "data-store");
-/// The header the client-side Envoy routes on: which workload certificate to present.
-const AS: &str = "x-test-as";
 
 /// The client workloads: (name, certificate SAN).
-const CLIENTS: [(&str, San); 4] = [
+const CLIENTS: [Client; 4] = [
     ("api", San::Uri("spiffe://cluster.local/ns/api/sa/api")),
     (
         "intruder",
@@ -49,178 +41,24 @@ const CLIENTS: [(&str, San); 4] = [
     ("dns", San::Dns("api.api.svc")),
 ];
 
-#[derive(Clone, Copy)]
-enum San {
-    Uri(&'static str),
-    Dns(&'static str),
-}
-
-struct Pki {
-    dir: tempfile::TempDir,
-    ca: CertifiedIssuer<'static, KeyPair>,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.distinguished_name = dn("mesh-test-ca");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let ca = CertifiedIssuer::self_signed(params, key).unwrap();
-        let pki = Pki {
-            dir: tempfile::tempdir().unwrap(),
-            ca,
-        };
-        pki.issue(
-            "data-store",
-            San::Uri("spiffe://cluster.local/ns/data-store/sa/data-store"),
-            ExtendedKeyUsagePurpose::ServerAuth,
-        );
-        for (name, san) in CLIENTS {
-            pki.issue(name, san, ExtendedKeyUsagePurpose::ClientAuth);
-        }
-        std::fs::write(pki.dir.path().join("ca.crt"), pki.ca.pem()).unwrap();
-        pki
-    }
-
-    /// Writes `<name>.crt` / `<name>.key`; the data-store's also as `tls.crt` / `tls.key`.
-    fn issue(&self, name: &str, san: San, usage: ExtendedKeyUsagePurpose) {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.distinguished_name = dn(name);
-        params.subject_alt_names = vec![match san {
-            San::Uri(uri) => SanType::URI(uri.try_into().unwrap()),
-            San::Dns(dns) => SanType::DnsName(dns.try_into().unwrap()),
-        }];
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![usage];
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let cert = params.signed_by(&key, &self.ca).unwrap();
-        let dir = self.dir.path();
-        std::fs::write(dir.join(format!("{name}.crt")), cert.pem()).unwrap();
-        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
-        if name == "data-store" {
-            std::fs::write(dir.join("tls.crt"), cert.pem()).unwrap();
-            std::fs::write(dir.join("tls.key"), key.serialize_pem()).unwrap();
-        }
-    }
-
-    fn file(&self, name: &str) -> String {
-        self.dir.path().join(name).display().to_string()
-    }
-}
-
-fn dn(cn: &str) -> DistinguishedName {
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, cn);
-    dn
-}
-
-/// The calling workloads' sidecar: plain HTTP in, and for each client one cluster to the
-/// protected Envoy over mTLS presenting that client's certificate, chosen by [`AS`].
-fn client_envoy_config(pki: &Pki, ports: &Ports, protected: SocketAddr) -> String {
-    let mut routes = String::new();
-    let mut clusters = String::new();
-    for (name, _) in CLIENTS {
-        routes.push_str(&format!(
-            "              - match: {{prefix: /, headers: [{{name: {AS}, string_match: {{exact: {name}}}}}]}}\n                route: {{cluster: as-{name}}}\n"
-        ));
-        clusters.push_str(&format!(
-            r#"  - name: as-{name}
-    type: STATIC
-    connect_timeout: 1s
-    load_assignment:
-      cluster_name: as-{name}
-      endpoints:
-      - lb_endpoints:
-        - endpoint:
-            address:
-              socket_address: {{address: {ip}, port_value: {port}}}
-    transport_socket:
-      name: envoy.transport_sockets.tls
-      typed_config:
-        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
-        common_tls_context:
-          tls_certificates:
-          - certificate_chain: {{filename: "{crt}"}}
-            private_key: {{filename: "{key}"}}
-          validation_context:
-            trusted_ca: {{filename: "{ca}"}}
-            match_typed_subject_alt_names:
-            - san_type: URI
-              matcher: {{exact: "spiffe://cluster.local/ns/data-store/sa/data-store"}}
-"#,
-            ip = protected.ip(),
-            port = protected.port(),
-            crt = pki.file(&format!("{name}.crt")),
-            key = pki.file(&format!("{name}.key")),
-            ca = pki.file("ca.crt"),
-        ));
-    }
-    format!(
-        r#"admin:
-  address:
-    socket_address: {{address: 127.0.0.1, port_value: {admin}}}
-static_resources:
-  listeners:
-  - name: outbound
-    address:
-      socket_address: {{address: 127.0.0.1, port_value: {listener}}}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: outbound
-          route_config:
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes:
-{routes}          http_filters:
-          - name: envoy.filters.http.router
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-  clusters:
-{clusters}"#,
-        admin = ports.admin,
-        listener = ports.listener,
-    )
-}
-
 struct Mesh {
     stack: Stack,
-    client: Envoy,
+    client: ClientSidecar,
     _pki: Pki,
 }
 
 impl Mesh {
     async fn start() -> Mesh {
-        let pki = Pki::new();
+        let pki = Pki::new(&CLIENTS);
         let world = world().await;
         let yaml = published_config(TOKENGATE, &world.standin.kubeconfig_path()).unwrap();
-        let dir = format!("{}/", pki.dir.path().display());
-        let edit = move |config: String| -> anyhow::Result<String> {
-            anyhow::ensure!(
-                config.contains("/etc/envoy/mtls/"),
-                "{ENVOY}: no cert paths"
-            );
-            Ok(config.replace("/etc/envoy/mtls/", &dir))
-        };
+        let edit = |config: String| pki.cert_paths(config);
         let stack = Stack::start_world(ENVOY, world, &yaml, None, Some(&edit))
             .await
             .unwrap_or_else(|e| panic!("{e:#}"));
-        let [listener, admin] = testkit::ports::free_ports::<2>();
-        let ports = Ports {
-            listener,
-            admin,
-            authz: 0,
-            upstream: stack.envoy.addr().port(),
-        };
-        let config = client_envoy_config(&pki, &ports, stack.envoy.addr());
-        let client = Envoy::start(&config, ports)
+        let client = ClientSidecar::start(&pki, stack.envoy.addr())
             .await
-            .unwrap_or_else(|e| panic!("client-side Envoy: {e:#}"));
+            .unwrap_or_else(|e| panic!("{e:#}"));
         Mesh {
             stack,
             client,
@@ -230,14 +68,13 @@ impl Mesh {
 
     /// GET `path` from workload `who` (its certificate) with `headers`.
     async fn get(&self, who: &str, path: &str, headers: &[(&str, &str)]) -> Response {
-        let mut all = vec![(AS, who)];
-        all.extend_from_slice(headers);
-        http::get(self.client.addr(), path, &all)
+        self.client
+            .get(who, path, headers)
             .await
             .unwrap_or_else(|e| {
                 panic!(
-                    "GET {path} as {who}: {e:#}\n{}\n{}",
-                    self.client.diagnostics(),
+                    "{e:#}\n{}\n{}",
+                    self.client.envoy.diagnostics(),
                     self.stack.envoy.diagnostics()
                 )
             })

@@ -18,6 +18,7 @@
 pub mod envoy;
 pub mod front_door;
 pub mod load;
+pub mod mtls;
 
 use std::path::Path;
 use std::time::Duration;
