@@ -2403,6 +2403,44 @@ routes:
     }
 
     #[test]
+    fn kubernetes_bounds_name_their_limit() {
+        let e = errors(&format!(
+            "kubernetes:\n  retries: 11\n  max_in_flight: 0\n  max_queued: 1000001\n  retry_budget_percent: 101\n  retry_budget_min_per_second: 10001\n{ROUTE}"
+        ));
+        let got: Vec<(&str, usize, &str)> = e
+            .iter()
+            .map(|e| (e.field.as_str(), e.line, e.message.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("kubernetes.retries", 2, "must be at most 10"),
+                ("kubernetes.max_in_flight", 3, "must be at least 1"),
+                ("kubernetes.max_queued", 4, "must be at most 1000000"),
+                ("kubernetes.retry_budget_percent", 5, "must be at most 100"),
+                (
+                    "kubernetes.retry_budget_min_per_second",
+                    6,
+                    "must be at most 10000"
+                ),
+            ]
+        );
+        let c = Config::from_yaml_str(&format!(
+            "kubernetes:\n  retries: 10\n  max_in_flight: 1\n  max_queued: 1000000\n  retry_budget_percent: 100\n  retry_budget_min_per_second: 10000\n{ROUTE}"
+        ))
+        .unwrap();
+        let k = &c.kubernetes;
+        assert_eq!(
+            (k.retries, k.max_in_flight, k.max_queued),
+            (10, 1, 1_000_000)
+        );
+        assert_eq!(
+            (k.retry_budget_percent, k.retry_budget_min_per_second),
+            (100, 10_000)
+        );
+    }
+
+    #[test]
     fn issuer() {
         let c = Config::from_yaml_str(&format!(
             "kubernetes:\n  issuer: https://kubernetes.default.svc\n{ROUTE}"
