@@ -30,8 +30,9 @@
 //! under the old routes is never used, nor stored, under the new ones (a load still in flight
 //! fills the old cache, which goes away with the last Check holding it).
 //!
-//! The steps run in `cache`, `precheck`, `verify` and `review` spans under the front door's
-//! `check` span (exported as OpenTelemetry traces when tracing is on, see [`crate::telemetry`]).
+//! The steps run in `cache`, `precheck`, `verify` and `review` spans under the `check` span
+//! that [`Checker::check_traced`] opens for the front doors (exported as OpenTelemetry traces
+//! when tracing is on, see [`crate::telemetry`]).
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -57,7 +58,7 @@ use crate::request::{RequestView, TokenLookup};
 use crate::review::{ReviewError, Reviewer, Verdict};
 use crate::revocation::{Admitted, Revocation, Vouch};
 use crate::route::{Route, Routes};
-use crate::telemetry::SPAN_TARGET;
+use crate::telemetry::{self, Carrier, SPAN_TARGET};
 use crate::verify::{self, InvalidKind, LocalVerdict, Stale};
 use crate::watch::Objects;
 
@@ -275,6 +276,25 @@ impl Checker {
             other => other,
         };
         self.count(snapshot, &outcome, started);
+        outcome
+    }
+
+    /// A front door's Check: [`Checker::check`] in a `check` span whose parent is the first
+    /// trace context found in `call` (the call's own headers or metadata), then in the checked
+    /// request's headers, the outcome recorded on the span; or [`Checker::unreadable`] when the
+    /// front door could not read a request (`view` is `None`).
+    pub async fn check_traced<'s>(
+        &self,
+        snapshot: &'s Snapshot,
+        view: Option<&RequestView<'_>>,
+        call: &(dyn Carrier + Sync),
+    ) -> Outcome<'s> {
+        let Some(view) = view else {
+            return self.unreadable(snapshot);
+        };
+        let span = telemetry::check_span(&[call, view]);
+        let outcome = self.check(snapshot, view).instrument(span.clone()).await;
+        telemetry::record(&span, &outcome);
         outcome
     }
 

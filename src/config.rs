@@ -1054,14 +1054,15 @@ fn listen(raw: &RawListen, p: &mut Problems) -> Option<Listen> {
         Some(t) => listen_tls(t, grpc.as_ref(), p).map(Some),
     };
     // HTTP mode: off unless `listen.http` is set.
-    let http = match &raw.http {
-        None => Some(None),
-        Some(v) => p.parsed("listen.http", v, |a| parse_addr(a, "").map(Some)),
-    };
-    let http_path_prefix = match &raw.http_path_prefix {
-        None => Some(None),
-        Some(v) => p.parsed("listen.http_path_prefix", v, |s| parse_http_path_prefix(s)),
-    };
+    let http = p.field("listen.http", &raw.http, None, |a| {
+        parse_addr(a, "").map(Some)
+    });
+    let http_path_prefix = p.field(
+        "listen.http_path_prefix",
+        &raw.http_path_prefix,
+        None,
+        |s| parse_http_path_prefix(s),
+    );
     Some(Listen {
         grpc: grpc?,
         admin: admin?,
@@ -1084,7 +1085,29 @@ fn positive_duration(t: &String) -> Result<Duration, String> {
     }
 }
 
-/// A count between 1 and `max`; `what` says why the ceiling is there.
+/// A number no greater than `max`.
+fn at_most<T: Copy + PartialOrd + fmt::Display>(max: T) -> impl Fn(&T) -> Result<T, String> {
+    move |&n| {
+        if n > max {
+            Err(format!("must be at most {max}"))
+        } else {
+            Ok(n)
+        }
+    }
+}
+
+/// A number no smaller than `min`.
+fn at_least<T: Copy + PartialOrd + fmt::Display>(min: T) -> impl Fn(&T) -> Result<T, String> {
+    move |&n| {
+        if n < min {
+            Err(format!("must be at least {min}"))
+        } else {
+            Ok(n)
+        }
+    }
+}
+
+/// A count between 1 and `max`; `why` says why the ceiling is there.
 fn bounded<T: Copy + TryInto<u64>>(
     max: u64,
     why: &'static str,
@@ -1268,61 +1291,31 @@ fn kubernetes(raw: &RawKubernetes, p: &mut Problems) -> Option<Kubernetes> {
         "kubernetes.retries",
         &raw.retries,
         defaults::KUBE_RETRIES,
-        |&r| {
-            if r > 10 {
-                Err("must be at most 10".to_owned())
-            } else {
-                Ok(r)
-            }
-        },
+        at_most(10),
     );
     let max_in_flight = p.field(
         "kubernetes.max_in_flight",
         &raw.max_in_flight,
         defaults::KUBE_MAX_IN_FLIGHT,
-        |&m| {
-            if m == 0 {
-                Err("must be at least 1".to_owned())
-            } else {
-                Ok(m)
-            }
-        },
+        at_least(1),
     );
     let max_queued = p.field(
         "kubernetes.max_queued",
         &raw.max_queued,
         defaults::KUBE_MAX_QUEUED,
-        |&m| {
-            if m > 1_000_000 {
-                Err("must be at most 1000000".to_owned())
-            } else {
-                Ok(m)
-            }
-        },
+        at_most(1_000_000),
     );
     let retry_budget_percent = p.field(
         "kubernetes.retry_budget_percent",
         &raw.retry_budget_percent,
         defaults::KUBE_RETRY_BUDGET_PERCENT,
-        |&m| {
-            if m > 100 {
-                Err("must be at most 100".to_owned())
-            } else {
-                Ok(m)
-            }
-        },
+        at_most(100),
     );
     let retry_budget_min_per_second = p.field(
         "kubernetes.retry_budget_min_per_second",
         &raw.retry_budget_min_per_second,
         defaults::KUBE_RETRY_BUDGET_MIN_PER_SECOND,
-        |&m| {
-            if m > 10_000 {
-                Err("must be at most 10000".to_owned())
-            } else {
-                Ok(m)
-            }
-        },
+        at_most(10_000),
     );
     let verification = p.field(
         "kubernetes.verification",
@@ -1843,12 +1836,9 @@ fn log(raw: &RawLog, p: &mut Problems) -> Option<LogConfig> {
 }
 
 fn tracing(raw: &RawTracing, p: &mut Problems) -> Option<TracingConfig> {
-    let otlp_endpoint = match &raw.otlp_endpoint {
-        None => Some(None),
-        Some(e) => p.parsed("tracing.otlp_endpoint", e, |e| {
-            parse_otlp_endpoint(e).map(Some)
-        }),
-    };
+    let otlp_endpoint = p.field("tracing.otlp_endpoint", &raw.otlp_endpoint, None, |e| {
+        parse_otlp_endpoint(e).map(Some)
+    });
     let sample_ratio = p.field(
         "tracing.sample_ratio",
         &raw.sample_ratio,
@@ -2410,6 +2400,44 @@ routes:
         ))
         .unwrap();
         assert_eq!(c.listen.limits.idle_timeout, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn kubernetes_bounds_name_their_limit() {
+        let e = errors(&format!(
+            "kubernetes:\n  retries: 11\n  max_in_flight: 0\n  max_queued: 1000001\n  retry_budget_percent: 101\n  retry_budget_min_per_second: 10001\n{ROUTE}"
+        ));
+        let got: Vec<(&str, usize, &str)> = e
+            .iter()
+            .map(|e| (e.field.as_str(), e.line, e.message.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("kubernetes.retries", 2, "must be at most 10"),
+                ("kubernetes.max_in_flight", 3, "must be at least 1"),
+                ("kubernetes.max_queued", 4, "must be at most 1000000"),
+                ("kubernetes.retry_budget_percent", 5, "must be at most 100"),
+                (
+                    "kubernetes.retry_budget_min_per_second",
+                    6,
+                    "must be at most 10000"
+                ),
+            ]
+        );
+        let c = Config::from_yaml_str(&format!(
+            "kubernetes:\n  retries: 10\n  max_in_flight: 1\n  max_queued: 1000000\n  retry_budget_percent: 100\n  retry_budget_min_per_second: 10000\n{ROUTE}"
+        ))
+        .unwrap();
+        let k = &c.kubernetes;
+        assert_eq!(
+            (k.retries, k.max_in_flight, k.max_queued),
+            (10, 1, 1_000_000)
+        );
+        assert_eq!(
+            (k.retry_budget_percent, k.retry_budget_min_per_second),
+            (100, 10_000)
+        );
     }
 
     #[test]

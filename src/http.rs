@@ -52,13 +52,10 @@ use hyper::body::{Bytes, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 
-use tracing::Instrument as _;
-
 use crate::audit::{Audit, Seen};
 use crate::check::{Checker, Outcome};
 use crate::decision::{DenialParts, Responder, AUDIT_HEADER, REASON_HEADER};
 use crate::shutdown::{Phase, Shutdown};
-use crate::telemetry;
 
 /// The forward-auth endpoint (nginx `auth_request`, Traefik `ForwardAuth`).
 pub const FORWARD_AUTH_PATH: &str = "/forward-auth";
@@ -199,20 +196,11 @@ async fn handle(
         .with_source_principal(peer)
         .or_source(peer_ip)
     });
-    let outcome = match &view {
-        Some(view) => {
-            // Envoy's http_service client puts its own span's context in these headers.
-            let span = telemetry::check_span(&[&parts.headers]);
-            let outcome = state
-                .checker
-                .check(&snapshot, view)
-                .instrument(span.clone())
-                .await;
-            telemetry::record(&span, &outcome);
-            outcome
-        }
-        None => state.checker.unreadable(&snapshot),
-    };
+    // Envoy's http_service client puts its own span's context in the request's headers.
+    let outcome = state
+        .checker
+        .check_traced(&snapshot, view.as_ref(), &parts.headers)
+        .await;
     state.audit.record(
         &outcome,
         Seen {

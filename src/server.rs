@@ -27,8 +27,6 @@ use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 use tonic_health::ServingStatus;
 
-use tracing::Instrument as _;
-
 use crate::audit::{Audit, Seen};
 use crate::check::Checker;
 use crate::config::GrpcLimits;
@@ -65,19 +63,10 @@ impl Authorization for AuthzService {
             .and(request.remote_addr())
             .map(|a| a.ip().to_string());
         let view = view.map(|v| v.or_source(connection_peer.as_deref().unwrap_or("")));
-        let outcome = match &view {
-            Some(view) => {
-                let span = telemetry::check_span(&[&metadata, view]);
-                let outcome = self
-                    .checker
-                    .check(&snapshot, view)
-                    .instrument(span.clone())
-                    .await;
-                telemetry::record(&span, &outcome);
-                outcome
-            }
-            None => self.checker.unreadable(&snapshot),
-        };
+        let outcome = self
+            .checker
+            .check_traced(&snapshot, view.as_ref(), &metadata)
+            .await;
         let peer = source_address(request.get_ref());
         self.audit.record(
             &outcome,

@@ -1,7 +1,8 @@
 //! OpenTelemetry traces over OTLP/gRPC (`tracing`), off unless an endpoint is configured.
 //!
-//! tokengate's own `tracing` spans are the trace: a `check` span per Check (opened by the
-//! front door, `server` or `http`) with `cache`, `precheck`, `verify` and `review` children
+//! tokengate's own `tracing` spans are the trace: a `check` span per Check (opened by
+//! [`Checker::check_traced`](crate::check::Checker::check_traced) for the front doors, `server`
+//! and `http`) with `cache`, `precheck`, `verify` and `review` children
 //! (opened by `check` where those steps run). [`layer`] turns them into OpenTelemetry spans
 //! (tracing-opentelemetry) and exports them in batches (opentelemetry-otlp, tonic). When
 //! tracing is off no layer is installed and the spans, at `debug` level, are disabled at their
