@@ -189,12 +189,13 @@ impl Default for Options {
     }
 }
 
-/// Fault injected into TokenReview requests.
+/// Fault injected into review requests: TokenReviews and SubjectAccessReviews alike, as the
+/// real API server's latency or errors would meet both.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Fault {
     /// Normal service.
     None,
-    /// Delay every TokenReview by this long.
+    /// Delay every review (TokenReview and SubjectAccessReview) by this long.
     Latency(Duration),
     /// Answer with this HTTP status (a k8s `Status` body), optionally with `Retry-After`.
     Status {
@@ -770,8 +771,9 @@ impl Standin {
         self.shared.reviews.load(Ordering::SeqCst)
     }
 
-    /// Sets the fault applied to TokenReview requests. `Fault::Down` stops listening and
-    /// drops open connections; any other value brings the listener back on the same port.
+    /// Sets the fault applied to review requests (TokenReviews and SubjectAccessReviews).
+    /// `Fault::Down` stops listening and drops open connections; any other value brings the
+    /// listener back on the same port.
     pub fn set_fault(&self, fault: Fault) {
         self.shared.set_fault(fault);
     }
