@@ -324,6 +324,16 @@ pub fn assert_api_identity(echo: &Echo, world: &World) {
     assert_identity(echo, &expected);
 }
 
+/// Asserts the answer was `status` with tokengate's `x-tokengate-reason: reason` (`what` says
+/// which request, in the failure message).
+pub fn assert_refused(resp: &Response, status: u16, reason: &str, what: &str) {
+    assert_eq!(
+        (resp.status, resp.header("x-tokengate-reason")),
+        (status, Some(reason)),
+        "{what}: {resp:?}"
+    );
+}
+
 /// Headers `extra` plus every spoofed identity header.
 pub fn with_spoofed<'a>(extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
     let mut h = extra.to_vec();
