@@ -1,5 +1,5 @@
 //! The published HTTP-mode samples, checked without traffic: the Traefik ForwardAuth
-//! middleware (no Traefik binary in CI, so its structure is asserted field by field), the
+//! middleware (its structure field by field; tests/traefik_forward_auth.rs runs it), the
 //! Envoy `http_service` config (validated by Envoy, security settings asserted) and every
 //! HTTP-mode tokengate config (accepted by `tokengate check-config`, with `listen.http` set and
 //! agreeing with the proxy's address).

@@ -1,8 +1,10 @@
 //! The decisions every front door must give the same way, as one case table: the Envoy sidecar
-//! (gRPC ext_authz), Envoy `http_service` and nginx `auth_request` each run it through their
-//! published configs (`tests/envoy_sidecar.rs`, `tests/envoy_http.rs`,
-//! `tests/nginx_forward_auth.rs`). All three samples route `/items` on host `data-store` to the
-//! data-store route (audience `data-store`, only `api/api`, `strip_token: true`).
+//! (gRPC ext_authz), Envoy `http_service`, nginx `auth_request` and Traefik `ForwardAuth` each
+//! run it through their published configs (`tests/envoy_sidecar.rs`, `tests/envoy_http.rs`,
+//! `tests/nginx_forward_auth.rs`, `tests/traefik_forward_auth.rs`). All the samples route
+//! `/items` on host `data-store` to the data-store route (audience `data-store`, only `api/api`,
+//! the token stripped); Traefik's sample names host `data-store.example.com`, which its test
+//! sends instead.
 
 use std::future::Future;
 
