@@ -18,13 +18,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use common::envoy::{assert_identity, echo_of, with_spoofed};
+use common::forward_auth::{Proxied, Proxy};
 use common::front_door;
-use common::{published_config, Tokengate};
-use kube_standin::{Fault, Options};
-use testkit::echo::{spawn_echo, EchoServer};
-use testkit::http::{self, Response};
+use kube_standin::Fault;
 use testkit::process::ChildGuard;
-use testkit::world::World;
 
 const SITE: &str = "deploy/nginx/data-store.conf";
 const TOKENGATE: &str = "deploy/nginx/tokengate.yaml";
@@ -41,83 +38,9 @@ fn nginx_bin() -> Result<PathBuf> {
         .context("nginx not found: run scripts/setup.sh (apt-get install nginx) or set NGINX_BIN")
 }
 
-/// World + tokengate (HTTP front door) + echo + nginx.
-struct Stack {
-    world: World,
-    echo: EchoServer,
-    gate: Tokengate,
-    nginx: ChildGuard,
-    addr: SocketAddr,
-    _dir: tempfile::TempDir,
-}
-
-impl Stack {
-    async fn start() -> Result<Stack> {
-        let world = World::start_with(Options::default()).await?;
-        let yaml = published_config(TOKENGATE, &world.standin.kubeconfig_path())?;
-        let grpc = testkit::ports::listener().await?;
-        let http = testkit::ports::listener().await?;
-        let http_port = http.local_addr()?.port();
-        let gate = Tokengate::start_with_http(&yaml, grpc.into(), Some(http)).await?;
-        let echo = spawn_echo(testkit::ports::listener().await?)?;
-
-        let (nginx, addr, dir) = match start_nginx(http_port, echo.addr().port()).await {
-            Ok(started) => started,
-            Err(e) => {
-                let mut gate = gate;
-                gate.stop().await;
-                return Err(e);
-            }
-        };
-        Ok(Stack {
-            world,
-            echo,
-            gate,
-            nginx,
-            addr,
-            _dir: dir,
-        })
-    }
-
-    async fn get(&self, path: &str, headers: &[(&str, &str)]) -> Response {
-        http::get(self.addr, path, headers)
-            .await
-            .unwrap_or_else(|e| {
-                let log =
-                    std::fs::read_to_string(self._dir.path().join("error.log")).unwrap_or_default();
-                panic!(
-                    "GET {path} through nginx: {e:#}\n{}\n{log}",
-                    self.nginx.diagnostics()
-                )
-            })
-    }
-
-    async fn finish(mut self) {
-        self.gate.stop().await;
-        self.nginx.kill();
-        self.world.shutdown().await;
-    }
-}
-
-impl front_door::FrontDoor for Stack {
-    fn world(&self) -> &World {
-        &self.world
-    }
-
-    fn upstream_requests(&self) -> u64 {
-        self.echo.requests_seen()
-    }
-
-    async fn get(&self, path: &str, headers: &[(&str, &str)]) -> Response {
-        Stack::get(self, path, headers).await
-    }
-}
-
-/// nginx running the published site config, rewritten for these ports, from a temp dir.
-async fn start_nginx(
-    http_port: u16,
-    echo_port: u16,
-) -> Result<(ChildGuard, SocketAddr, tempfile::TempDir)> {
+/// nginx running the published site, sending `auth_request`s to `http_port` and allowed
+/// requests to `echo_port`.
+async fn start_nginx(http_port: u16, echo_port: u16) -> Result<Proxy> {
     let [port] = testkit::ports::free_ports::<1>();
     let site = std::fs::read_to_string(testkit::workspace_root().join(SITE))?;
     let mut rendered = site.clone();
@@ -167,11 +90,18 @@ async fn start_nginx(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    Ok((nginx, addr, dir))
+    Ok(Proxy {
+        name: "nginx",
+        child: nginx,
+        addr,
+        log: Some(dir.path().join("error.log")),
+        dir,
+        host: None,
+    })
 }
 
-async fn stack() -> Stack {
-    Stack::start()
+async fn stack() -> Proxied {
+    Proxied::start(TOKENGATE, start_nginx)
         .await
         .unwrap_or_else(|e| panic!("starting the nginx stack: {e:#}"))
 }

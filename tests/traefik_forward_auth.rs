@@ -20,14 +20,12 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use common::envoy::{assert_api_identity, assert_identity, echo_of, with_spoofed};
+use common::forward_auth::{Proxied, Proxy};
 use common::front_door;
-use common::{published_config, Tokengate};
-use kube_standin::{Fault, Options};
+use kube_standin::Fault;
 use serde_json::{json, Value};
-use testkit::echo::{spawn_echo, EchoServer};
-use testkit::http::{self, Response};
+use testkit::http;
 use testkit::process::ChildGuard;
-use testkit::world::World;
 use testkit::yaml::parse_all;
 
 const MIDDLEWARES: &str = "deploy/traefik/middleware.yaml";
@@ -52,91 +50,6 @@ fn traefik_bin() -> Result<PathBuf> {
         );
     }
     Ok(path)
-}
-
-/// World + tokengate (HTTP front door) + echo + Traefik.
-struct Stack {
-    world: World,
-    echo: EchoServer,
-    gate: Tokengate,
-    traefik: ChildGuard,
-    addr: SocketAddr,
-    _dir: tempfile::TempDir,
-}
-
-impl Stack {
-    /// `hardened`: the entrypoint runs with [`ENTRYPOINT_HARDENING`] (as middleware.yaml
-    /// says it must), else with Traefik's defaults.
-    async fn start(hardened: bool) -> Result<Stack> {
-        let world = World::start_with(Options::default()).await?;
-        let yaml = published_config(TOKENGATE, &world.standin.kubeconfig_path())?;
-        let grpc = testkit::ports::listener().await?;
-        let http = testkit::ports::listener().await?;
-        let http_port = http.local_addr()?.port();
-        let gate = Tokengate::start_with_http(&yaml, grpc.into(), Some(http)).await?;
-        let echo = spawn_echo(testkit::ports::listener().await?)?;
-
-        let (traefik, addr, dir) =
-            match start_traefik(http_port, echo.addr().port(), hardened).await {
-                Ok(started) => started,
-                Err(e) => {
-                    let mut gate = gate;
-                    gate.stop().await;
-                    return Err(e);
-                }
-            };
-        Ok(Stack {
-            world,
-            echo,
-            gate,
-            traefik,
-            addr,
-            _dir: dir,
-        })
-    }
-
-    /// GET through Traefik. The shared table's `host: data-store` is sent as the published
-    /// host, which the IngressRoute and tokengate's routes both match.
-    async fn get(&self, path: &str, headers: &[(&str, &str)]) -> Response {
-        let headers: Vec<(&str, &str)> = headers
-            .iter()
-            .map(|&(n, v)| {
-                if n == "host" && v == "data-store" {
-                    (n, PUBLISHED_HOST)
-                } else {
-                    (n, v)
-                }
-            })
-            .collect();
-        http::get(self.addr, path, &headers)
-            .await
-            .unwrap_or_else(|e| {
-                panic!(
-                    "GET {path} through Traefik: {e:#}\n{}",
-                    self.traefik.diagnostics()
-                )
-            })
-    }
-
-    async fn finish(mut self) {
-        self.gate.stop().await;
-        self.traefik.kill();
-        self.world.shutdown().await;
-    }
-}
-
-impl front_door::FrontDoor for Stack {
-    fn world(&self) -> &World {
-        &self.world
-    }
-
-    fn upstream_requests(&self) -> u64 {
-        self.echo.requests_seen()
-    }
-
-    async fn get(&self, path: &str, headers: &[(&str, &str)]) -> Response {
-        Stack::get(self, path, headers).await
-    }
 }
 
 /// The published Middlewares and IngressRoute as Traefik file-provider dynamic config: each
@@ -215,11 +128,10 @@ fn dynamic_config(http_port: u16, echo_port: u16) -> Result<Value> {
 
 /// Traefik with the published middlewares on entrypoint `web` (a free port), ready once the
 /// route answers through ForwardAuth (tokengate's `x-tokengate-reason` on a tokenless GET).
-async fn start_traefik(
-    http_port: u16,
-    echo_port: u16,
-    hardened: bool,
-) -> Result<(ChildGuard, SocketAddr, tempfile::TempDir)> {
+/// Traefik running the published Middlewares, with ForwardAuth to `http_port` and the
+/// service at `echo_port`. `hardened`: the entrypoint runs with [`ENTRYPOINT_HARDENING`] (as
+/// middleware.yaml says it must), else with Traefik's defaults.
+async fn start_traefik(http_port: u16, echo_port: u16, hardened: bool) -> Result<Proxy> {
     let dynamic = dynamic_config(http_port, echo_port)?;
     let entrypoints = dynamic["http"]["routers"]["data-store"]["entryPoints"].clone();
     let Some([Value::String(entrypoint)]) = entrypoints.as_array().map(|a| a.as_slice()) else {
@@ -270,13 +182,26 @@ async fn start_traefik(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    Ok((traefik, addr, dir))
+    Ok(Proxy {
+        name: "Traefik",
+        child: traefik,
+        addr,
+        dir,
+        log: None,
+        host: Some(PUBLISHED_HOST),
+    })
 }
 
-async fn stack() -> Stack {
-    Stack::start(true)
+/// The stack with the entrypoint hardened as middleware.yaml says (`hardened: false`:
+/// Traefik's defaults).
+async fn stack_with(hardened: bool) -> Proxied {
+    Proxied::start(TOKENGATE, |http, echo| start_traefik(http, echo, hardened))
         .await
         .unwrap_or_else(|e| panic!("starting the Traefik stack: {e:#}"))
+}
+
+async fn stack() -> Proxied {
+    stack_with(true).await
 }
 
 const HOST: (&str, &str) = ("host", PUBLISHED_HOST);
@@ -416,9 +341,7 @@ async fn the_path_tokengate_decides_on_is_the_path_the_upstream_gets() {
 /// segments sees a path under `/internal/`. Fails if Traefik stops doing this.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_traefik_defaults_an_encoded_slash_splits_the_path() {
-    let stack = Stack::start(false)
-        .await
-        .unwrap_or_else(|e| panic!("starting the Traefik stack: {e:#}"));
+    let stack = stack_with(false).await;
     let data_store = stack.world.api_token("data-store");
     let path = "/internal/x%2F..%2F..%2Fitems";
     let resp = stack.get(path, &[HOST, ("x-client-id", &data_store)]).await;

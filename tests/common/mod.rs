@@ -16,6 +16,7 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 pub mod envoy;
+pub mod forward_auth;
 pub mod front_door;
 pub mod load;
 pub mod mtls;
