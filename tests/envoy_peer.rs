@@ -68,16 +68,7 @@ impl Mesh {
 
     /// GET `path` from workload `who` (its certificate) with `headers`.
     async fn get(&self, who: &str, path: &str, headers: &[(&str, &str)]) -> Response {
-        self.client
-            .get(who, path, headers)
-            .await
-            .unwrap_or_else(|e| {
-                panic!(
-                    "{e:#}\n{}\n{}",
-                    self.client.envoy.diagnostics(),
-                    self.stack.envoy.diagnostics()
-                )
-            })
+        self.client.get(&self.stack.envoy, who, path, headers).await
     }
 }
 

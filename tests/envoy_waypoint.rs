@@ -167,13 +167,7 @@ impl Mesh {
         path: &str,
         headers: &[(&str, &str)],
     ) -> Response {
-        client.get(who, path, headers).await.unwrap_or_else(|e| {
-            panic!(
-                "{e:#}\n{}\n{}",
-                client.envoy.diagnostics(),
-                self.stack.envoy.diagnostics()
-            )
-        })
+        client.get(&self.stack.envoy, who, path, headers).await
     }
 }
 

@@ -209,12 +209,25 @@ impl ClientSidecar {
         Ok(ClientSidecar { envoy })
     }
 
-    /// GET `path` from workload `who` (its certificate) with `headers`.
-    pub async fn get(&self, who: &str, path: &str, headers: &[(&str, &str)]) -> Result<Response> {
+    /// GET `path` from workload `who` (its certificate) with `headers`; a failure panics with
+    /// this Envoy's and the `protected` Envoy's diagnostics.
+    pub async fn get(
+        &self,
+        protected: &Envoy,
+        who: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Response {
         let mut all = vec![(AS, who)];
         all.extend_from_slice(headers);
         http::get(self.envoy.addr(), path, &all)
             .await
-            .with_context(|| format!("GET {path} as {who}"))
+            .unwrap_or_else(|e| {
+                panic!(
+                    "GET {path} as {who}: {e:#}\n{}\n{}",
+                    self.envoy.diagnostics(),
+                    protected.diagnostics()
+                )
+            })
     }
 }
